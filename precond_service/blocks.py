@@ -1,0 +1,53 @@
+"""The two records that cross between the trainer and the preconditioner service.
+
+`StatisticsBlock` goes out (one Kronecker-factor statistic of one block of one
+variable), `PreconditionerBlock` comes back (its inverse root). The optimizer, the
+client library and the server all speak these; the wire format is in `protos/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class StatisticsBlock:
+    """One symmetric PSD statistic whose root `statistics^(-1/exponent)` is wanted.
+
+    Attributes:
+        key: Stable name of the block and dimension, the same across runs and
+            restarts (for example `"dense/kernel|b0.1|d0"`).
+        step: Optimizer step at which the statistic was read.
+        exponent: p of the inverse p-th root (2r for a rank-r block, or an override).
+        statistics: Square [n, n] float32 or float64 matrix.
+    """
+
+    key: str
+    step: int
+    exponent: int
+    statistics: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class PreconditionerBlock:
+    """A published inverse root for one block key.
+
+    Attributes:
+        key: The `StatisticsBlock.key` it was computed for.
+        stats_step: The `StatisticsBlock.step` of the statistic it was computed from.
+        root: [n, n] inverse p-th root.
+        error: Final residual `max|M - I|` of the solver (0 when not measured).
+        iterations: Solver iterations used.
+        method: Solver that produced it ("schur_newton" or "eigh").
+        compute_seconds: Wall time the solver took.
+    """
+
+    key: str
+    stats_step: int
+    root: np.ndarray
+    error: float = 0.0
+    iterations: int = 0
+    method: str = ""
+    compute_seconds: float = 0.0

@@ -1,0 +1,43 @@
+"""Installs the asynchronous-Shampoo trainer: `trainer`, `precond_service` and `protos`."""
+
+from setuptools import find_packages, setup
+
+# The preconditioner service needs only NumPy and gRPC, so a CPU host can run it
+# without TensorFlow: `pip install .[service]` there, `pip install -e .[test]` for
+# development and training.
+SERVICE_REQUIRES = [
+    "numpy>=1.26,<3",
+    "grpcio>=1.62,<2",
+    "grpcio-health-checking>=1.62,<2",
+    "protobuf>=4.25,<8",
+]
+
+TRAINER_REQUIRES = [
+    "tensorflow>=2.21,<2.22",
+    "keras>=3.10,<4",
+    "absl-py>=2.0,<3",
+]
+
+TEST_REQUIRES = [
+    "pytest>=8,<10",
+    "hypothesis>=6.100,<7",
+    "ruff>=0.5",
+    "matplotlib>=3.8,<4",
+    "grpcio-tools>=1.62,<2",
+]
+
+setup(
+    name="async-shampoo",
+    version="0.1.0",
+    description=(
+        "A TensorFlow trainer whose Shampoo preconditioners are computed "
+        "asynchronously by a separate CPU service."
+    ),
+    python_requires=">=3.11",
+    packages=find_packages(include=["trainer*", "precond_service*", "protos*"]),
+    install_requires=SERVICE_REQUIRES + TRAINER_REQUIRES,
+    extras_require={
+        "service": [],
+        "test": TEST_REQUIRES,
+    },
+)

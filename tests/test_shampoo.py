@@ -1,0 +1,451 @@
+"""Shampoo optimizer: the update against a NumPy reference, grafting, the seam, checkpoints, fit."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from precond_service.blocks import PreconditionerBlock
+from trainer.optimizers import Shampoo
+from trainer.optimizers.shampoo import NO_PRECONDITIONER, block_key
+
+# Larger than float32 noise in rank-deficient statistics (~1e-7 of λmax), so that
+# the float32 optimizer and the float64 reference agree on the null space too.
+RIDGE = 1e-3
+
+
+# --------------------------------------------------------------- references
+
+
+def ref_inverse_root(stat: np.ndarray, p: int) -> np.ndarray:
+    """(S + ε·λmax·I)^(-1/p) by eigendecomposition in float64."""
+    stat = stat.astype(np.float64)
+    w, v = np.linalg.eigh(stat)
+    w = w + RIDGE * w.max()
+    return (v * w ** (-1.0 / p)) @ v.T
+
+
+def ref_blocks(shape, block):
+    """Row and column ranges of the blocks of a 2-D variable."""
+    rows = [(i, min(i + block, shape[0])) for i in range(0, shape[0], block)]
+    cols = [(j, min(j + block, shape[1])) for j in range(0, shape[1], block)]
+    return [(r, c) for r in rows for c in cols]
+
+
+class RefShampoo:
+    """Plain Shampoo for one 2-D variable: graft "none", beta1 = 0, beta2 = 1, roots every step."""
+
+    def __init__(self, shape, block):
+        self.blocks = ref_blocks(shape, block)
+        self.left = {b: np.zeros((b[0][1] - b[0][0],) * 2) for b in self.blocks}
+        self.right = {b: np.zeros((b[1][1] - b[1][0],) * 2) for b in self.blocks}
+
+    def direction(self, grad):
+        out = np.zeros_like(grad, dtype=np.float64)
+        for b in self.blocks:
+            (r0, r1), (c0, c1) = b
+            g = grad[r0:r1, c0:c1].astype(np.float64)
+            self.left[b] += g @ g.T
+            self.right[b] += g.T @ g
+            out[r0:r1, c0:c1] = (
+                ref_inverse_root(self.left[b], 4) @ g @ ref_inverse_root(self.right[b], 4)
+            )
+        return out
+
+
+def make_var(shape, seed=0, name="w"):
+    rng = np.random.default_rng(seed)
+    return keras.Variable(rng.normal(size=shape).astype(np.float32), name=name)
+
+
+def grads_for(shape, steps, seed=1):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=shape).astype(np.float32) for _ in range(steps)]
+
+
+def plain_shampoo(**overrides):
+    kwargs = dict(
+        learning_rate=0.1,
+        block_size=128,
+        beta1=0.0,
+        beta2=1.0,
+        graft_type="none",
+        start_preconditioning_step=0,
+        preconditioning_compute_steps=1,
+        matrix_epsilon=RIDGE,
+    )
+    kwargs.update(overrides)
+    return Shampoo(**kwargs)
+
+
+# ------------------------------------------------------------------- update
+
+
+@pytest.mark.parametrize(("shape", "block"), [((6, 4), 128), ((10, 7), 4)])
+def test_several_steps_match_numpy_reference(shape, block):
+    var = make_var(shape)
+    opt = plain_shampoo(block_size=block)
+    ref = RefShampoo(shape, block)
+    expected = var.numpy().astype(np.float64)
+    for grad in grads_for(shape, 4):
+        opt.apply_gradients([(tf.constant(grad), var)])
+        expected -= 0.1 * ref.direction(grad)
+        np.testing.assert_allclose(var.numpy(), expected, rtol=2e-4, atol=2e-4)
+
+
+def test_rank_3_uses_exponent_six_and_mode_products():
+    shape = (3, 4, 5)
+    var = make_var(shape)
+    # 3 * 4 > 6: nothing merges, and no dimension exceeds 6: one block of rank 3.
+    opt = plain_shampoo(block_size=6)
+    grad = grads_for(shape, 1)[0]
+    before = var.numpy().astype(np.float64)
+    opt.apply_gradients([(tf.constant(grad), var)])
+    g = grad.astype(np.float64)
+    p = [
+        ref_inverse_root(np.einsum("abc,dbc->ad", g, g), 6),
+        ref_inverse_root(np.einsum("abc,adc->bd", g, g), 6),
+        ref_inverse_root(np.einsum("abc,abd->cd", g, g), 6),
+    ]
+    direction = np.einsum("ai,bj,ck,ijk->abc", p[0], p[1], p[2], g)
+    np.testing.assert_allclose(var.numpy(), before - 0.1 * direction, rtol=2e-4, atol=2e-4)
+
+
+def test_one_sided_embedding_preconditions_the_small_side_only():
+    shape = (50, 6)
+    var = make_var(shape)
+    opt = plain_shampoo(skip_preconditioning_dim_size_gt=20)
+    grad = grads_for(shape, 1)[0]
+    before = var.numpy().astype(np.float64)
+    opt.apply_gradients([(tf.constant(grad), var)])
+    g = grad.astype(np.float64)
+    direction = g @ ref_inverse_root(g.T @ g, 2)  # r = 1: exponent -1/2
+    np.testing.assert_allclose(var.numpy(), before - 0.1 * direction, rtol=2e-4, atol=2e-4)
+    assert set(opt.preconditioner_stats_steps()) == {block_key(var.path, (0, 0), 1)}
+
+
+def test_exponent_override():
+    shape = (5, 3)
+    var = make_var(shape)
+    opt = plain_shampoo(exponent_override=2)
+    grad = grads_for(shape, 1)[0]
+    before = var.numpy().astype(np.float64)
+    opt.apply_gradients([(tf.constant(grad), var)])
+    g = grad.astype(np.float64)
+    direction = ref_inverse_root(g @ g.T, 2) @ g @ ref_inverse_root(g.T @ g, 2)
+    np.testing.assert_allclose(var.numpy(), before - 0.1 * direction, rtol=2e-4, atol=2e-4)
+
+
+# ------------------------------------------------------------------ grafting
+
+
+def adagrad_updates(grads, eps=1e-10):
+    acc = 0.0
+    out = []
+    for g in grads:
+        acc = acc + g.astype(np.float64) ** 2
+        out.append(g / (np.sqrt(acc) + eps))
+    return out
+
+
+def test_before_start_the_update_is_exactly_the_grafting_optimizer():
+    shape = (8, 5)
+    var = make_var(shape)
+    opt = Shampoo(learning_rate=0.05, beta1=0.0, graft_type="adagrad", start_preconditioning_step=3)
+    grads = grads_for(shape, 3)
+    expected = var.numpy().astype(np.float64)
+    for grad, update in zip(grads, adagrad_updates(grads)):
+        opt.apply_gradients([(tf.constant(grad), var)])
+        expected -= 0.05 * update
+    np.testing.assert_allclose(var.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_grafted_update_has_shampoo_direction_and_adagrad_norm():
+    shape = (12, 7)
+    var = make_var(shape)
+    opt = Shampoo(
+        learning_rate=1.0,
+        beta1=0.0,
+        beta2=1.0,
+        block_size=5,  # several blocks, ragged ones included: the norm is per layer
+        matrix_epsilon=RIDGE,
+        graft_type="adagrad",
+        start_preconditioning_step=0,
+        preconditioning_compute_steps=1,
+    )
+    grad = grads_for(shape, 1)[0]
+    before = var.numpy().astype(np.float64)
+    opt.apply_gradients([(tf.constant(grad), var)])
+    update = before - var.numpy()
+
+    shampoo_dir = RefShampoo(shape, 5).direction(grad)
+    graft = adagrad_updates([grad])[0]
+    np.testing.assert_allclose(np.linalg.norm(update), np.linalg.norm(graft), rtol=1e-4)
+    cosine = np.sum(update * shampoo_dir) / np.linalg.norm(update) / np.linalg.norm(shampoo_dir)
+    assert cosine == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("graft_type", ["adagrad", "adam", "sgd", "none"])
+def test_async_mode_without_roots_is_graft_only_never_zero(graft_type):
+    shape = (6, 6)
+    var = make_var(shape)
+    opt = Shampoo(
+        learning_rate=0.1,
+        beta1=0.0,
+        graft_type=graft_type,
+        precondition_mode="async",
+        start_preconditioning_step=0,
+    )
+    grad = grads_for(shape, 1)[0]
+    before = var.numpy().astype(np.float64)
+    opt.apply_gradients([(tf.constant(grad), var)])
+    update = (before - var.numpy()) / 0.1
+    g = grad.astype(np.float64)
+    expected = {
+        "adagrad": g / (np.abs(g) + 1e-10),
+        "adam": g / (np.sqrt(g**2) + 1e-10),
+        "sgd": g,
+        "none": g,
+    }[graft_type]
+    np.testing.assert_allclose(update, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_rejected_roots_keep_the_block_graft_only():
+    shape = (6, 4)
+    var = make_var(shape)
+    # No residual can be under this threshold, so every root is rejected.
+    opt = plain_shampoo(graft_type="sgd", inverse_failure_threshold=1e-300)
+    grad = grads_for(shape, 1)[0]
+    before = var.numpy()
+    opt.apply_gradients([(tf.constant(grad), var)])
+    np.testing.assert_allclose(var.numpy(), before - 0.1 * grad, rtol=1e-6)
+    assert set(opt.preconditioner_stats_steps().values()) == {NO_PRECONDITIONER}
+
+
+def test_momentum_and_nesterov_follow_the_moving_average():
+    shape = (4, 3)
+    grads = grads_for(shape, 3)
+    for nesterov in (False, True):
+        var = make_var(shape)
+        opt = Shampoo(
+            learning_rate=0.1,
+            beta1=0.9,
+            graft_type="sgd",
+            nesterov=nesterov,
+            start_preconditioning_step=100,
+        )
+        expected = var.numpy().astype(np.float64)
+        m = 0.0
+        for g in grads:
+            opt.apply_gradients([(tf.constant(g), var)])
+            m = 0.9 * m + 0.1 * g
+            expected -= 0.1 * (0.9 * m + 0.1 * g if nesterov else m)
+        np.testing.assert_allclose(var.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_variables_each_get_their_own_update():
+    # Vector (graft only), a matrix (preconditioned), an embedding (one-sided),
+    # in an order that puts a graft-only variable between preconditioned ones.
+    shapes = {"a": (5, 4), "bias": (4,), "emb": (40, 3), "c": (3, 6)}
+    variables = [make_var(s, seed=i, name=n) for i, (n, s) in enumerate(shapes.items())]
+    opt = plain_shampoo(graft_type="sgd", skip_preconditioning_dim_size_gt=10)
+    grads = [grads_for(v.shape, 1, seed=10 + i)[0] for i, v in enumerate(variables)]
+    before = [v.numpy().astype(np.float64) for v in variables]
+    opt.apply_gradients(zip([tf.constant(g) for g in grads], variables))
+
+    def graft_scaled(direction, g):
+        return direction * np.linalg.norm(g) / np.linalg.norm(direction)
+
+    ga, gb, ge, gc = (g.astype(np.float64) for g in grads)
+    expected = [
+        graft_scaled(RefShampoo((5, 4), 128).direction(ga), ga),
+        gb,
+        graft_scaled(ge @ ref_inverse_root(ge.T @ ge, 2), ge),
+        graft_scaled(RefShampoo((3, 6), 128).direction(gc), gc),
+    ]
+    for var, b, e in zip(variables, before, expected):
+        np.testing.assert_allclose(var.numpy(), b - 0.1 * e, rtol=2e-4, atol=2e-4)
+
+
+# ------------------------------------------------------------------- seam
+
+
+def test_snapshot_keys_are_stable_unique_and_carry_step_and_exponent():
+    def snapshot_keys():
+        var = keras.Variable(np.ones((10, 7), np.float32), name="kernel")
+        opt = plain_shampoo(block_size=4, precondition_mode="async")
+        opt.apply_gradients([(tf.constant(grads_for((10, 7), 1)[0]), var)])
+        return opt.statistics_snapshot()
+
+    first, second = snapshot_keys(), snapshot_keys()
+    keys = [b.key for b in first]
+    assert keys == [b.key for b in second]
+    assert len(set(keys)) == len(keys) == 3 * 2 * 2  # 3x2 blocks, two factors each
+    assert {b.step for b in first} == {1}
+    assert {b.exponent for b in first} == {4}
+    assert "kernel|b2.1|d0" in keys
+    shapes = {b.key: b.statistics.shape for b in first}
+    assert shapes["kernel|b2.1|d0"] == (2, 2) and shapes["kernel|b2.1|d1"] == (3, 3)
+
+
+def test_assigned_preconditioners_are_used_and_older_ones_ignored():
+    shape = (5, 4)
+    var = make_var(shape)
+    opt = plain_shampoo(precondition_mode="async")
+    opt.build([var])
+    key_l, key_r = block_key(var.path, (0, 0), 0), block_key(var.path, (0, 0), 1)
+    rng = np.random.default_rng(3)
+    left = rng.normal(size=(5, 5))
+    left = left @ left.T
+    right = np.diag([1.0, 2.0, 3.0, 4.0])
+    assert opt.assign_preconditioners([PreconditionerBlock(key_l, 7, left), (key_r, 7, right)]) == 2
+    # Older or equal stats_steps are ignored; held steps are reported.
+    assert opt.assign_preconditioners([(key_l, 3, np.eye(5)), (key_r, 7, np.eye(4))]) == 0
+    assert opt.preconditioner_stats_steps() == {key_l: 7, key_r: 7}
+
+    grad = grads_for(shape, 1)[0]
+    before = var.numpy().astype(np.float64)
+    opt.apply_gradients([(tf.constant(grad), var)])
+    direction = left @ grad.astype(np.float64) @ right
+    np.testing.assert_allclose(var.numpy(), before - 0.1 * direction, rtol=1e-4, atol=1e-4)
+
+
+def test_assign_rejects_unknown_keys_and_wrong_shapes():
+    var = make_var((5, 4))
+    opt = plain_shampoo(precondition_mode="async")
+    opt.build([var])
+    with pytest.raises(KeyError, match="no Shampoo block"):
+        opt.assign_preconditioners([("nope|b0.0|d0", 1, np.eye(5))])
+    with pytest.raises(ValueError, match=r"shape \(4, 4\), expected \(5, 5\)"):
+        opt.assign_preconditioners([(block_key(var.path, (0, 0), 0), 1, np.eye(4))])
+
+
+def test_snapshot_before_build_says_what_to_do():
+    with pytest.raises(RuntimeError, match="optimizer.build"):
+        Shampoo().statistics_snapshot()
+
+
+# -------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"graft_type": "adamw"},
+            r"graft_type must be one of \['adagrad', 'adam', 'sgd', 'none'\], got 'adamw'",
+        ),
+        ({"block_size": 0}, "block_size must be a positive integer, got 0"),
+        ({"beta1": 1.5}, r"beta1 must be a number in \[0, 1\], got 1.5"),
+        ({"precondition_mode": "later"}, "precondition_mode must be one of"),
+        ({"graft_type": "adam", "beta2": 1.0}, "graft_type='adam' needs beta2 < 1"),
+        ({"matrix_epsilon": 0.0}, "matrix_epsilon must be a positive number, got 0.0"),
+        ({"start_preconditioning_step": -1}, "start_preconditioning_step must be a non-negative"),
+    ],
+)
+def test_bad_hyperparameters_name_the_field_and_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Shampoo(**kwargs)
+
+
+# -------------------------------------------------------------- checkpoints
+
+
+def small_model(seed):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(9, name="d1"), keras.layers.Dense(3, name="d2")]
+    )
+
+
+def test_checkpoint_round_trip_continues_identically(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 6)).astype(np.float32)
+    y = rng.normal(size=(16, 3)).astype(np.float32)
+
+    def make():
+        model = small_model(0)
+        opt = Shampoo(
+            learning_rate=0.01,
+            block_size=4,
+            start_preconditioning_step=2,
+            preconditioning_compute_steps=3,
+        )
+        opt.build(model.trainable_variables)
+        return model, opt
+
+    @tf.function
+    def train_step(model, opt):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(x) - y))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+
+    model, opt = make()
+    step = tf.function(lambda: train_step(model, opt))
+    for _ in range(5):
+        step()
+    path = tf.train.Checkpoint(model=model, optimizer=opt).save(os.path.join(tmp_path, "ckpt"))
+    for _ in range(5):
+        step()
+    uninterrupted = [v.numpy() for v in model.trainable_variables]
+
+    model2, opt2 = make()
+    tf.train.Checkpoint(model=model2, optimizer=opt2).restore(path).assert_consumed()
+    assert int(opt2.iterations.numpy()) == 5
+    assert opt2.preconditioner_stats_steps() == {
+        k: v for k, v in opt2.preconditioner_stats_steps().items()
+    }
+    assert any(s >= 0 for s in opt2.preconditioner_stats_steps().values())
+    step2 = tf.function(lambda: train_step(model2, opt2))
+    for _ in range(5):
+        step2()
+    for a, b in zip(uninterrupted, [v.numpy() for v in model2.trainable_variables]):
+        np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------- fit
+
+
+def ill_conditioned_regression(seed=0, n=512, d_in=16, d_out=4):
+    rng = np.random.default_rng(seed)
+    # Correlated features with scales over four orders of magnitude.
+    basis, _ = np.linalg.qr(rng.normal(size=(d_in, d_in)))
+    scales = np.logspace(0, -2, d_in)
+    x = (rng.normal(size=(n, d_in)) * scales) @ basis.T
+    w = rng.normal(size=(d_in, d_out))
+    y = x @ w
+    return x.astype(np.float32), y.astype(np.float32)
+
+
+def fit_loss(optimizer, x, y, epochs):
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [keras.Input((x.shape[1],)), keras.layers.Dense(y.shape[1], use_bias=False)]
+    )
+    model.compile(optimizer=optimizer, loss="mse")
+    history = model.fit(x, y, batch_size=64, epochs=epochs, verbose=0, shuffle=False)
+    return history.history["loss"][-1]
+
+
+def test_model_fit_beats_tuned_adam_and_adagrad_on_ill_conditioned_regression():
+    x, y = ill_conditioned_regression()
+    epochs = 10  # 80 steps
+    grid = [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]
+    best = {}
+    for name, make in {
+        "adam": lambda lr: keras.optimizers.Adam(lr),
+        "adagrad": lambda lr: keras.optimizers.Adagrad(lr),
+        "shampoo": lambda lr: Shampoo(
+            lr,
+            beta2=1.0,
+            graft_type="adagrad",
+            start_preconditioning_step=1,
+            preconditioning_compute_steps=5,
+        ),
+    }.items():
+        losses = [fit_loss(make(lr), x, y, epochs) for lr in grid]
+        best[name] = min(losses)
+    assert best["shampoo"] < min(best["adam"], best["adagrad"]), best

@@ -1,0 +1,578 @@
+"""Shampoo for TensorFlow 2 / Keras 3, with a seam for asynchronous preconditioners.
+
+Shampoo (Gupta, Koren, Singer 2018; Anil et al. 2020, "Scalable Second Order
+Optimization for Deep Learning") keeps, for every block G of a weight and every
+preconditioned dimension i of it, a Kronecker-factor statistic
+
+    S_i <- beta2 * S_i + (1 - beta2) * G_(i) G_(i)^T        (beta2 = 1: plain sums)
+
+and moves along G x_1 P_1 x_2 ... x_r P_r with P_i = S_i^(-1/(2r)); for a matrix
+that is L^(-1/4) G R^(-1/4). One step of `update_step` is five visible stages:
+
+  1. statistics   every `statistics_compute_steps`, the S_i above;
+  2. roots        sync mode only: every `preconditioning_compute_steps`, the
+                  P_i from `precond_service.roots` (float64 Schur-Newton) on the
+                  host; async mode gets them through `assign_preconditioners`;
+  3. precondition the Shampoo direction of each block that holds all its P_i;
+  4. graft        that direction rescaled to the per-layer norm of the grafting
+                  optimizer's update ("decoupling step size and direction");
+                  blocks without roots, steps before `start_preconditioning_step`
+                  and rank-0/1 variables use the grafting update itself;
+  5. momentum     an exponential moving average of the update (optionally
+                  Nesterov), then `variable -= learning_rate * update`.
+
+Decoupled weight decay is the Keras base class's (`weight_decay=`).
+
+The asynchronous seam: `statistics_snapshot()` returns every block's statistic
+under a stable key (variable path, block coordinates, dimension), and
+`assign_preconditioners()` takes roots computed elsewhere, keeping for each
+block only ones newer than what it holds. The stats_step of every preconditioner
+in use is kept in optimizer variables, so it is checkpointed with the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from precond_service import roots as roots_lib
+from precond_service.blocks import PreconditionerBlock, StatisticsBlock
+from trainer.optimizers import blocking
+
+GRAFT_TYPES = ("adagrad", "adam", "sgd", "none")
+PRECONDITION_MODES = ("sync", "async")
+
+# stats_step of a block that has no preconditioner yet.
+NO_PRECONDITIONER = -1
+
+
+@dataclasses.dataclass
+class _Factor:
+    """Statistic, root and root's stats_step of one dimension of one block group."""
+
+    dim: int
+    statistics: keras.Variable  # [num_blocks, b, b]
+    preconditioner: keras.Variable  # [num_blocks, b, b]
+    stats_step: keras.Variable  # [num_blocks] int64, NO_PRECONDITIONER if none
+
+
+@dataclasses.dataclass
+class _VariableState:
+    """Everything Shampoo keeps for one model variable."""
+
+    path: str
+    plan: blocking.BlockPlan
+    factors: list[list[_Factor]]  # per plan group, per preconditioned dim
+    graft: keras.Variable | None  # AdaGrad / Adam second-moment accumulator
+    momentum: keras.Variable | None
+
+
+class _Registry:
+    """Plain (untracked) holder of the per-variable state and the key index.
+
+    Keras tracks the optimizer's variables itself; keeping this structure out of
+    TensorFlow's automatic tracking avoids a second, differently named path to
+    the same variables in checkpoints.
+    """
+
+    def __init__(self) -> None:
+        self.by_variable: dict[Any, _VariableState] = {}
+        # Block key -> (factor, index of the block in the factor's batch).
+        self.by_key: dict[str, tuple[_Factor, int]] = {}
+
+
+def block_key(path: str, coords: Sequence[int], dim: int) -> str:
+    """The stable key of one block's factor: variable path, block coordinates, dimension."""
+    return f"{path}|b{'.'.join(str(c) for c in coords)}|d{dim}"
+
+
+def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_unit_interval(name: str, value: Any) -> None:
+    if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
+@keras.saving.register_keras_serializable(package="trainer")
+class Shampoo(keras.optimizers.Optimizer):
+    """Shampoo with grafting, blocking, and synchronous or asynchronous roots.
+
+    Example:
+        >>> model.compile(optimizer=Shampoo(learning_rate=1e-3), loss="mse", jit_compile=False)
+
+    The sync mode calls NumPy on the host inside the step, which XLA cannot
+    compile: pass `jit_compile=False` to `compile` (Keras turns XLA on by default
+    on GPUs), or use the async mode with the preconditioner service.
+
+    Args:
+        learning_rate: Float or `keras.optimizers.schedules.LearningRateSchedule`.
+        block_size: Largest side of a preconditioned block; larger dimensions
+            are split (the last block may be smaller), smaller adjacent ones merged.
+        beta1: Momentum (exponential moving average of the grafted update); 0 disables it.
+        beta2: Decay of the Kronecker statistics; 1.0 sums them as AdaGrad does.
+            Also the second-moment decay of the "adam" graft.
+        nesterov: Use Nesterov momentum.
+        weight_decay: Decoupled weight decay (Keras base-class semantics).
+        matrix_epsilon: Ridge added to every statistic, relative to its largest
+            eigenvalue, before the inverse root.
+        diagonal_epsilon: Epsilon of the AdaGrad / Adam grafting denominators.
+        graft_type: "adagrad", "adam", "sgd", or "none" (Shampoo's own norm).
+        start_preconditioning_step: Steps before this use the grafting update only.
+        statistics_compute_steps: Update the statistics every this many steps.
+        preconditioning_compute_steps: In sync mode, recompute the roots every
+            this many steps (counted from `start_preconditioning_step`).
+        skip_preconditioning_dim_size_gt: Dimensions larger than this are not
+            preconditioned (the vocabulary side of an embedding).
+        exponent_override: If set, every root is S^(-1/exponent_override)
+            instead of S^(-1/(2r)).
+        inverse_failure_threshold: A root whose residual error is above this (or
+            not finite) is not used; the block keeps its previous root.
+        precondition_mode: "sync" computes roots inside the step (host NumPy,
+            needs `jit_compile=False`); "async" only uses roots given to
+            `assign_preconditioners` (by the preconditioner service).
+        name: Optimizer name.
+        **kwargs: Further `keras.optimizers.Optimizer` arguments (clipnorm, ...).
+    """
+
+    def __init__(
+        self,
+        learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = 1e-3,
+        block_size: int = 128,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        nesterov: bool = False,
+        weight_decay: float | None = None,
+        matrix_epsilon: float = 1e-6,
+        diagonal_epsilon: float = 1e-10,
+        graft_type: str = "adagrad",
+        start_preconditioning_step: int = 5,
+        statistics_compute_steps: int = 1,
+        preconditioning_compute_steps: int = 10,
+        skip_preconditioning_dim_size_gt: int = 4096,
+        exponent_override: int | None = None,
+        inverse_failure_threshold: float = 0.1,
+        precondition_mode: str = "sync",
+        name: str = "shampoo",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            learning_rate=learning_rate, weight_decay=weight_decay, name=name, **kwargs
+        )
+        _check_positive_int("block_size", block_size)
+        _check_unit_interval("beta1", beta1)
+        _check_unit_interval("beta2", beta2)
+        _check_choice("graft_type", graft_type, GRAFT_TYPES)
+        _check_choice("precondition_mode", precondition_mode, PRECONDITION_MODES)
+        if graft_type == "adam" and beta2 >= 1.0:
+            raise ValueError(
+                "graft_type='adam' needs beta2 < 1 (its second moment decays with beta2), "
+                f"got beta2={beta2}; use graft_type='adagrad' for sums"
+            )
+        if not isinstance(start_preconditioning_step, int) or start_preconditioning_step < 0:
+            raise ValueError(
+                "start_preconditioning_step must be a non-negative integer, "
+                f"got {start_preconditioning_step!r}"
+            )
+        _check_positive_int("statistics_compute_steps", statistics_compute_steps)
+        _check_positive_int("preconditioning_compute_steps", preconditioning_compute_steps)
+        _check_positive_int("skip_preconditioning_dim_size_gt", skip_preconditioning_dim_size_gt)
+        if exponent_override is not None:
+            _check_positive_int("exponent_override", exponent_override)
+        for field, value in (
+            ("matrix_epsilon", matrix_epsilon),
+            ("diagonal_epsilon", diagonal_epsilon),
+            ("inverse_failure_threshold", inverse_failure_threshold),
+        ):
+            if not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"{field} must be a positive number, got {value!r}")
+
+        self.block_size = int(block_size)
+        self.beta1 = float(beta1)
+        self.beta2 = float(beta2)
+        self.nesterov = bool(nesterov)
+        self.matrix_epsilon = float(matrix_epsilon)
+        self.diagonal_epsilon = float(diagonal_epsilon)
+        self.graft_type = graft_type
+        self.start_preconditioning_step = int(start_preconditioning_step)
+        self.statistics_compute_steps = int(statistics_compute_steps)
+        self.preconditioning_compute_steps = int(preconditioning_compute_steps)
+        self.skip_preconditioning_dim_size_gt = int(skip_preconditioning_dim_size_gt)
+        self.exponent_override = None if exponent_override is None else int(exponent_override)
+        self.inverse_failure_threshold = float(inverse_failure_threshold)
+        self.precondition_mode = precondition_mode
+        self._registry = _Registry()
+
+    # ------------------------------------------------------------------ build
+
+    def build(self, var_list: Sequence[keras.Variable]) -> None:
+        """Creates statistics, roots, grafting and momentum state for `var_list`."""
+        if self.built:
+            return
+        super().build(var_list)
+        for variable in var_list:
+            state = self._build_variable(variable)
+            self._registry.by_variable[self._var_key(variable)] = state
+            for group, factors in zip(state.plan.groups, state.factors):
+                for factor in factors:
+                    for index, coords in enumerate(group.coords):
+                        key = block_key(state.path, coords, factor.dim)
+                        if key in self._registry.by_key:
+                            raise ValueError(
+                                f"two variables share the path {state.path!r}; give the "
+                                "layers distinct names so that block keys are unique"
+                            )
+                        self._registry.by_key[key] = (factor, index)
+
+    def _build_variable(self, variable: keras.Variable) -> _VariableState:
+        path = getattr(variable, "path", None) or variable.name
+        plan = blocking.make_plan(
+            variable.shape, self.block_size, self.skip_preconditioning_dim_size_gt
+        )
+        slot = path.replace("/", "_")
+        factors = []
+        for g, group in enumerate(plan.groups):
+            group_factors = []
+            for dim, precondition in enumerate(plan.preconditioned):
+                if not precondition:
+                    continue
+                side = group.block_shape[dim]
+                shape = (group.num_blocks, side, side)
+                group_factors.append(
+                    _Factor(
+                        dim=dim,
+                        statistics=self.add_variable(
+                            shape, "zeros", "float32", name=f"{slot}_stat_g{g}_d{dim}"
+                        ),
+                        preconditioner=self.add_variable(
+                            shape, "zeros", "float32", name=f"{slot}_root_g{g}_d{dim}"
+                        ),
+                        stats_step=self.add_variable(
+                            (group.num_blocks,),
+                            keras.initializers.Constant(NO_PRECONDITIONER),
+                            "int64",
+                            name=f"{slot}_root_step_g{g}_d{dim}",
+                        ),
+                    )
+                )
+            factors.append(group_factors)
+        graft = None
+        if self.graft_type in ("adagrad", "adam"):
+            graft = self.add_variable(variable.shape, "zeros", "float32", name=f"{slot}_graft")
+        momentum = None
+        if self.beta1 > 0:
+            momentum = self.add_variable(
+                variable.shape, "zeros", "float32", name=f"{slot}_momentum"
+            )
+        return _VariableState(path, plan, factors, graft, momentum)
+
+    def exponent(self, plan: blocking.BlockPlan) -> int:
+        """p of the inverse p-th root used for a variable with `plan`."""
+        return self.exponent_override or 2 * plan.rank
+
+    # ------------------------------------------------------------ update step
+
+    def update_step(
+        self, gradient: tf.Tensor, variable: keras.Variable, learning_rate: tf.Tensor
+    ) -> None:
+        """Applies one Shampoo step to `variable` (the five stages of the module docstring)."""
+        state = self._registry.by_variable[self._var_key(variable)]
+        step = tf.cast(self.iterations, tf.int64)
+        grad = tf.cast(tf.convert_to_tensor(gradient), tf.float32)
+
+        graft = self._graft_update(grad, state, step)
+        if state.plan.groups:
+            merged_grad = tf.reshape(grad, state.plan.merged_shape)
+            grad_blocks = [blocking.to_blocks(merged_grad, g) for g in state.plan.groups]
+            self._update_statistics(grad_blocks, state, step)
+            if self.precondition_mode == "sync":
+                self._compute_roots(state, step)
+            update = self._precondition_and_graft(grad_blocks, graft, state, step)
+        else:
+            update = graft
+
+        if state.momentum is not None:
+            # Momentum as an exponential moving average, so the learning rate keeps
+            # the scale of the grafted update; Nesterov looks one step ahead.
+            momentum = self.beta1 * state.momentum + (1.0 - self.beta1) * update
+            self.assign(state.momentum, momentum)
+            update = (
+                self.beta1 * momentum + (1.0 - self.beta1) * update if self.nesterov else momentum
+            )
+
+        lr = tf.cast(learning_rate, tf.float32)
+        self.assign_sub(variable, tf.cast(lr * update, variable.dtype))
+
+    def _graft_update(self, grad: tf.Tensor, state: _VariableState, step: tf.Tensor) -> tf.Tensor:
+        """The grafting optimizer's (unscaled by learning rate) update for `grad`."""
+        if self.graft_type == "adagrad":
+            accumulator = state.graft + tf.square(grad)
+            self.assign(state.graft, accumulator)
+            return grad / (tf.sqrt(accumulator) + self.diagonal_epsilon)
+        if self.graft_type == "adam":
+            second_moment = self.beta2 * state.graft + (1.0 - self.beta2) * tf.square(grad)
+            self.assign(state.graft, second_moment)
+            bias_correction = 1.0 - tf.pow(self.beta2, tf.cast(step + 1, tf.float32))
+            return grad / (tf.sqrt(second_moment / bias_correction) + self.diagonal_epsilon)
+        return grad  # "sgd", and "none" for blocks that have no root yet.
+
+    def _update_statistics(
+        self, grad_blocks: Sequence[tf.Tensor], state: _VariableState, step: tf.Tensor
+    ) -> None:
+        """Stage 1: S_i <- beta2 S_i + (1 - beta2) G_(i) G_(i)^T (beta2 = 1: S_i += ...)."""
+
+        def update() -> None:
+            for blocks, factors in zip(grad_blocks, state.factors):
+                new = blocking.kronecker_statistics(blocks, state.plan.preconditioned)
+                for factor, gg in zip(factors, new):
+                    if self.beta2 == 1.0:
+                        self.assign_add(factor.statistics, gg)
+                    else:
+                        self.assign(
+                            factor.statistics,
+                            self.beta2 * factor.statistics + (1.0 - self.beta2) * gg,
+                        )
+
+        if self.statistics_compute_steps == 1:
+            update()
+        else:
+            tf.cond(
+                tf.equal(step % self.statistics_compute_steps, 0),
+                lambda: _run_then_true(update),
+                lambda: tf.constant(False),
+            )
+
+    def _compute_roots(self, state: _VariableState, step: tf.Tensor) -> None:
+        """Stage 2 (sync mode): float64 inverse roots on the host, kept only if good."""
+        exponent = self.exponent(state.plan)
+        due = tf.logical_and(
+            step >= self.start_preconditioning_step,
+            tf.equal(
+                (step - self.start_preconditioning_step) % self.preconditioning_compute_steps, 0
+            ),
+        )
+
+        def compute() -> tf.Tensor:
+            for factors in state.factors:
+                for factor in factors:
+                    roots, ok = tf.numpy_function(
+                        self._host_roots(exponent),
+                        [factor.statistics],
+                        [tf.float32, tf.bool],
+                        stateful=False,
+                    )
+                    roots = tf.ensure_shape(roots, factor.preconditioner.shape)
+                    ok = tf.ensure_shape(ok, factor.stats_step.shape)
+                    self.assign(
+                        factor.preconditioner,
+                        tf.where(ok[:, None, None], roots, factor.preconditioner),
+                    )
+                    self.assign(
+                        factor.stats_step,
+                        tf.where(ok, tf.fill(tf.shape(ok), step), factor.stats_step),
+                    )
+            return tf.constant(True)
+
+        tf.cond(due, compute, lambda: tf.constant(False))
+
+    def _host_roots(self, exponent: int):
+        """A NumPy function: [k, n, n] float32 statistics -> (roots float32, ok bool)."""
+
+        def host_roots(statistics: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            result = roots_lib.batched_inverse_pth_root(
+                statistics,
+                exponent,
+                ridge_epsilon=self.matrix_epsilon,
+                failure_threshold=self.inverse_failure_threshold,
+            )
+            ok = np.isfinite(result.errors) & (result.errors <= self.inverse_failure_threshold)
+            ok &= np.all(np.isfinite(result.roots), axis=(1, 2))
+            # An all-zero statistic carries no information yet: keep graft-only.
+            ok &= np.any(statistics != 0, axis=(1, 2))
+            return result.roots.astype(np.float32), ok
+
+        return host_roots
+
+    def _precondition_and_graft(
+        self,
+        grad_blocks: Sequence[tf.Tensor],
+        graft: tf.Tensor,
+        state: _VariableState,
+        step: tf.Tensor,
+    ) -> tf.Tensor:
+        """Stages 3 and 4: Shampoo direction where roots exist, grafted per layer."""
+        plan = state.plan
+        started = step >= self.start_preconditioning_step
+        merged_graft = tf.reshape(graft, plan.merged_shape)
+        directions, grafts, masks = [], [], []
+        for group, blocks, factors in zip(plan.groups, grad_blocks, state.factors):
+            by_dim = {f.dim: f for f in factors}
+            preconditioners = [
+                by_dim[d].preconditioner if d in by_dim else None
+                for d in range(len(plan.merged_shape))
+            ]
+            directions.append(blocking.precondition_blocks(blocks, preconditioners))
+            grafts.append(blocking.to_blocks(merged_graft, group))
+            # A block is preconditioned once every one of its factors has a root.
+            ready = tf.reduce_all(tf.stack([f.stats_step >= 0 for f in factors], axis=0), axis=0)
+            mask = tf.cast(tf.logical_and(ready, started), tf.float32)
+            masks.append(tf.reshape(mask, [-1] + [1] * len(group.block_shape)))
+
+        if self.graft_type == "none":
+            scale = tf.constant(1.0)
+        else:
+            # Per layer: Shampoo's direction takes the grafting update's norm over
+            # the blocks that are preconditioned.
+            graft_sq = tf.add_n([tf.reduce_sum(m * tf.square(g)) for m, g in zip(masks, grafts)])
+            shampoo_sq = tf.add_n(
+                [tf.reduce_sum(m * tf.square(d)) for m, d in zip(masks, directions)]
+            )
+            scale = tf.math.divide_no_nan(tf.sqrt(graft_sq), tf.sqrt(shampoo_sq))
+
+        updates = [m * scale * d + (1.0 - m) * g for m, d, g in zip(masks, directions, grafts)]
+        return tf.reshape(blocking.from_blocks(updates, plan), plan.shape)
+
+    # ------------------------------------------------------- asynchronous seam
+
+    def statistics_snapshot(self) -> list[StatisticsBlock]:
+        """Every block's current statistic, for the preconditioner service.
+
+        Call it on the host, between steps (eagerly). Blocks whose statistic is
+        still all zero are left out: they carry no information yet.
+
+        Returns:
+            One `StatisticsBlock` per (block, preconditioned dimension), with the
+            current step, the exponent p of the wanted root and a float32 copy.
+        """
+        self._check_built("statistics_snapshot")
+        step = int(self.iterations.numpy())
+        snapshot = []
+        for state in self._registry.by_variable.values():
+            exponent = self.exponent(state.plan)
+            for group, factors in zip(state.plan.groups, state.factors):
+                for factor in factors:
+                    values = factor.statistics.numpy()
+                    for index, coords in enumerate(group.coords):
+                        if not values[index].any():
+                            continue
+                        snapshot.append(
+                            StatisticsBlock(
+                                key=block_key(state.path, coords, factor.dim),
+                                step=step,
+                                exponent=exponent,
+                                statistics=values[index],
+                            )
+                        )
+        return snapshot
+
+    def assign_preconditioners(
+        self, entries: Iterable[PreconditionerBlock | tuple[str, int, np.ndarray]]
+    ) -> int:
+        """Installs roots computed elsewhere, keeping only ones newer than held.
+
+        Call it on the host, between steps (eagerly).
+
+        Args:
+            entries: `PreconditionerBlock`s, or (key, stats_step, root) tuples.
+
+        Returns:
+            How many blocks took a new root.
+
+        Raises:
+            KeyError: A key that no block of this optimizer has.
+            ValueError: A root of the wrong shape or with non-finite values.
+        """
+        self._check_built("assign_preconditioners")
+        pending: dict[int, tuple[_Factor, dict[int, tuple[int, np.ndarray]]]] = {}
+        for entry in entries:
+            if isinstance(entry, PreconditionerBlock):
+                key, stats_step, root = entry.key, entry.stats_step, entry.root
+            else:
+                key, stats_step, root = entry
+            if key not in self._registry.by_key:
+                raise KeyError(f"no Shampoo block has the key {key!r}")
+            factor, index = self._registry.by_key[key]
+            expected = tuple(factor.preconditioner.shape[1:])
+            root = np.asarray(root)
+            if root.shape != expected:
+                raise ValueError(f"root for {key!r} has shape {root.shape}, expected {expected}")
+            if not np.all(np.isfinite(root)):
+                raise ValueError(f"root for {key!r} has non-finite values")
+            updates = pending.setdefault(id(factor), (factor, {}))[1]
+            if index not in updates or stats_step > updates[index][0]:
+                updates[index] = (int(stats_step), root)
+
+        applied = 0
+        for factor, updates in pending.values():
+            held_steps = factor.stats_step.numpy()
+            fresh = {i: u for i, u in updates.items() if u[0] > held_steps[i]}
+            if not fresh:
+                continue
+            roots = factor.preconditioner.numpy()
+            for index, (stats_step, root) in fresh.items():
+                roots[index] = root
+                held_steps[index] = stats_step
+            factor.preconditioner.assign(roots)
+            factor.stats_step.assign(held_steps)
+            applied += len(fresh)
+        return applied
+
+    def preconditioner_stats_steps(self) -> dict[str, int]:
+        """Key -> stats_step of the root each block uses (NO_PRECONDITIONER if none)."""
+        self._check_built("preconditioner_stats_steps")
+        held: dict[int, np.ndarray] = {}
+        steps = {}
+        for key, (factor, index) in self._registry.by_key.items():
+            if id(factor) not in held:
+                held[id(factor)] = factor.stats_step.numpy()
+            steps[key] = int(held[id(factor)][index])
+        return steps
+
+    def _check_built(self, what: str) -> None:
+        if not self.built:
+            raise RuntimeError(
+                f"Shampoo.{what}() needs the optimizer built: call "
+                "optimizer.build(model.trainable_variables) or apply gradients once first"
+            )
+
+    # ----------------------------------------------------------------- config
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            {
+                "block_size": self.block_size,
+                "beta1": self.beta1,
+                "beta2": self.beta2,
+                "nesterov": self.nesterov,
+                "matrix_epsilon": self.matrix_epsilon,
+                "diagonal_epsilon": self.diagonal_epsilon,
+                "graft_type": self.graft_type,
+                "start_preconditioning_step": self.start_preconditioning_step,
+                "statistics_compute_steps": self.statistics_compute_steps,
+                "preconditioning_compute_steps": self.preconditioning_compute_steps,
+                "skip_preconditioning_dim_size_gt": self.skip_preconditioning_dim_size_gt,
+                "exponent_override": self.exponent_override,
+                "inverse_failure_threshold": self.inverse_failure_threshold,
+                "precondition_mode": self.precondition_mode,
+            }
+        )
+        return config
+
+
+def _run_then_true(fn) -> tf.Tensor:
+    """Runs `fn` for its assignments; `tf.cond` needs both branches to return alike."""
+    fn()
+    return tf.constant(True)
