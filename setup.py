@@ -16,6 +16,8 @@ TRAINER_REQUIRES = [
     "tensorflow>=2.21,<2.22",
     "keras>=3.10,<4",
     "absl-py>=2.0,<3",
+    # Limits NumPy's BLAS threads inside the trainer (sync-mode roots).
+    "threadpoolctl>=3.1,<4",
 ]
 
 TEST_REQUIRES = [

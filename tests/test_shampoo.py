@@ -433,7 +433,8 @@ def fit_loss(optimizer, x, y, epochs):
 def test_model_fit_beats_tuned_adam_and_adagrad_on_ill_conditioned_regression():
     x, y = ill_conditioned_regression()
     epochs = 10  # 80 steps
-    grid = [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]
+    # The same grid for every optimizer, wide enough that each one's best is inside it.
+    grid = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
     best = {}
     for name, make in {
         "adam": lambda lr: keras.optimizers.Adam(lr),
@@ -447,5 +448,7 @@ def test_model_fit_beats_tuned_adam_and_adagrad_on_ill_conditioned_regression():
         ),
     }.items():
         losses = [fit_loss(make(lr), x, y, epochs) for lr in grid]
+        assert np.argmin(losses) not in (0, len(grid) - 1), (name, losses)
         best[name] = min(losses)
-    assert best["shampoo"] < min(best["adam"], best["adagrad"]), best
+    # Measured: Shampoo's best is about half the better first-order loss.
+    assert best["shampoo"] < 0.75 * min(best["adam"], best["adagrad"]), best

@@ -1,0 +1,187 @@
+"""Runs the preconditioner service: `python -m precond_service --port=PORT --workers=W`.
+
+Binds loopback by default and logs one line `precond_service listening on HOST:PORT`
+once it reports SERVING; `--port=0` picks a free port, and `--port_file=PATH` writes
+it there at that moment so a parent process can find it. SIGTERM or SIGINT shut it
+down gracefully (health NOT_SERVING, in-flight RPCs finish, workers stop) and it
+exits 0. Only NumPy, gRPC and protobuf are needed: no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import pathlib
+import signal
+import sys
+import threading
+
+from precond_service.server import serve
+from precond_service.service import METHODS, ServiceConfig
+
+logger = logging.getLogger("precond_service")
+
+TOKEN_ENV = "PRECOND_SERVICE_TOKEN"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses the command line.
+
+    Args:
+        argv: Arguments without the program name; None means sys.argv[1:].
+
+    Returns:
+        The parsed arguments.
+    """
+    defaults = ServiceConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m precond_service",
+        description="Computes Shampoo inverse roots for trainers over gRPC.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback)")
+    parser.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one")
+    parser.add_argument("--port_file", help="write the bound port here once serving")
+    parser.add_argument("--workers", type=int, default=defaults.workers, help="worker processes")
+    parser.add_argument("--method", choices=METHODS, default=defaults.method, help="root solver")
+    parser.add_argument(
+        "--ridge_epsilon",
+        type=float,
+        default=defaults.ridge_epsilon,
+        help="ridge added to each statistic, relative to its largest eigenvalue",
+    )
+    parser.add_argument(
+        "--failure_threshold",
+        type=float,
+        default=defaults.failure_threshold,
+        help="largest solver error of a root that is published",
+    )
+    parser.add_argument(
+        "--max_iterations",
+        type=int,
+        default=defaults.max_iterations,
+        help="most Schur-Newton iterations",
+    )
+    parser.add_argument(
+        "--max_matrix_size",
+        type=int,
+        default=defaults.max_matrix_size,
+        help="largest matrix side accepted; sets the gRPC message size limit",
+    )
+    parser.add_argument(
+        "--max_blocks",
+        type=int,
+        default=defaults.max_blocks,
+        help="most (run, key) blocks held over all runs",
+    )
+    parser.add_argument(
+        "--threads_per_worker",
+        type=int,
+        default=defaults.threads_per_worker,
+        help="BLAS threads in each worker",
+    )
+    parser.add_argument(
+        "--job_timeout_s",
+        type=float,
+        default=defaults.job_timeout_s,
+        help="fail a root taking longer and replace its worker; 0: no limit",
+    )
+    parser.add_argument(
+        "--token_file",
+        help=f"file holding a shared secret clients must send (or set ${TOKEN_ENV})",
+    )
+    parser.add_argument(
+        "--grace_s", type=float, default=5.0, help="seconds in-flight RPCs get at shutdown"
+    )
+    parser.add_argument("--log_level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    return parser.parse_args(argv)
+
+
+def _read_token(token_file: str | None) -> str | None:
+    if token_file:
+        return pathlib.Path(token_file).read_text().strip() or None
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _write_port_file(path: str, port: int) -> None:
+    """Writes the port atomically, so a reader never sees a partial file."""
+    target = pathlib.Path(path)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    temporary.write_text(f"{port}\n")
+    temporary.replace(target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the service until SIGTERM or SIGINT.
+
+    Args:
+        argv: Arguments without the program name; None means sys.argv[1:].
+
+    Returns:
+        The exit status: 0 after a graceful shutdown, 1 if it could not start.
+    """
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = ServiceConfig(
+            workers=args.workers,
+            method=args.method,
+            ridge_epsilon=args.ridge_epsilon,
+            failure_threshold=args.failure_threshold,
+            max_iterations=args.max_iterations,
+            max_matrix_size=args.max_matrix_size,
+            max_blocks=args.max_blocks,
+            threads_per_worker=args.threads_per_worker,
+            job_timeout_s=args.job_timeout_s,
+        )
+        token = _read_token(args.token_file)
+    except (ValueError, OSError) as e:
+        logger.error("%s", e)
+        return 1
+    if not token and not _is_loopback(args.host):
+        logger.warning(
+            "listening on %s without a token: anyone who reaches this port can use the "
+            "service; pass --token_file (or set $%s)",
+            args.host,
+            TOKEN_ENV,
+        )
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        logger.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        running = serve(config, host=args.host, port=args.port, token=token)
+    except RuntimeError as e:
+        logger.error("could not start: %s", e)
+        return 1
+    try:
+        if args.port_file:
+            _write_port_file(args.port_file, running.port)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        running.stop(args.grace_s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

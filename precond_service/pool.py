@@ -1,0 +1,470 @@
+"""W worker processes that compute inverse roots, fed by one dispatcher thread.
+
+Each worker is a fresh interpreter (`python -m precond_service.worker`), started
+with `subprocess` rather than `multiprocessing`: that gives each one an exact
+environment (BLAS limited to `threads_per_worker` threads *before* NumPy is
+imported, so W workers use W cores), never forks a process that runs gRPC threads,
+and never re-imports the parent's `__main__` (a trainer's, with TensorFlow).
+
+Matrices cross through one shared memory file per worker (`memfd`, or an unlinked
+temporary file where there is none), grown to the largest matrix seen so far: the
+dispatcher writes the statistic there as float64 (the float32 -> float64 cast and
+the copy are one pass), the worker writes the root over it, the dispatcher copies it
+out. Only small tuples go through the socket. Nothing has a name, so nothing leaks
+when a process dies. Memory held: one buffer of the largest n*n*8 bytes per worker.
+
+A worker that dies (or runs past `job_timeout_s`, and is killed) is replaced; its
+job is reported failed and dropped, not requeued: a statistic that kills a worker
+would kill the next one too, and the trainer pushes a newer one soon anyway.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import mmap
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing import connection
+
+import numpy as np
+
+from precond_service.scheduler import Job
+
+logger = logging.getLogger(__name__)
+
+# Variables that cap the threads of the BLAS/OpenMP libraries NumPy may use.
+_THREAD_VARIABLES = (
+    "OPENBLAS_NUM_THREADS",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+)
+
+# The directory that holds the `precond_service` package, for the workers' path.
+_PACKAGE_ROOT = str(pathlib.Path(__file__).resolve().parent.parent)
+
+# Longest wait between attempts to replace a worker that keeps failing to start.
+_MAX_RESPAWN_DELAY_S = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverOptions:
+    """How workers compute roots; passed to `roots.inverse_pth_root`.
+
+    Attributes:
+        method: "schur_newton" or "eigh".
+        ridge_epsilon: Ridge added, relative to the largest eigenvalue.
+        failure_threshold: Largest final error of a root that is published.
+        max_iterations: Most Schur-Newton iterations.
+        symmetry_tolerance: Largest relative asymmetry of a statistic accepted.
+    """
+
+    method: str = "schur_newton"
+    ridge_epsilon: float = 1e-6
+    failure_threshold: float = 0.1
+    max_iterations: int = 100
+    symmetry_tolerance: float = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class JobResult:
+    """The outcome of one job.
+
+    Attributes:
+        job: The job.
+        ok: Whether the root may be published (converged, finite error).
+        root: Read-only [n, n] float64 root when ok, else None.
+        error: Final solver residual (NaN when unknown).
+        iterations: Solver iterations.
+        method: Solver used.
+        ridge_epsilon: Relative ridge used.
+        compute_seconds: Solver wall time in the worker.
+        reason: Why it is not ok ("" when ok).
+    """
+
+    job: Job
+    ok: bool
+    root: np.ndarray | None = None
+    error: float = math.nan
+    iterations: int = 0
+    method: str = ""
+    ridge_epsilon: float = math.nan
+    compute_seconds: float = 0.0
+    reason: str = ""
+
+
+@dataclasses.dataclass(eq=False)
+class _Worker:
+    """One worker process and its buffer; touched only by the dispatcher thread."""
+
+    process: subprocess.Popen
+    conn: connection.Connection
+    buffer_fd: int
+    buffer: mmap.mmap | None = None
+    ready: bool = False
+    job: Job | None = None
+    job_id: int = 0
+    job_started: float = 0.0
+
+
+def _create_buffer_fd() -> int:
+    """Returns a file descriptor of an empty anonymous shared memory file."""
+    if hasattr(os, "memfd_create"):
+        try:
+            return os.memfd_create("precond-worker")
+        except OSError:
+            pass
+    with tempfile.TemporaryFile(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as f:
+        return os.dup(f.fileno())
+
+
+class WorkerPool:
+    """Runs jobs taken from a callback on W worker processes.
+
+    The dispatcher thread asks `take_job` for work whenever a worker is free and
+    hands each outcome to `on_result` (both are called from that thread only).
+    """
+
+    def __init__(
+        self,
+        num_workers: int,
+        solver: SolverOptions,
+        *,
+        take_job: Callable[[], Job | None],
+        on_result: Callable[[JobResult], None],
+        threads_per_worker: int = 1,
+        job_timeout_s: float = 0.0,
+        start_timeout_s: float = 120.0,
+    ) -> None:
+        """Creates a pool; `start` launches the processes.
+
+        Args:
+            num_workers: Worker processes W, >= 1.
+            solver: How roots are computed.
+            take_job: Returns the next job, or None when there is none.
+            on_result: Receives every job's outcome, failures included.
+            threads_per_worker: BLAS threads per worker (>= 1).
+            job_timeout_s: A job running longer than this is failed and its worker
+                killed and replaced; 0 means no limit.
+            start_timeout_s: How long `start` waits for the workers to be ready.
+
+        Raises:
+            ValueError: If a count or time is out of range.
+        """
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        if threads_per_worker < 1:
+            raise ValueError(f"threads_per_worker must be >= 1, got {threads_per_worker}")
+        if job_timeout_s < 0:
+            raise ValueError(f"job_timeout_s must be >= 0 (0: no limit), got {job_timeout_s}")
+        self._num_workers = num_workers
+        self._options = dataclasses.asdict(solver)
+        self._take_job = take_job
+        self._on_result = on_result
+        self._threads_per_worker = threads_per_worker
+        self._job_timeout_s = job_timeout_s
+        self._start_timeout_s = start_timeout_s
+        self._workers: list[_Worker] = []
+        self._restarts = 0
+        self._respawn_failures = 0
+        self._respawn_at = 0.0
+        self._next_job_id = 0
+        self._stopping = threading.Event()
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
+        self._thread: threading.Thread | None = None
+
+    # Public interface, any thread.
+
+    def start(self) -> None:
+        """Starts the workers, waits until all are ready, starts dispatching.
+
+        Raises:
+            RuntimeError: If a worker is not ready within `start_timeout_s`.
+        """
+        deadline = time.monotonic() + self._start_timeout_s
+        self._workers = [self._spawn() for _ in range(self._num_workers)]
+        for worker in self._workers:
+            remaining = max(0.0, deadline - time.monotonic())
+            if not (worker.conn.poll(remaining) and self._receive(worker) and worker.ready):
+                self._stop_workers(timeout_s=1.0)
+                raise RuntimeError(
+                    f"worker process {worker.process.pid} was not ready within "
+                    f"{self._start_timeout_s} s; see its error output above"
+                )
+        self._thread = threading.Thread(target=self._run, name="precond-dispatcher", daemon=True)
+        self._thread.start()
+        logger.info(
+            "started %d worker processes (pids %s), %d BLAS thread(s) each",
+            self._num_workers,
+            self.pids(),
+            self._threads_per_worker,
+        )
+
+    def notify(self) -> None:
+        """Tells the dispatcher that a job may be waiting."""
+        try:
+            self._wake_writer.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # Already woken (buffer full) or stopped.
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stops dispatching and the workers; jobs being computed are abandoned.
+
+        Args:
+            timeout_s: How long workers get to exit before they are killed.
+        """
+        self._stopping.set()
+        self.notify()
+        if self._thread is not None:
+            self._thread.join()
+        self._stop_workers(timeout_s)
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+    def pids(self) -> list[int]:
+        """Returns the process ids of the live workers."""
+        return [w.process.pid for w in list(self._workers) if w.process.poll() is None]
+
+    @property
+    def alive(self) -> int:
+        """Workers running now."""
+        return len(self.pids())
+
+    @property
+    def busy(self) -> int:
+        """Workers computing a job now."""
+        return sum(1 for w in list(self._workers) if w.job is not None)
+
+    @property
+    def restarts(self) -> int:
+        """Workers replaced after they died or timed out."""
+        return self._restarts
+
+    # Dispatcher thread.
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._respawn_missing()
+                self._dispatch()
+                conns = [w.conn for w in self._workers]
+                ready = connection.wait([self._wake_reader, *conns], timeout=self._wait_timeout())
+                for obj in ready:
+                    if obj is self._wake_reader:
+                        self._drain_wakeups()
+                    else:
+                        self._receive(next(w for w in self._workers if w.conn is obj))
+                self._kill_overdue()
+            except Exception:  # The dispatcher must survive any bug.
+                logger.exception("dispatcher error; continuing")
+                time.sleep(0.1)
+
+    def _wait_timeout(self) -> float | None:
+        deadlines = []
+        if len(self._workers) < self._num_workers:
+            deadlines.append(self._respawn_at)
+        if self._job_timeout_s:
+            deadlines += [
+                w.job_started + self._job_timeout_s for w in self._workers if w.job is not None
+            ]
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_reader.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _dispatch(self) -> None:
+        for worker in list(self._workers):
+            if not worker.ready or worker.job is not None:
+                continue
+            job = self._take_job()
+            if job is None:
+                return
+            try:
+                self._send(worker, job)
+            except (OSError, ValueError) as e:
+                self._retire(worker, f"could not send a job to worker {worker.process.pid}: {e}")
+
+    def _send(self, worker: _Worker, job: Job) -> None:
+        n = job.matrix.shape[0]
+        nbytes = n * n * 8
+        if worker.buffer is None or len(worker.buffer) < nbytes:
+            if worker.buffer is not None:
+                worker.buffer.close()
+            os.ftruncate(worker.buffer_fd, nbytes)
+            worker.buffer = mmap.mmap(worker.buffer_fd, nbytes)
+        self._next_job_id += 1
+        worker.job, worker.job_id, worker.job_started = job, self._next_job_id, time.monotonic()
+        view = np.frombuffer(worker.buffer, dtype="<f8", count=n * n).reshape(n, n)
+        np.copyto(view, job.matrix)
+        del view
+        worker.conn.send(("job", worker.job_id, n, job.exponent, self._options))
+
+    def _receive(self, worker: _Worker) -> bool:
+        """Handles one message from a worker; returns False if the worker is gone."""
+        try:
+            message = worker.conn.recv()
+        except (EOFError, OSError):
+            self._retire(worker, f"worker process {worker.process.pid} exited")
+            return False
+        if message[0] == "ready":
+            worker.ready = True
+            self._respawn_failures = 0
+            return True
+        _, job_id, result = message
+        job = worker.job
+        if job is None or job_id != worker.job_id:
+            logger.error("worker %d answered job %d it was not given", worker.process.pid, job_id)
+            return True
+        worker.job = None
+        root = None
+        if result["ok"]:
+            n = job.matrix.shape[0]
+            root = np.frombuffer(worker.buffer[: n * n * 8], dtype="<f8").reshape(n, n)
+        self._report(
+            JobResult(
+                job=job,
+                ok=bool(result["ok"]),
+                root=root,
+                error=result["error"],
+                iterations=result["iterations"],
+                method=result["method"],
+                ridge_epsilon=result["ridge_epsilon"],
+                compute_seconds=result["compute_seconds"],
+                reason=result.get("reason", ""),
+            )
+        )
+        return True
+
+    def _report(self, result: JobResult) -> None:
+        try:
+            self._on_result(result)
+        except Exception:  # A bug there must not stop the dispatcher.
+            logger.exception("on_result failed for %s/%s", result.job.run_id, result.job.key)
+
+    def _kill_overdue(self) -> None:
+        if not self._job_timeout_s:
+            return
+        now = time.monotonic()
+        for worker in list(self._workers):
+            if worker.job is not None and now - worker.job_started > self._job_timeout_s:
+                worker.process.kill()
+                self._retire(
+                    worker,
+                    f"worker process {worker.process.pid} ran past job_timeout_s="
+                    f"{self._job_timeout_s} and was killed",
+                )
+
+    def _retire(self, worker: _Worker, reason: str) -> None:
+        """Removes a dead or doomed worker, failing its job; a new one replaces it."""
+        if worker not in self._workers:
+            return
+        self._workers.remove(worker)
+        if worker.process.poll() is None:
+            worker.process.kill()
+        exit_code = worker.process.wait()
+        if worker.job is not None:
+            reason = f"{reason} (exit code {exit_code}) while computing"
+            logger.warning(
+                "%s %s/%s step %d", reason, worker.job.run_id, worker.job.key, worker.job.step
+            )
+            self._report(JobResult(job=worker.job, ok=False, reason=reason))
+        else:
+            logger.warning("%s (exit code %d)", reason, exit_code)
+        if not worker.ready:
+            self._respawn_failures += 1
+        self._close(worker)
+        if not self._stopping.is_set():
+            delay = min(_MAX_RESPAWN_DELAY_S, 0.5 * (2**self._respawn_failures - 1))
+            self._respawn_at = time.monotonic() + delay
+            self._restarts += 1
+
+    def _respawn_missing(self) -> None:
+        while len(self._workers) < self._num_workers and time.monotonic() >= self._respawn_at:
+            try:
+                self._workers.append(self._spawn())
+            except OSError:
+                logger.exception("could not start a worker process")
+                self._respawn_failures += 1
+                self._respawn_at = time.monotonic() + _MAX_RESPAWN_DELAY_S
+                return
+
+    # Process management.
+
+    def _spawn(self) -> _Worker:
+        parent_socket, child_socket = socket.socketpair()
+        buffer_fd = _create_buffer_fd()
+        env = dict(os.environ)
+        env.update({name: str(self._threads_per_worker) for name in _THREAD_VARIABLES})
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
+        try:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "precond_service.worker",
+                    f"--conn_fd={child_socket.fileno()}",
+                    f"--buffer_fd={buffer_fd}",
+                ],
+                pass_fds=(child_socket.fileno(), buffer_fd),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                # Its own session: Ctrl-C or a process-group SIGTERM meant for the
+                # service does not reach the workers; the service stops them itself.
+                start_new_session=True,
+            )
+        except OSError:
+            parent_socket.close()
+            os.close(buffer_fd)
+            raise
+        finally:
+            child_socket.close()
+        return _Worker(
+            process=process,
+            conn=connection.Connection(parent_socket.detach()),
+            buffer_fd=buffer_fd,
+        )
+
+    def _stop_workers(self, timeout_s: float) -> None:
+        workers, self._workers = self._workers, []
+        for worker in workers:
+            worker.conn.close()  # An idle worker exits on EOF.
+            if worker.job is not None:
+                worker.process.terminate()  # A busy one would finish its job first.
+        deadline = time.monotonic() + timeout_s
+        for worker in workers:
+            try:
+                worker.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+                worker.process.wait()
+            self._close(worker)
+
+    @staticmethod
+    def _close(worker: _Worker) -> None:
+        if not worker.conn.closed:
+            worker.conn.close()
+        if worker.buffer is not None:
+            worker.buffer.close()
+            worker.buffer = None
+        if worker.buffer_fd >= 0:
+            os.close(worker.buffer_fd)
+            worker.buffer_fd = -1

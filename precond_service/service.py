@@ -1,0 +1,368 @@
+"""The preconditioner service without the network: validate, queue, compute, publish.
+
+`RootService` ties together the scheduler (newest-only queue, stalest first), the
+worker pool (float64 roots in W processes) and the versioned store (newest root per
+key), and keeps the counters that `GetStatus` reports. The gRPC servicer in
+`server.py` only translates messages to and from calls on it, so everything here can
+be tested without a network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+
+from precond_service import validation
+from precond_service.pool import JobResult, SolverOptions, WorkerPool
+from precond_service.roots import METHODS
+from precond_service.scheduler import Job, Outcome, Scheduler
+from precond_service.store import PublishedRoot, VersionedStore
+from protos import precond_service_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+@dataclasses.dataclass(frozen=True)
+class ServiceConfig:
+    """Everything the service can be configured with.
+
+    Attributes:
+        workers: Worker processes W; each computes one root at a time.
+        method: Root solver, "schur_newton" (coupled Newton) or "eigh" (reference).
+        ridge_epsilon: Ridge added to a statistic, relative to its largest eigenvalue.
+        failure_threshold: Largest solver error of a root that is published; a root
+            above it, or with a non-finite error, is counted failed and dropped.
+        max_iterations: Most Schur-Newton iterations per root.
+        max_matrix_size: Largest matrix side n accepted; it also sets the gRPC
+            message size limit (n * n * 8 bytes + 1 MiB).
+        max_blocks: Most (run_id, key) pairs held over all runs; bounds memory.
+        threads_per_worker: BLAS threads in each worker.
+        job_timeout_s: A root taking longer is failed and its worker replaced; 0
+            means no limit.
+    """
+
+    workers: int = 1
+    method: str = "schur_newton"
+    ridge_epsilon: float = 1e-6
+    failure_threshold: float = 0.1
+    max_iterations: int = 100
+    max_matrix_size: int = 4096
+    max_blocks: int = 65536
+    threads_per_worker: int = 1
+    job_timeout_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not self.ridge_epsilon > 0:
+            raise ValueError(f"ridge_epsilon must be > 0, got {self.ridge_epsilon}")
+        if not self.failure_threshold > 0:
+            raise ValueError(f"failure_threshold must be > 0, got {self.failure_threshold}")
+        if self.max_iterations < 1:
+            raise ValueError(f"max_iterations must be >= 1, got {self.max_iterations}")
+        if self.max_matrix_size < 1:
+            raise ValueError(f"max_matrix_size must be >= 1, got {self.max_matrix_size}")
+        if self.max_blocks < 1:
+            raise ValueError(f"max_blocks must be >= 1, got {self.max_blocks}")
+        if self.threads_per_worker < 1:
+            raise ValueError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
+        if not self.job_timeout_s >= 0:
+            raise ValueError(f"job_timeout_s must be >= 0 (0: no limit), got {self.job_timeout_s}")
+
+
+@dataclasses.dataclass
+class RunStatus:
+    """Figures for one run; field names match the `RunStatus` message."""
+
+    run_id: str
+    blocks_known: int = 0
+    blocks_published: int = 0
+    pending: int = 0
+    received: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    coalesced: int = 0
+    published: int = 0
+    failed: int = 0
+    latest_step: int = 0
+    max_staleness_steps: int = 0
+    last_push_unix_time: float = 0.0
+
+
+@dataclasses.dataclass
+class ServiceStatus:
+    """Figures for the service; field names match the `ServiceStatus` message."""
+
+    incarnation: str
+    uptime_seconds: float
+    workers: int
+    workers_alive: int
+    worker_restarts: int
+    queue_depth: int
+    in_flight: int
+    blocks_known: int
+    received: int
+    accepted: int
+    rejected: int
+    coalesced: int
+    published: int
+    failed: int
+    method: str
+    max_matrix_size: int
+    runs: list[RunStatus]
+    worker_pids: list[int]
+    mean_compute_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejection:
+    """A block that was not accepted, and why."""
+
+    key: str
+    step: int
+    reason: str
+
+
+@dataclasses.dataclass
+class _Totals:
+    received: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    coalesced: int = 0
+    published: int = 0
+    failed: int = 0
+    computed: int = 0
+    compute_seconds: float = 0.0
+
+
+class RootService:
+    """Validates statistics, computes their roots on worker processes, publishes them."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        """Creates the service; `start` launches its workers.
+
+        Args:
+            config: The configuration.
+        """
+        self.config = config
+        self.incarnation = uuid.uuid4().hex
+        self._started = time.monotonic()
+        self._lock = threading.Lock()
+        self._totals = _Totals()
+        self._runs: dict[str, RunStatus] = {}
+        self._scheduler = Scheduler(config.max_blocks)
+        self._store = VersionedStore()
+        self._pool = WorkerPool(
+            config.workers,
+            SolverOptions(
+                method=config.method,
+                ridge_epsilon=config.ridge_epsilon,
+                failure_threshold=config.failure_threshold,
+                max_iterations=config.max_iterations,
+                symmetry_tolerance=validation.SYMMETRY_TOLERANCE,
+            ),
+            take_job=self._scheduler.take,
+            on_result=self._on_result,
+            threads_per_worker=config.threads_per_worker,
+            job_timeout_s=config.job_timeout_s,
+        )
+
+    def start(self) -> None:
+        """Starts the worker processes and waits until they are ready.
+
+        Raises:
+            RuntimeError: If the workers do not start.
+        """
+        self._pool.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stops the workers; roots being computed are abandoned.
+
+        Args:
+            timeout_s: How long workers get to exit before they are killed.
+        """
+        self._pool.stop(timeout_s)
+
+    def push(
+        self, run_id: str, blocks: Iterable[pb.BlockStatistics]
+    ) -> tuple[int, list[Rejection]]:
+        """Validates statistics and queues the good ones.
+
+        Args:
+            run_id: Run they belong to.
+            blocks: The statistics as received.
+
+        Returns:
+            (number accepted, rejections with reasons).
+        """
+        accepted, rejections, queued = 0, [], False
+        for message in blocks:
+            try:
+                if not run_id:
+                    raise ValueError("empty run_id: every push names its run")
+                block = validation.decode_block(
+                    message, max_matrix_size=self.config.max_matrix_size
+                )
+                job = Job(run_id, block.key, block.step, block.exponent, block.matrix)
+                outcome = self._scheduler.submit(job)
+            except ValueError as e:
+                rejections.append(Rejection(message.key, message.step, str(e)))
+                self._count(run_id, message.step, rejected=1)
+                continue
+            accepted += 1
+            queued = queued or outcome is not Outcome.DUPLICATE
+            self._count(run_id, block.step, accepted=1, coalesced=int(outcome is Outcome.COALESCED))
+        if queued:
+            self._pool.notify()
+        if rejections:
+            logger.info(
+                "run %r: rejected %d block(s), first: %s: %s",
+                run_id,
+                len(rejections),
+                rejections[0].key,
+                rejections[0].reason,
+            )
+        return accepted, rejections
+
+    def preconditioners(self, run_id: str, known_steps: Mapping[str, int]) -> list[PublishedRoot]:
+        """Returns the published roots of a run newer than the client holds.
+
+        Args:
+            run_id: The run.
+            known_steps: key -> stats_step the client holds.
+
+        Returns:
+            Roots with a larger stats_step than `known_steps` says (all for keys it
+            does not list).
+        """
+        return self._store.newer_than(run_id, known_steps)
+
+    def drop_run(self, run_id: str) -> int:
+        """Releases everything held for a run; roots being computed for it are dropped.
+
+        Args:
+            run_id: The run.
+
+        Returns:
+            How many blocks (keys) were released.
+        """
+        with self._lock:
+            released = self._scheduler.drop_run(run_id)
+            self._store.drop_run(run_id)
+            self._runs.pop(run_id, None)
+        if released:
+            logger.info("dropped run %r: released %d blocks", run_id, released)
+        return released
+
+    def status(self, run_id: str = "") -> ServiceStatus:
+        """Returns the service's figures.
+
+        Args:
+            run_id: When set, only this run is listed in `runs`.
+
+        Returns:
+            The status.
+        """
+        with self._lock:
+            totals = dataclasses.replace(self._totals)
+            runs = [
+                dataclasses.replace(r)
+                for r in self._runs.values()
+                if not run_id or r.run_id == run_id
+            ]
+        for run in runs:
+            steps = self._store.steps(run.run_id)
+            run.blocks_known = self._scheduler.blocks_known(run.run_id)
+            run.blocks_published = len(steps)
+            run.pending = self._scheduler.queue_depth(run.run_id)
+            run.max_staleness_steps = max(
+                (run.latest_step - step for step in steps.values()), default=0
+            )
+        return ServiceStatus(
+            incarnation=self.incarnation,
+            uptime_seconds=time.monotonic() - self._started,
+            workers=self.config.workers,
+            workers_alive=self._pool.alive,
+            worker_restarts=self._pool.restarts,
+            queue_depth=self._scheduler.queue_depth(),
+            in_flight=self._pool.busy,
+            blocks_known=self._scheduler.blocks_known(),
+            received=totals.received,
+            accepted=totals.accepted,
+            rejected=totals.rejected,
+            coalesced=totals.coalesced,
+            published=totals.published,
+            failed=totals.failed,
+            method=self.config.method,
+            max_matrix_size=self.config.max_matrix_size,
+            runs=sorted(runs, key=lambda r: r.run_id),
+            worker_pids=self._pool.pids(),
+            mean_compute_seconds=(
+                totals.compute_seconds / totals.computed if totals.computed else 0.0
+            ),
+        )
+
+    def _count(
+        self, run_id: str, step: int, *, accepted: int = 0, rejected: int = 0, coalesced: int = 0
+    ) -> None:
+        """Adds to the totals and, for a run with accepted blocks, to its figures."""
+        with self._lock:
+            for counters in (self._totals, self._runs.get(run_id)):
+                if counters is None:
+                    if not accepted:
+                        continue  # Runs exist once something was accepted for them.
+                    counters = self._runs[run_id] = RunStatus(run_id=run_id)
+                counters.received += 1
+                counters.accepted += accepted
+                counters.rejected += rejected
+                counters.coalesced += coalesced
+            run = self._runs.get(run_id)
+            if run is not None:
+                run.latest_step = max(run.latest_step, step)
+                run.last_push_unix_time = time.time()
+
+    def _on_result(self, result: JobResult) -> None:
+        """Publishes a computed root, or counts and logs the failure (dispatcher thread)."""
+        job = result.job
+        with self._lock:
+            if result.compute_seconds:
+                self._totals.computed += 1
+                self._totals.compute_seconds += result.compute_seconds
+            if not self._scheduler.finish(job, published=result.ok):
+                return  # The run was dropped while its root was being computed.
+            run = self._runs.get(job.run_id)
+            if result.ok:
+                result.root.flags.writeable = False
+                self._store.publish(
+                    job.run_id,
+                    PublishedRoot(
+                        key=job.key,
+                        stats_step=job.step,
+                        root=result.root,
+                        error=result.error,
+                        iterations=result.iterations,
+                        method=result.method,
+                        compute_seconds=result.compute_seconds,
+                        ridge_epsilon=result.ridge_epsilon,
+                        published_unix_time=time.time(),
+                    ),
+                )
+                for counters in (self._totals, run):
+                    if counters is not None:
+                        counters.published += 1
+                return
+            for counters in (self._totals, run):
+                if counters is not None:
+                    counters.failed += 1
+        logger.warning(
+            "run %r key %r step %d: root not published, the previous one stays: %s",
+            job.run_id,
+            job.key,
+            job.step,
+            result.reason,
+        )

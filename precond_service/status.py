@@ -1,0 +1,164 @@
+"""Prints a running service's status: `python -m precond_service.status --address=HOST:PORT`.
+
+A table by default, or the `ServiceStatus` message as JSON with `--json`. Exits 1 if
+the service cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+from typing import Any
+
+import grpc
+from google.protobuf import message as proto_message
+
+from protos import precond_service_pb2 as pb
+from protos import precond_service_pb2_grpc as pb_grpc
+
+TOKEN_ENV = "PRECOND_SERVICE_TOKEN"
+
+_RUN_COLUMNS = (
+    ("run_id", "run"),
+    ("blocks_known", "blocks"),
+    ("blocks_published", "with root"),
+    ("pending", "pending"),
+    ("received", "received"),
+    ("rejected", "rejected"),
+    ("coalesced", "coalesced"),
+    ("published", "published"),
+    ("failed", "failed"),
+    ("latest_step", "latest step"),
+    ("max_staleness_steps", "max staleness"),
+)
+
+
+def fetch_status(
+    address: str, *, run_id: str = "", token: str | None = None, timeout_s: float = 5.0
+) -> pb.ServiceStatus:
+    """Asks a service for its status.
+
+    Args:
+        address: "host:port".
+        run_id: When set, only this run is listed.
+        token: Shared secret if the service has one.
+        timeout_s: Deadline of the RPC.
+
+    Returns:
+        The status message.
+
+    Raises:
+        grpc.RpcError: If the service cannot be reached or refuses.
+    """
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.PreconditionerServiceStub(channel)
+        return stub.GetStatus(pb.StatusRequest(run_id=run_id), timeout=timeout_s, metadata=metadata)
+
+
+def to_dict(message: proto_message.Message) -> dict[str, Any]:
+    """Converts a message to plain Python values, every field included (zeros too).
+
+    Args:
+        message: The message.
+
+    Returns:
+        field name -> value; nested messages become dicts, repeated fields lists.
+    """
+    result = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        if isinstance(value, proto_message.Message):
+            result[field.name] = to_dict(value)
+        elif isinstance(value, str | bytes | int | float):
+            result[field.name] = value
+        else:  # A repeated field.
+            result[field.name] = [
+                to_dict(v) if isinstance(v, proto_message.Message) else v for v in value
+            ]
+    return result
+
+
+def format_table(status: pb.ServiceStatus) -> str:
+    """Formats a status as a human-readable table.
+
+    Args:
+        status: The status.
+
+    Returns:
+        Lines of text.
+    """
+    lines = [
+        f"incarnation      {status.incarnation}",
+        f"uptime           {status.uptime_seconds:.0f} s",
+        f"workers          {status.workers_alive}/{status.workers} alive, "
+        f"{status.worker_restarts} restarted, pids {list(status.worker_pids)}",
+        f"method           {status.method}, max matrix side {status.max_matrix_size}",
+        f"queue            {status.queue_depth} pending, {status.in_flight} computing",
+        f"blocks known     {status.blocks_known}",
+        f"statistics       {status.received} received, {status.accepted} accepted, "
+        f"{status.rejected} rejected, {status.coalesced} coalesced",
+        f"roots            {status.published} published, {status.failed} failed, "
+        f"{status.mean_compute_seconds:.3f} s mean compute",
+    ]
+    if status.runs:
+        rows = [[title for _, title in _RUN_COLUMNS]]
+        rows += [[str(getattr(run, field)) for field, _ in _RUN_COLUMNS] for run in status.runs]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(_RUN_COLUMNS))]
+        lines.append("")
+        for row in rows:
+            lines.append(
+                "  ".join(
+                    cell.rjust(w) if i else cell.ljust(w)
+                    for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+                )
+            )
+    else:
+        lines.append("no runs")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Prints the status of the service at --address.
+
+    Args:
+        argv: Arguments without the program name; None means sys.argv[1:].
+
+    Returns:
+        0, or 1 if the service could not be asked.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m precond_service.status", description="Prints a service's status."
+    )
+    parser.add_argument("--address", required=True, help="host:port of the service")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--run_id", default="", help="list only this run")
+    parser.add_argument("--token_file", help=f"file holding the token (or set ${TOKEN_ENV})")
+    parser.add_argument("--timeout_s", type=float, default=5.0, help="RPC deadline")
+    args = parser.parse_args(argv)
+    if args.token_file:
+        token = pathlib.Path(args.token_file).read_text().strip() or None
+    else:
+        token = os.environ.get(TOKEN_ENV) or None
+    try:
+        status = fetch_status(
+            args.address, run_id=args.run_id, token=token, timeout_s=args.timeout_s
+        )
+    except grpc.RpcError as e:
+        print(
+            f"could not get the status of {args.address}: {e.code().name}: {e.details()}",
+            file=sys.stderr,
+        )
+        return 1
+    if args.json:
+        print(json.dumps(to_dict(status), indent=2, sort_keys=True))
+    else:
+        print(format_table(status))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

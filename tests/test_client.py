@@ -1,0 +1,272 @@
+"""Tests of the client library against real services, up, down, killed and restarted."""
+
+from __future__ import annotations
+
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+from precond_service.blocks import StatisticsBlock
+from precond_service.client import PreconditionerClient, wait_for_serving
+from precond_service.status import fetch_status
+from protos import precond_service_pb2 as pb
+from tests.conftest import (
+    eigh_inverse_root,
+    free_port,
+    random_statistic,
+    subprocess_env,
+    wait_until,
+)
+
+FAST = {"pull_interval_s": 0.02, "backoff_initial_s": 0.02, "backoff_max_s": 0.2}
+
+
+def start_service_process(port: int) -> subprocess.Popen:
+    """Starts `python -m precond_service` on a fixed loopback port; returns once SERVING."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "precond_service", f"--port={port}", "--workers=1"],
+        stderr=subprocess.DEVNULL,
+        env=subprocess_env(),
+    )
+    assert wait_for_serving(f"127.0.0.1:{port}", timeout_s=60)
+    return process
+
+
+class Trainer(threading.Thread):
+    """Stands for the training loop: pushes and reads roots, timing every call."""
+
+    def __init__(self, client: PreconditionerClient) -> None:
+        super().__init__(daemon=True)
+        self.client = client
+        self.step = 0
+        self.latest_seconds: list[float] = []
+        self.push_seconds: list[float] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        matrices = {key: random_statistic(16, seed) for seed, key in enumerate("ab")}
+        while not self.stop.is_set():
+            self.step += 1
+            blocks = [StatisticsBlock(key, self.step, 4, m) for key, m in matrices.items()]
+            start = time.perf_counter()
+            self.client.push(blocks)
+            self.push_seconds.append(time.perf_counter() - start)
+            for _ in range(20):
+                start = time.perf_counter()
+                self.client.latest()
+                self.latest_seconds.append(time.perf_counter() - start)
+                time.sleep(0.001)
+
+
+def test_client_recovers_from_down_killed_and_restarted_service() -> None:
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    client = PreconditionerClient(address, "run", **FAST)
+    client.start()
+    trainer = Trainer(client)
+    trainer.start()
+    processes = []
+    try:
+        # Down at start: pushes fail and are kept, nothing arrives, nothing blocks.
+        assert wait_until(lambda: client.status().push_failures >= 2, 10)
+        assert client.latest() == {} and not client.status().connected
+
+        processes.append(start_service_process(port))
+        assert wait_until(lambda: set(client.latest()) == {"a", "b"}, 30)
+        first = client.status()
+        assert first.connected and first.incarnation
+
+        processes[0].send_signal(signal.SIGKILL)
+        processes[0].wait(10)
+        assert wait_until(lambda: not client.status().connected, 10)
+        held = client.latest()
+        assert set(held) == {"a", "b"}  # What arrived stays usable while it is down.
+
+        processes.append(start_service_process(port))
+        assert wait_until(lambda: client.status().restarts_seen == 1, 30)
+        assert client.status().incarnation != first.incarnation
+        step_at_restart = trainer.step
+        assert wait_until(
+            lambda: all(b.stats_step > step_at_restart for b in client.latest().values()), 30
+        )
+        restarted = fetch_status(address)
+        assert restarted.incarnation == client.status().incarnation
+        assert restarted.published >= 2 and restarted.failed == 0
+    finally:
+        trainer.stop.set()
+        trainer.join(10)
+        client.close()
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(30)
+
+    # latest() never waits for the network: a dict copy, whatever the service state.
+    latest = np.array(trainer.latest_seconds)
+    assert len(latest) > 200
+    assert statistics.median(latest) < 1e-3
+    assert np.quantile(latest, 0.99) < 1e-3, np.quantile(latest, 0.99)
+    assert latest.max() < 5e-3, latest.max()
+    assert max(trainer.push_seconds) < 5e-3, max(trainer.push_seconds)
+
+
+def test_unsent_statistics_are_replaced_by_newer_ones(start_service) -> None:
+    server = start_service(workers=1)
+    client = PreconditionerClient(server.address, "run", **FAST)
+    for step in range(1, 6):
+        client.push([StatisticsBlock("k", step, 2, random_statistic(8, step))])
+    client.push([StatisticsBlock("k", 2, 2, np.eye(8)), StatisticsBlock("j", 1, 2, np.eye(8))])
+    assert (client.status().pending_blocks, client.status().blocks_replaced) == (2, 4)
+    with client:
+        assert wait_until(lambda: set(client.latest()) == {"k", "j"}, 30)
+        root = client.latest()["k"]
+        assert root.stats_step == 5
+        np.testing.assert_allclose(
+            root.root, eigh_inverse_root(random_statistic(8, 5), 2, 1e-6), rtol=1e-4, atol=1e-7
+        )
+        assert client.status().blocks_sent == 2
+    (run,) = fetch_status(server.address).runs
+    assert run.received == 2
+
+
+def test_client_round_trip_and_status(start_service) -> None:
+    server = start_service(workers=2)
+    matrices = {
+        "w|d0": (random_statistic(48, 1, np.float32), 4),
+        "w|d1": (random_statistic(20, 2), 2),
+        "x|d0": (random_statistic(200, 3, np.float32), 4),
+        "y|d0": (random_statistic(150, 4, np.float32), 8),
+    }
+    with PreconditionerClient(server.address, "run", **FAST) as client:
+        client.push([StatisticsBlock(key, 3, p, m) for key, (m, p) in matrices.items()])
+        assert wait_until(lambda: len(client.latest()) == len(matrices), 60)
+        for key, block in client.latest().items():
+            matrix, p = matrices[key]
+            expected = eigh_inverse_root(matrix, p, 1e-6)
+            assert block.root.dtype == np.float64 and not block.root.flags.writeable
+            assert np.linalg.norm(block.root - expected) / np.linalg.norm(expected) < 1e-5
+            assert (block.key, block.stats_step, block.method) == (key, 3, "schur_newton")
+        status = client.status()
+        assert status.connected and status.pushes_sent == 1 and status.blocks_sent == 4
+        assert status.preconditioners_received == 4 and status.pulls >= 1
+        assert status.push_failures == 0 and status.pull_failures == 0
+        assert status.last_push_latency_s > 0 and status.last_pull_latency_s > 0
+        assert status.incarnation == server.service.incarnation
+
+
+def test_push_packs_small_blocks_and_sends_large_ones_alone() -> None:
+    client = PreconditionerClient("127.0.0.1:1", "run")
+    small = [StatisticsBlock(f"s{i}", 1, 2, np.eye(300, dtype=np.float32)) for i in range(20)]
+    large = StatisticsBlock("large", 1, 2, np.eye(1100, dtype=np.float32))
+    encoded = client._requests([*small[:10], large, *small[10:]], [])
+    messages = [pb.PushStatisticsRequest.FromString(m) for m in encoded]
+    sizes = [sum(len(b.statistics.data) for b in m.blocks) for m in messages]
+    assert [len(m.blocks) for m in messages] == [10, 1, 10]
+    assert max(sizes[0], sizes[2]) <= 4 * 1024 * 1024 and sizes[1] == 1100 * 1100 * 4
+    assert {m.run_id for m in messages} == {"run"}
+
+
+def test_rejections_are_reported(start_service) -> None:
+    server = start_service(workers=1)
+    with PreconditionerClient(server.address, "run", max_matrix_size=32, **FAST) as client:
+        client.push(
+            [
+                StatisticsBlock("bad-exponent", 1, 0, np.eye(4)),
+                StatisticsBlock("too-big", 1, 2, np.eye(33)),
+                StatisticsBlock("good", 1, 2, np.eye(4)),
+            ]
+        )
+        assert wait_until(lambda: "good" in client.latest(), 30)
+        status = client.status()
+        assert status.blocks_rejected == 2
+        reasons = dict(status.last_rejections)
+        assert "exponent" in reasons["bad-exponent"]
+        assert "not sent" in reasons["too-big"] and "max_matrix_size" in reasons["too-big"]
+
+
+def test_close_is_quick_and_idempotent_while_service_is_down() -> None:
+    client = PreconditionerClient(f"127.0.0.1:{free_port()}", "run", pull_interval_s=30)
+    client.start()
+    client.push([StatisticsBlock("k", 1, 2, np.eye(4))])
+    assert wait_until(lambda: client.status().push_failures >= 1, 10)
+    start = time.perf_counter()
+    client.close(timeout=5)
+    client.close()
+    assert time.perf_counter() - start < 2
+    assert client.latest() == {}
+
+
+def test_wait_for_serving(start_service) -> None:
+    start = time.perf_counter()
+    assert not wait_for_serving(f"127.0.0.1:{free_port()}", timeout_s=0.5)
+    assert time.perf_counter() - start < 3
+    assert wait_for_serving(start_service(workers=1).address, timeout_s=10)
+
+
+def test_status_module_prints_table_and_json(start_service) -> None:
+    server = start_service(workers=1)
+    with PreconditionerClient(server.address, "run-x", **FAST) as client:
+        client.push([StatisticsBlock("k", 4, 2, np.eye(4))])
+        assert wait_until(lambda: "k" in client.latest(), 30)
+    env = subprocess_env()
+    table = subprocess.run(
+        [sys.executable, "-m", "precond_service.status", f"--address={server.address}"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        timeout=60,
+    ).stdout
+    assert server.service.incarnation in table and "run-x" in table
+    assert "1/1 alive" in table
+    as_json = json.loads(
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "precond_service.status",
+                f"--address={server.address}",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+            timeout=60,
+        ).stdout
+    )
+    assert as_json["published"] == 1 and as_json["runs"][0]["run_id"] == "run-x"
+    assert as_json["runs"][0]["latest_step"] == 4
+    failed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "precond_service.status",
+            f"--address=127.0.0.1:{free_port()}",
+            "--timeout_s=0.5",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert failed.returncode == 1 and "could not get the status" in failed.stderr
+
+
+def test_drop_run_lets_a_restarted_trainer_push_older_steps(start_service) -> None:
+    server = start_service(workers=1)
+    with PreconditionerClient(server.address, "run", **FAST) as client:
+        client.push([StatisticsBlock("k", 100, 2, np.eye(4))])
+        assert wait_until(lambda: "k" in client.latest(), 30)
+    with PreconditionerClient(server.address, "run", **FAST) as restarted:
+        assert restarted.drop_run() == 1
+        restarted.push([StatisticsBlock("k", 40, 2, 2 * np.eye(4))])
+        assert wait_until(lambda: restarted.latest().get("k", None) is not None, 30)
+        assert restarted.latest()["k"].stats_step == 40
+        assert restarted.status().blocks_rejected == 0

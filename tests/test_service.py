@@ -1,0 +1,430 @@
+"""End-to-end tests of the service: real server on a loopback port, real worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from precond_service import wire
+from precond_service.blocks import StatisticsBlock
+from precond_service.client import PreconditionerClient
+from protos import precond_service_pb2 as pb
+from tests.conftest import eigh_inverse_root, random_statistic, wait_until
+
+RIDGE = 1e-6
+
+
+def push(
+    stub, run_id: str, *blocks: StatisticsBlock | pb.BlockStatistics
+) -> pb.PushStatisticsReply:
+    """Pushes blocks in one message of one PushStatistics RPC."""
+    messages = [
+        b if isinstance(b, pb.BlockStatistics) else wire.statistics_to_message(b) for b in blocks
+    ]
+    return stub.PushStatistics(iter([pb.PushStatisticsRequest(run_id=run_id, blocks=messages)]))
+
+
+def pull(stub, run_id: str, known: dict[str, int] | None = None) -> dict[str, pb.Preconditioner]:
+    """Returns the published roots newer than `known`, by key."""
+    request = pb.GetPreconditionersRequest(run_id=run_id, known_steps=known or {})
+    return {p.key: p for p in stub.GetPreconditioners(request)}
+
+
+def pull_until(stub, run_id: str, steps: dict[str, int], timeout_s: float = 60) -> dict:
+    """Pulls until every key has a root of at least the given step."""
+    roots: dict[str, pb.Preconditioner] = {}
+
+    def done() -> bool:
+        roots.update(pull(stub, run_id))
+        return all(k in roots and roots[k].stats_step >= s for k, s in steps.items())
+
+    assert wait_until(done, timeout_s), f"not published in {timeout_s} s: {steps}, got {roots}"
+    return roots
+
+
+def assert_close_root(root: np.ndarray, expected: np.ndarray, tolerance: float = 1e-5) -> None:
+    """Asserts a root matches the reference to a relative Frobenius distance."""
+    relative = np.linalg.norm(root - expected) / np.linalg.norm(expected)
+    assert relative < tolerance, relative
+
+
+def status(stub, run_id: str = "") -> pb.ServiceStatus:
+    return stub.GetStatus(pb.StatusRequest(run_id=run_id))
+
+
+def run_status(stub, run_id: str) -> pb.RunStatus:
+    (run,) = status(stub, run_id).runs
+    return run
+
+
+def serving(address: str) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=wire.SERVICE_NAME), timeout=5
+        )
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def busy_until_computing(stub, run_id: str, n: int = 768) -> None:
+    """Gives the (single) worker a long Schur-Newton job and waits until it starts."""
+    push(stub, run_id, StatisticsBlock("blocker", 1, 4, random_statistic(n, seed=99)))
+    assert wait_until(lambda: status(stub).in_flight == 1, 10)
+
+
+def test_roots_of_several_blocks_and_runs_match_eigh(start_service, stub_for) -> None:
+    server = start_service(workers=2)
+    stub = stub_for(server.address)
+    cases = {  # key -> (n, exponent, dtype)
+        "small|d0": (8, 2, np.float64),
+        "mid|d1": (32, 4, np.float32),
+        "big|d0": (100, 8, np.float64),
+        "big|d1": (100, 4, np.float32),
+    }
+    statistics = {}
+    for run_index, run_id in enumerate(("run-a", "run-b")):
+        blocks = []
+        for key_index, (key, (n, p, dtype)) in enumerate(cases.items()):
+            matrix = random_statistic(n, seed=10 * run_index + key_index, dtype=dtype)
+            statistics[run_id, key] = (matrix, p)
+            blocks.append(StatisticsBlock(key, 7, p, matrix))
+        reply = push(stub, run_id, *blocks)
+        assert reply.accepted == len(cases) and not reply.rejected
+        assert reply.incarnation == server.service.incarnation
+
+    for run_id in ("run-a", "run-b"):
+        roots = pull_until(stub, run_id, dict.fromkeys(cases, 7))
+        assert sorted(roots) == sorted(cases)
+        for key, message in roots.items():
+            matrix, p = statistics[run_id, key]
+            root = wire.tensor_to_array(message.root)
+            expected = eigh_inverse_root(matrix, p, RIDGE)
+            assert root.dtype == np.float64 and root.shape == expected.shape
+            assert_close_root(root, expected)
+            assert message.method == "schur_newton"
+            assert message.iterations > 0 and message.error < 1e-3
+            assert message.compute_seconds > 0 and message.published_unix_time > 0
+    assert not pull(stub, "run-a", {key: 7 for key in cases})
+    overall = status(stub)
+    assert (overall.published, overall.failed, overall.workers_alive) == (8, 0, 2)
+    assert [r.run_id for r in overall.runs] == ["run-a", "run-b"]
+    assert all(r.blocks_published == 4 and r.max_staleness_steps == 0 for r in overall.runs)
+
+
+def test_only_newest_of_rapid_pushes_is_computed(start_service, stub_for) -> None:
+    server = start_service(workers=1)
+    stub = stub_for(server.address)
+    busy_until_computing(stub, "run")
+    for step in range(1, 11):
+        reply = push(stub, "run", StatisticsBlock("k", step, 2, random_statistic(16, step)))
+        assert reply.accepted == 1, reply
+    assert run_status(stub, "run").pending == 1
+    roots = pull_until(stub, "run", {"blocker": 1, "k": 10})
+    assert_close_root(
+        wire.tensor_to_array(roots["k"].root), eigh_inverse_root(random_statistic(16, 10), 2, RIDGE)
+    )
+    run = run_status(stub, "run")
+    assert (run.accepted, run.coalesced, run.published, run.failed) == (11, 9, 2, 0)
+
+
+def test_stale_steps_are_rejected_and_repeats_accepted(start_service, stub_for) -> None:
+    server = start_service(workers=1)
+    stub = stub_for(server.address)
+    matrix = random_statistic(8, seed=1)
+    push(stub, "run", StatisticsBlock("k", 5, 2, matrix))
+    pull_until(stub, "run", {"k": 5})
+
+    reply = push(stub, "run", StatisticsBlock("k", 3, 2, matrix))
+    assert reply.accepted == 0
+    assert [(e.key, e.step) for e in reply.rejected] == [("k", 3)]
+    assert "stale" in reply.rejected[0].reason and "published" in reply.rejected[0].reason
+
+    assert push(stub, "run", StatisticsBlock("k", 5, 2, matrix)).accepted == 1  # A repeat.
+    assert push(stub, "run", StatisticsBlock("k", 9, 2, matrix)).accepted == 1
+    reply = push(stub, "run", StatisticsBlock("k", 8, 2, matrix))
+    assert reply.accepted == 0 and "stale" in reply.rejected[0].reason
+    pull_until(stub, "run", {"k": 9})
+    run = run_status(stub, "run")
+    assert (run.published, run.rejected) == (2, 2)
+
+
+BAD_BLOCKS = [
+    (
+        pb.BlockStatistics(key="", step=1, exponent=2, statistics=wire.array_to_tensor(np.eye(2))),
+        "empty key",
+    ),
+    (
+        pb.BlockStatistics(key="b", step=1, exponent=0, statistics=wire.array_to_tensor(np.eye(2))),
+        "exponent",
+    ),
+    (
+        pb.BlockStatistics(
+            key="b", step=-4, exponent=2, statistics=wire.array_to_tensor(np.eye(2))
+        ),
+        "step",
+    ),
+    (
+        pb.BlockStatistics(
+            key="b",
+            step=1,
+            exponent=2,
+            statistics=pb.Tensor(shape=[2, 2], dtype=9, data=b"\0" * 32),
+        ),
+        "dtype",
+    ),
+    (
+        pb.BlockStatistics(
+            key="b", step=1, exponent=2, statistics=pb.Tensor(shape=[2, 2], data=b"\0" * 32)
+        ),
+        "dtype",
+    ),
+    (
+        pb.BlockStatistics(
+            key="b", step=1, exponent=2, statistics=wire.array_to_tensor(np.ones((2, 3)))
+        ),
+        "square",
+    ),
+    (
+        pb.BlockStatistics(
+            key="b", step=1, exponent=2, statistics=wire.array_to_tensor(np.ones((2, 2, 2)))
+        ),
+        "square",
+    ),
+    (
+        pb.BlockStatistics(
+            key="b",
+            step=1,
+            exponent=2,
+            statistics=pb.Tensor(shape=[3, 3], dtype=pb.FLOAT32, data=b"\0" * 35),
+        ),
+        "bytes",
+    ),
+    (
+        pb.BlockStatistics(
+            key="b",
+            step=1,
+            exponent=2,
+            statistics=pb.Tensor(shape=[1 << 40, 1 << 40], dtype=pb.FLOAT32),
+        ),
+        "max_matrix_size",
+    ),
+    (
+        pb.BlockStatistics(
+            key="b", step=1, exponent=2, statistics=wire.array_to_tensor(np.diag([1.0, np.nan]))
+        ),
+        "NaN",
+    ),
+    (
+        pb.BlockStatistics(
+            key="b", step=1, exponent=2, statistics=wire.array_to_tensor(np.diag([np.inf, 1.0]))
+        ),
+        "infinity",
+    ),
+    (
+        pb.BlockStatistics(
+            key="b", step=1, exponent=2, statistics=wire.array_to_tensor(np.eye(65))
+        ),
+        "max_matrix_size",
+    ),
+    (
+        pb.BlockStatistics(
+            key="b",
+            step=1,
+            exponent=2,
+            statistics=wire.array_to_tensor(np.array([[1.0, 2.0], [0.0, 1.0]])),
+        ),
+        "symmetric",
+    ),
+    (pb.BlockStatistics(key="b", step=1, exponent=2), "no statistics"),
+]
+
+
+def test_bad_inputs_are_rejected_and_the_service_goes_on(start_service, stub_for) -> None:
+    server = start_service(workers=1, max_matrix_size=64)
+    stub = stub_for(server.address)
+    for index, (bad, reason) in enumerate(BAD_BLOCKS):
+        good = StatisticsBlock(f"good{index}", 1, 2, random_statistic(4, index))
+        reply = push(stub, "bad-run", bad, good)
+        assert reply.accepted == 1, (reason, reply)
+        assert len(reply.rejected) == 1 and reason in reply.rejected[0].reason, (reason, reply)
+
+    reply = push(stub, "", StatisticsBlock("k", 1, 2, np.eye(2)))
+    assert reply.accepted == 0 and "run_id" in reply.rejected[0].reason
+
+    # Bytes that are not a message, and a message above the size limit, fail the RPC only.
+    channel = grpc.insecure_channel(server.address)
+    raw = channel.stream_unary("/precond.v1.PreconditionerService/PushStatistics")
+    with pytest.raises(grpc.RpcError) as garbage:
+        raw(iter([b"\xff\xff\xff\xff not a protobuf"]), timeout=10)
+    assert garbage.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid precond.v1.PushStatisticsRequest" in garbage.value.details()
+    too_big = pb.BlockStatistics(
+        key="huge",
+        step=1,
+        exponent=2,
+        statistics=pb.Tensor(shape=[1024, 1024], dtype=pb.FLOAT64, data=bytes(8 << 20)),
+    )
+    with pytest.raises(grpc.RpcError) as oversized:
+        push(stub, "bad-run", too_big)
+    assert oversized.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(grpc.RpcError) as empty_drop:
+        stub.DropRun(pb.DropRunRequest())
+    assert empty_drop.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    channel.close()
+
+    assert serving(server.address)
+    matrix = random_statistic(16, seed=3)
+    assert push(stub, "other-run", StatisticsBlock("k", 1, 4, matrix)).accepted == 1
+    roots = pull_until(stub, "other-run", {"k": 1})
+    assert_close_root(wire.tensor_to_array(roots["k"].root), eigh_inverse_root(matrix, 4, RIDGE))
+    pull_until(stub, "bad-run", {f"good{i}": 1 for i in range(len(BAD_BLOCKS))})
+    overall = status(stub)
+    assert overall.rejected == len(BAD_BLOCKS) + 1 and overall.failed == 0
+    assert overall.workers_alive == 1 and overall.worker_restarts == 0
+
+
+def test_failed_root_is_not_published_and_previous_stays(start_service, stub_for) -> None:
+    # eigh's residual is ~1e-15 for a well-conditioned matrix, ~1e-4 at condition 1e12.
+    server = start_service(workers=1, method="eigh", failure_threshold=1e-9, ridge_epsilon=1e-12)
+    stub = stub_for(server.address)
+    push(stub, "run", StatisticsBlock("k", 1, 4, 2.0 * np.eye(16)))
+    first = pull_until(stub, "run", {"k": 1})["k"]
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((16, 16)))
+    ill_conditioned = (q * np.logspace(0, -12, 16)) @ q.T
+    push(stub, "run", StatisticsBlock("k", 2, 4, (ill_conditioned + ill_conditioned.T) / 2))
+    assert wait_until(lambda: run_status(stub, "run").failed == 1, 30)
+    roots = pull(stub, "run")
+    assert roots["k"].stats_step == 1 and roots["k"].root.data == first.root.data
+    assert run_status(stub, "run").published == 1
+
+
+def test_crashed_worker_is_replaced_and_its_job_failed(start_service, stub_for) -> None:
+    server = start_service(workers=1)
+    stub = stub_for(server.address)
+    busy_until_computing(stub, "run")
+    (pid,) = status(stub).worker_pids
+    os.kill(pid, signal.SIGKILL)
+
+    def replaced() -> bool:
+        now = status(stub)
+        return now.failed == 1 and now.workers_alive == 1 and list(now.worker_pids) != [pid]
+
+    assert wait_until(replaced, 30)
+    assert status(stub).worker_restarts == 1
+    assert "blocker" not in pull(stub, "run")
+    push(stub, "run", StatisticsBlock("k", 1, 2, random_statistic(8, 0)))
+    pull_until(stub, "run", {"k": 1})
+
+
+def test_job_past_timeout_is_failed_and_worker_replaced(start_service, stub_for) -> None:
+    server = start_service(workers=1, job_timeout_s=0.3)
+    stub = stub_for(server.address)
+    push(stub, "run", StatisticsBlock("slow", 1, 4, random_statistic(768, 5)))
+    assert wait_until(lambda: status(stub).failed == 1, 30)
+    assert wait_until(lambda: status(stub).workers_alive == 1, 30)
+    push(stub, "run", StatisticsBlock("k", 1, 2, random_statistic(8, 0)))
+    pull_until(stub, "run", {"k": 1})
+    assert status(stub).worker_restarts == 1
+
+
+def test_pull_returns_at_once_while_workers_are_busy(start_service, stub_for) -> None:
+    server = start_service(workers=1)
+    stub = stub_for(server.address)
+    busy_until_computing(stub, "run")
+    start = time.perf_counter()
+    assert pull(stub, "run") == {}
+    assert time.perf_counter() - start < 0.5
+    assert status(stub).in_flight == 1
+
+
+def test_drop_run_releases_everything(start_service, stub_for) -> None:
+    server = start_service(workers=1)
+    stub = stub_for(server.address)
+    push(stub, "run", *(StatisticsBlock(f"k{i}", 1, 2, np.eye(4)) for i in range(3)))
+    push(stub, "keep", StatisticsBlock("k", 1, 2, np.eye(4)))
+    pull_until(stub, "run", {"k0": 1, "k1": 1, "k2": 1})
+    reply = stub.DropRun(pb.DropRunRequest(run_id="run"))
+    assert reply.dropped and reply.blocks_released == 3
+    assert pull(stub, "run") == {}
+    assert [r.run_id for r in status(stub).runs] == ["keep"]
+    assert not stub.DropRun(pb.DropRunRequest(run_id="run")).dropped
+    push(stub, "run", StatisticsBlock("k0", 1, 2, np.eye(4)))  # Step 1 is new again.
+    pull_until(stub, "run", {"k0": 1})
+
+
+def test_token_is_required_except_for_health(start_service, stub_for) -> None:
+    server = start_service(workers=1, token="s3cret")
+    stub = stub_for(server.address)
+    for call in (lambda: status(stub), lambda: pull(stub, "run")):
+        with pytest.raises(grpc.RpcError) as error:
+            call()
+        assert error.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as error:
+        push(stub, "run", StatisticsBlock("k", 1, 2, np.eye(2)))
+    assert error.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert serving(server.address)
+
+    with PreconditionerClient(
+        server.address, "run", token="s3cret", pull_interval_s=0.02
+    ) as client:
+        client.push([StatisticsBlock("k", 1, 2, np.eye(2))])
+        assert wait_until(lambda: "k" in client.latest(), 30)
+    with PreconditionerClient(server.address, "run", token="wrong", pull_interval_s=0.02) as client:
+        client.push([StatisticsBlock("k", 2, 2, np.eye(2))])
+        assert wait_until(lambda: client.status().blocks_rejected == 1, 30)
+        assert "UNAUTHENTICATED" in client.status().last_error
+
+
+def test_graceful_shutdown_finishes_inflight_rpcs(start_service) -> None:
+    server = start_service(workers=1)
+    channel = grpc.insecure_channel(server.address)
+    health_updates = health_pb2_grpc.HealthStub(channel).Watch(
+        health_pb2.HealthCheckRequest(service=wire.SERVICE_NAME)
+    )
+    assert next(health_updates).status == health_pb2.HealthCheckResponse.SERVING
+
+    release = threading.Event()
+
+    def slow_stream():
+        block = wire.statistics_to_message(StatisticsBlock("k", 1, 2, np.eye(4)))
+        yield pb.PushStatisticsRequest(run_id="run", blocks=[block])
+        release.wait(10)
+        block = wire.statistics_to_message(StatisticsBlock("k2", 1, 2, np.eye(4)))
+        yield pb.PushStatisticsRequest(run_id="run", blocks=[block])
+
+    from protos import precond_service_pb2_grpc as pb_grpc
+
+    future = pb_grpc.PreconditionerServiceStub(channel).PushStatistics.future(slow_stream())
+    assert wait_until(lambda: server.service.status().received == 1, 10)
+    stopper = threading.Thread(target=server.stop, kwargs={"grace_s": 10})
+    stopper.start()
+    assert next(health_updates).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    health_updates.cancel()  # Open watches would hold the server for the whole grace.
+    release.set()
+    assert future.result(timeout=10).accepted == 2
+    stopper.join(15)
+    assert not stopper.is_alive()
+    assert server.service.status().workers_alive == 0
+    channel.close()
+
+
+def test_subtly_asymmetric_statistic_is_never_published(start_service, stub_for) -> None:
+    # The receive path samples rows for symmetry; the worker checks every entry.
+    server = start_service(workers=1)
+    stub = stub_for(server.address)
+    matrix = random_statistic(200, seed=1)
+    matrix[3, 150] += 1.0
+    reply = push(stub, "run", StatisticsBlock("k", 1, 2, matrix))
+    if reply.accepted:
+        assert wait_until(lambda: run_status(stub, "run").failed == 1, 30)
+    else:
+        assert "symmetric" in reply.rejected[0].reason
+    assert pull(stub, "run") == {}
+    reply = push(stub, "run", StatisticsBlock("x", 1, 2, np.triu(random_statistic(200, seed=2))))
+    assert reply.accepted == 0 and "symmetric" in reply.rejected[0].reason

@@ -1,0 +1,104 @@
+"""Tests of `python -m precond_service` as a real process: start, serve, shut down."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from precond_service.blocks import StatisticsBlock
+from precond_service.client import PreconditionerClient, wait_for_serving
+from precond_service.status import fetch_status
+from tests.conftest import eigh_inverse_root, random_statistic, subprocess_env, wait_until
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_service_process_serves_and_shuts_down_gracefully(
+    tmp_path: pathlib.Path, stop_signal: signal.Signals
+) -> None:
+    port_file = tmp_path / "port"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "precond_service",
+            "--port=0",
+            "--workers=2",
+            f"--port_file={port_file}",
+            "--method=eigh",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    try:
+        assert wait_until(port_file.exists, 60), "no port file"
+        port = int(port_file.read_text())
+        address = f"127.0.0.1:{port}"
+        assert wait_for_serving(address, timeout_s=5)
+        worker_pids = list(fetch_status(address).worker_pids)
+        assert len(worker_pids) == 2
+
+        matrix = random_statistic(32, seed=0)
+        with PreconditionerClient(address, "run", pull_interval_s=0.02) as client:
+            client.push([StatisticsBlock("k", 1, 4, matrix)])
+            assert wait_until(lambda: "k" in client.latest(), 30)
+            root = client.latest()["k"]
+        assert root.method == "eigh"
+        np.testing.assert_allclose(root.root, eigh_inverse_root(matrix, 4, 1e-6), atol=1e-8)
+
+        process.send_signal(stop_signal)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = process.stderr.read()
+    assert f"precond_service listening on {address}" in log
+    assert "precond_service stopped" in log
+    for pid in worker_pids:
+        assert wait_until(lambda pid=pid: not _alive(pid), 10), f"worker {pid} left running"
+
+
+def test_service_process_exits_1_when_port_is_taken() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "precond_service", f"--port={port}"],
+            capture_output=True,
+            text=True,
+            env=subprocess_env(),
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert "could not" in result.stderr and str(port) in result.stderr
+
+
+def test_service_process_rejects_bad_flags() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "precond_service", "--workers=0"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=60,
+    )
+    assert result.returncode == 1 and "workers must be >= 1, got 0" in result.stderr
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purpose; only the service could reap it.
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
