@@ -36,7 +36,6 @@ import contextlib  # noqa: E402
 import json  # noqa: E402
 import mmap  # noqa: E402
 import pathlib  # noqa: E402
-import platform  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -52,6 +51,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+from bench_common import git_commit, git_dirty, machine_info  # noqa: E402
 from google.protobuf import __version__ as protobuf_version  # noqa: E402
 
 from precond_service import roots, wire  # noqa: E402
@@ -310,63 +310,6 @@ def bench_handoff(n: int, repeats: int) -> dict:
     return row
 
 
-def machine_info() -> dict:
-    cpu_model = None
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
-    except Exception:  # Older NumPy has no dicts mode.
-        blas = None
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model,
-        "numpy": np.__version__,
-        "numpy_blas": blas,
-        "grpcio": grpc.__version__,
-        "protobuf": protobuf_version,
-    }
-
-
-def git_dirty() -> bool | None:
-    """Whether the work tree differs from the commit (None outside a git checkout)."""
-    try:
-        return bool(
-            subprocess.run(
-                ["git", "status", "--porcelain"],
-                capture_output=True,
-                text=True,
-                check=True,
-                cwd=REPO_ROOT,
-            ).stdout.strip()
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def git_commit() -> str | None:
-    try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"],
-                capture_output=True,
-                text=True,
-                check=True,
-                cwd=pathlib.Path(__file__).resolve().parent,
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def plot(result: dict, path: pathlib.Path) -> None:
     import matplotlib
 
@@ -443,7 +386,11 @@ def main() -> None:
         "command": " ".join([sys.executable, *sys.argv]),
         "git_commit": git_commit(),
         "git_dirty": git_dirty(),
-        "machine": machine_info(),
+        "machine": {
+            **machine_info(),
+            "grpcio": grpc.__version__,
+            "protobuf": protobuf_version,
+        },
         # 1-, 5- and 15-minute load averages: other work on the machine skews every figure.
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
