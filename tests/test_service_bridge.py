@@ -71,7 +71,7 @@ def test_roots_from_the_service_are_installed_and_match_the_solver(client):
     assert opt.preconditioner_stats_steps() == {key: 2 for key in snapshot}
 
     # The installed root is the service's float64 root of that step's statistic.
-    key = block_key(model.layers[0].kernel.path, (0, 0), 0)
+    key = block_key("dense/kernel", (0, 0), 0)
     state_root = _held_root(opt, key)
     expected = roots.inverse_pth_root(snapshot[key].statistics, 4).root
     np.testing.assert_allclose(state_root, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())

@@ -24,7 +24,8 @@ that is L^(-1/4) G R^(-1/4). One step of `update_step` is five visible stages:
 Decoupled weight decay is the Keras base class's (`weight_decay=`).
 
 The asynchronous seam: `statistics_snapshot()` returns every block's statistic
-under a stable key (variable path, block coordinates, dimension), and
+under a stable key (variable path without the model's name, block coordinates,
+dimension; see `key_paths`), and
 `assign_preconditioners()` takes roots computed elsewhere, keeping for each
 block only ones newer than what it holds. The stats_step of every preconditioner
 in use is kept in optimizer variables, so it is checkpointed with the rest.
@@ -89,8 +90,28 @@ class _Registry:
 
 
 def block_key(path: str, coords: Sequence[int], dim: int) -> str:
-    """The stable key of one block's factor: variable path, block coordinates, dimension."""
+    """The stable key of one block's factor: key path, block coordinates, dimension.
+
+    Args:
+        path: The variable's path as `key_paths` gives it.
+        coords: The block's coordinates in the variable's block grid.
+        dim: The merged dimension the factor preconditions.
+    """
     return f"{path}|b{'.'.join(str(c) for c in coords)}|d{dim}"
+
+
+def key_paths(variables: Sequence[keras.Variable]) -> list[str]:
+    """The path each variable's block keys start with.
+
+    The variable's path, less the first component when every variable shares it:
+    that is the model's name, which Keras makes unique per process ("sequential",
+    then "sequential_1" for a rebuilt model), so keeping it would change the keys.
+    """
+    paths = [getattr(v, "path", None) or v.name for v in variables]
+    roots = {path.split("/", 1)[0] for path in paths}
+    if len(roots) == 1 and all("/" in path for path in paths):
+        return [path.split("/", 1)[1] for path in paths]
+    return paths
 
 
 def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
@@ -226,8 +247,9 @@ class Shampoo(keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(var_list)
-        for variable in var_list:
-            state = self._build_variable(variable)
+        paths = key_paths(var_list)
+        for variable, path in zip(var_list, paths):
+            state = self._build_variable(variable, path)
             self._registry.by_variable[self._var_key(variable)] = state
             for group, factors in zip(state.plan.groups, state.factors):
                 for factor in factors:
@@ -240,8 +262,7 @@ class Shampoo(keras.optimizers.Optimizer):
                             )
                         self._registry.by_key[key] = (factor, index)
 
-    def _build_variable(self, variable: keras.Variable) -> _VariableState:
-        path = getattr(variable, "path", None) or variable.name
+    def _build_variable(self, variable: keras.Variable, path: str) -> _VariableState:
         plan = blocking.make_plan(
             variable.shape, self.block_size, self.skip_preconditioning_dim_size_gt
         )
