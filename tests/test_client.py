@@ -214,48 +214,23 @@ def test_status_module_prints_table_and_json(start_service) -> None:
     with PreconditionerClient(server.address, "run-x", **FAST) as client:
         client.push([StatisticsBlock("k", 4, 2, np.eye(4))])
         assert wait_until(lambda: "k" in client.latest(), 30)
-    env = subprocess_env()
-    table = subprocess.run(
-        [sys.executable, "-m", "precond_service.status", f"--address={server.address}"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
-        timeout=60,
-    ).stdout
-    assert server.service.incarnation in table and "run-x" in table
-    assert "1/1 alive" in table
-    as_json = json.loads(
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "precond_service.status",
-                f"--address={server.address}",
-                "--json",
-            ],
+
+    def status_cli(address: str, *flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "precond_service.status", f"--address={address}", *flags],
             capture_output=True,
             text=True,
-            check=True,
-            env=env,
+            env=subprocess_env(),
             timeout=60,
-        ).stdout
-    )
+        )
+
+    table = status_cli(server.address).stdout
+    assert server.service.incarnation in table and "run-x" in table
+    assert "1/1 alive" in table
+    as_json = json.loads(status_cli(server.address, "--json").stdout)
     assert as_json["published"] == 1 and as_json["runs"][0]["run_id"] == "run-x"
     assert as_json["runs"][0]["latest_step"] == 4
-    failed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "precond_service.status",
-            f"--address=127.0.0.1:{free_port()}",
-            "--timeout_s=0.5",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    failed = status_cli(f"127.0.0.1:{free_port()}", "--timeout_s=0.5")
     assert failed.returncode == 1 and "could not get the status" in failed.stderr
 
 

@@ -107,6 +107,8 @@ def test_bridge_needs_async_mode_and_positive_update_steps(client):
         ServicePreconditioning(Shampoo(), client, update_steps=5)
     with pytest.raises(ValueError, match="update_steps must be a positive integer, got 0"):
         ServicePreconditioning(Shampoo(precondition_mode="async"), client, update_steps=0)
+    with pytest.raises(RuntimeError, match="optimizer.build"):
+        ServicePreconditioning(Shampoo(precondition_mode="async"), client, update_steps=5)
 
 
 def test_a_service_that_cannot_start_is_reported_with_its_log():

@@ -53,12 +53,14 @@ class ServicePreconditioning:
     """Pushes statistics every `update_steps` steps and installs newer roots.
 
     Args:
-        optimizer: A built Shampoo optimizer with `precondition_mode="async"`.
+        optimizer: A built Shampoo optimizer with `precondition_mode="async"`
+            (`optimizer.build(model.trainable_variables)`).
         client: A started `PreconditionerClient`.
         update_steps: Steps between statistics pushes (N).
 
     Raises:
         ValueError: The optimizer is not in async mode, or update_steps < 1.
+        RuntimeError: The optimizer is not built yet.
     """
 
     def __init__(self, optimizer: Shampoo, client: PreconditionerClient, update_steps: int):
@@ -72,6 +74,11 @@ class ServicePreconditioning:
         self.optimizer = optimizer
         self.client = client
         self.update_steps = update_steps
+        self._keys = frozenset(optimizer.preconditioner_stats_steps())
+        # key -> stats_step already offered to the optimizer, so that a batch with
+        # nothing new reads no optimizer variable. The optimizer still decides what
+        # is newer than what it holds (after a checkpoint restore, for example).
+        self._offered: dict[str, int] = {}
         self._last_push_step: int | None = None
 
     def after_steps(self) -> int:
@@ -81,13 +88,15 @@ class ServicePreconditioning:
         if due and step > 0:
             self.client.push(self.optimizer.statistics_snapshot())
             self._last_push_step = step
-        known = self.optimizer.preconditioner_stats_steps()
         fresh = [
             block
             for key, block in self.client.latest().items()
-            if key in known and block.stats_step > known[key]
+            if key in self._keys and block.stats_step > self._offered.get(key, NO_PRECONDITIONER)
         ]
-        return self.optimizer.assign_preconditioners(fresh) if fresh else 0
+        if not fresh:
+            return 0
+        self._offered.update((block.key, block.stats_step) for block in fresh)
+        return self.optimizer.assign_preconditioners(fresh)
 
 
 class ShampooServiceCallback(keras.callbacks.Callback):
