@@ -18,6 +18,16 @@ TRAINER_REQUIRES = [
     "absl-py>=2.0,<3",
     # Limits NumPy's BLAS threads inside the trainer (sync-mode roots).
     "threadpoolctl>=3.1,<4",
+    # Configs as Python files with type-checked command-line overrides.
+    "ml_collections>=1.0,<2",
+    # Data: WMT'14 through TFDS, a joint SentencePiece vocabulary, BLEU.
+    "tensorflow-datasets>=4.9.4,<5",
+    # Used by TFDS's WMT download code but not declared by it.
+    "importlib_resources>=6",
+    "sentencepiece>=0.2,<0.3",
+    "sacrebleu>=2.4,<3",
+    # tf.summary writes through it (TensorFlow no longer depends on it).
+    "tensorboard>=2.20,<3",
 ]
 
 TEST_REQUIRES = [

@@ -168,9 +168,7 @@ def validate_statistic(
     finite = np.isfinite(array)
     if not finite.all():
         bad = array.size - int(np.count_nonzero(finite))
-        raise ValueError(
-            f"statistic has {bad} non-finite entries (NaN or inf) out of {array.size}"
-        )
+        raise ValueError(f"statistic has {bad} non-finite entries (NaN or inf) out of {array.size}")
     symmetric = array + array.T
     difference = symmetric - array  # A^T, then A^T - A below, without transposed passes.
     difference -= array
@@ -250,11 +248,21 @@ def inverse_pth_root(
     Raises:
         ValueError: For an invalid statistic (see `validate_statistic`) or argument.
     """
-    _check_options(method, scaling, ridge_epsilon, tolerance, max_iterations,
-                   failure_threshold, max_retries)
+    _check_options(
+        method, scaling, ridge_epsilon, tolerance, max_iterations, failure_threshold, max_retries
+    )
     statistic = validate_statistic(matrix, p, symmetry_tolerance=symmetry_tolerance)
-    return _solve(statistic, p, ridge_epsilon, method, tolerance, max_iterations,
-                  failure_threshold, max_retries, scaling)
+    return _solve(
+        statistic,
+        p,
+        ridge_epsilon,
+        method,
+        tolerance,
+        max_iterations,
+        failure_threshold,
+        max_retries,
+        scaling,
+    )
 
 
 def batched_inverse_pth_root(
@@ -295,8 +303,9 @@ def batched_inverse_pth_root(
         ValueError: If the stack is not 3-D with square blocks, or an argument is
             invalid.
     """
-    _check_options(method, scaling, ridge_epsilon, tolerance, max_iterations,
-                   failure_threshold, max_retries)
+    _check_options(
+        method, scaling, ridge_epsilon, tolerance, max_iterations, failure_threshold, max_retries
+    )
     _check_exponent(p)
     stack = np.asarray(matrices)
     if stack.ndim != 3 or stack.shape[1] != stack.shape[2]:
@@ -315,8 +324,17 @@ def batched_inverse_pth_root(
         except ValueError as error:
             _log.warning("block %d of %d rejected: %s", index, count, error)
             continue
-        result = _solve(statistic, p, ridge_epsilon, method, tolerance, max_iterations,
-                        failure_threshold, max_retries, scaling)
+        result = _solve(
+            statistic,
+            p,
+            ridge_epsilon,
+            method,
+            tolerance,
+            max_iterations,
+            failure_threshold,
+            max_retries,
+            scaling,
+        )
         roots[index] = result.root
         errors[index] = result.error
         iterations[index] = result.iterations
@@ -347,13 +365,19 @@ def _check_options(
         raise ValueError(f"ridge_epsilon must be positive, got {ridge_epsilon!r}")
     if not tolerance >= 0:
         raise ValueError(f"tolerance must be non-negative, got {tolerance!r}")
-    if isinstance(max_iterations, bool) or not isinstance(max_iterations, numbers.Integral) \
-            or max_iterations < 1:
+    if (
+        isinstance(max_iterations, bool)
+        or not isinstance(max_iterations, numbers.Integral)
+        or max_iterations < 1
+    ):
         raise ValueError(f"max_iterations must be a positive integer, got {max_iterations!r}")
     if not failure_threshold > 0:
         raise ValueError(f"failure_threshold must be positive, got {failure_threshold!r}")
-    if isinstance(max_retries, bool) or not isinstance(max_retries, numbers.Integral) \
-            or max_retries < 0:
+    if (
+        isinstance(max_retries, bool)
+        or not isinstance(max_retries, numbers.Integral)
+        or max_retries < 0
+    ):
         raise ValueError(f"max_retries must be a non-negative integer, got {max_retries!r}")
 
 

@@ -25,6 +25,7 @@ from protos import precond_service_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
+
 @dataclasses.dataclass(frozen=True)
 class ServiceConfig:
     """Everything the service can be configured with.

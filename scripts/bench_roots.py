@@ -47,26 +47,37 @@ THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses the command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="128,256,512,1024,2048",
-                        help="comma-separated matrix sizes n")
-    parser.add_argument("--conds", default="1e2,1e4,1e6",
-                        help="comma-separated condition numbers")
+    parser.add_argument(
+        "--sizes", default="128,256,512,1024,2048", help="comma-separated matrix sizes n"
+    )
+    parser.add_argument("--conds", default="1e2,1e4,1e6", help="comma-separated condition numbers")
     parser.add_argument("--p", type=int, default=4, help="root exponent")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (median)")
-    parser.add_argument("--threads", default=None,
-                        help="comma-separated BLAS thread counts (default: 1 and all cores)")
-    parser.add_argument("--out", default=None,
-                        help="JSON output path (default benchmarks/roots.json)")
-    parser.add_argument("--plot", default=None,
-                        help="PNG output path (default benchmarks/roots.png)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: small sizes, two conditions, one repeat; writes to "
-                        "the temporary directory unless --out/--plot are given")
+    parser.add_argument(
+        "--threads",
+        default=None,
+        help="comma-separated BLAS thread counts (default: 1 and all cores)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="JSON output path (default benchmarks/roots.json)"
+    )
+    parser.add_argument(
+        "--plot", default=None, help="PNG output path (default benchmarks/roots.png)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: small sizes, two conditions, one repeat; writes to "
+        "the temporary directory unless --out/--plot are given",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     # A smoke run must not overwrite the real results in benchmarks/.
-    default_stem = (Path(tempfile.gettempdir()) / "bench_roots_quick" if args.quick
-                    else Path("benchmarks") / "roots")
+    default_stem = (
+        Path(tempfile.gettempdir()) / "bench_roots_quick"
+        if args.quick
+        else Path("benchmarks") / "roots"
+    )
     args.out = args.out or str(default_stem.with_suffix(".json"))
     args.plot = args.plot or str(default_stem.with_suffix(".png"))
     if args.quick:
@@ -80,26 +91,39 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         load_before = os.getloadavg()
         rows = run_cases(args)
-        print(json.dumps({"rows": rows, "load_before": load_before,
-                          "load_after": os.getloadavg()}))
+        print(json.dumps({"rows": rows, "load_before": load_before, "load_after": os.getloadavg()}))
         return
     cores = len(os.sched_getaffinity(0))
-    thread_counts = ([int(t) for t in args.threads.split(",")] if args.threads
-                     else sorted({1, cores}))
+    thread_counts = (
+        [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, cores})
+    )
     rows, load = [], {}
     for threads in thread_counts:
         env = dict(os.environ, **{name: str(threads) for name in THREAD_VARIABLES})
-        command = [sys.executable, str(Path(__file__).resolve()), "--worker",
-                   "--sizes", args.sizes, "--conds", args.conds, "--p", str(args.p),
-                   "--repeats", str(args.repeats)]
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            "--sizes",
+            args.sizes,
+            "--conds",
+            args.conds,
+            "--p",
+            str(args.p),
+            "--repeats",
+            str(args.repeats),
+        ]
         print(f"running {threads} BLAS thread(s) ...", file=sys.stderr, flush=True)
-        output = subprocess.run(command, env=env, check=True, capture_output=True, text=True,
-                                cwd=REPO_ROOT).stdout
+        output = subprocess.run(
+            command, env=env, check=True, capture_output=True, text=True, cwd=REPO_ROOT
+        ).stdout
         worker = json.loads(output)
         rows.extend({"threads": threads, **row} for row in worker["rows"])
         # Other processes on the machine skew the timings; the load average shows it.
-        load[threads] = {"1/5/15 min before": worker["load_before"],
-                         "1/5/15 min after": worker["load_after"]}
+        load[threads] = {
+            "1/5/15 min before": worker["load_before"],
+            "1/5/15 min after": worker["load_after"],
+        }
     report = {"metadata": {**metadata(argv, cores), "load_average": load}, "results": rows}
     out = REPO_ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +147,8 @@ def run_cases(args: argparse.Namespace) -> list[dict]:
             solvers = {
                 "schur_newton": lambda m=matrix: roots.inverse_pth_root(m, args.p),
                 "schur_newton_plain": lambda m=matrix: roots.inverse_pth_root(
-                    m, args.p, scaling="none"),
+                    m, args.p, scaling="none"
+                ),
                 "eigh": lambda m=matrix: roots.inverse_pth_root(m, args.p, method="eigh"),
                 "eigh_bare": lambda d=damped: eigh_root(d, args.p),
                 "svd": lambda d=damped: svd_root(d, args.p),
@@ -147,17 +172,25 @@ def run_cases(args: argparse.Namespace) -> list[dict]:
                     root, error, iterations = outcome.root, outcome.error, outcome.iterations
                 else:
                     root, error, iterations = outcome, residual(outcome, damped, args.p), 0
-                rows.append({
-                    "n": n, "condition": condition, "p": args.p, "method": name,
-                    "seconds": medians[name], "min_seconds": min(times[name]),
-                    "all_seconds": times[name],
-                    "cpu_per_wall": sum(cpu_times[name]) / sum(times[name]),
-                    "iterations": int(iterations), "error": float(error),
-                    "relative_distance_to_eigh": float(
-                        np.linalg.norm(root - reference) / np.linalg.norm(reference)),
-                    "ratio_to_eigh_bare": medians[name] / medians["eigh_bare"],
-                    "ratio_to_eigh": medians[name] / medians["eigh"],
-                })
+                rows.append(
+                    {
+                        "n": n,
+                        "condition": condition,
+                        "p": args.p,
+                        "method": name,
+                        "seconds": medians[name],
+                        "min_seconds": min(times[name]),
+                        "all_seconds": times[name],
+                        "cpu_per_wall": sum(cpu_times[name]) / sum(times[name]),
+                        "iterations": int(iterations),
+                        "error": float(error),
+                        "relative_distance_to_eigh": float(
+                            np.linalg.norm(root - reference) / np.linalg.norm(reference)
+                        ),
+                        "ratio_to_eigh_bare": medians[name] / medians["eigh_bare"],
+                        "ratio_to_eigh": medians[name] / medians["eigh"],
+                    }
+                )
             print(f"n={n} cond={condition:.0e} done", file=sys.stderr, flush=True)
     return rows
 
@@ -194,19 +227,27 @@ def metadata(argv: list[str] | None, cores: int) -> dict:
 def print_table(rows: list[dict]) -> None:
     """Prints one line per (threads, n, condition): times and the schur_newton figures."""
     cases = sorted({(r["threads"], r["n"], r["condition"]) for r in rows})
-    header = (f"{'thr':>3} {'n':>5} {'cond':>6} " + " ".join(f"{m:>18}" for m in METHOD_NAMES)
-              + f" {'SN/eigh_bare':>12} {'SN/eigh':>7} {'SN iters':>8} {'SN error':>9}"
-              + f" {'SN dist':>9}")
+    header = (
+        f"{'thr':>3} {'n':>5} {'cond':>6} "
+        + " ".join(f"{m:>18}" for m in METHOD_NAMES)
+        + f" {'SN/eigh_bare':>12} {'SN/eigh':>7} {'SN iters':>8} {'SN error':>9}"
+        + f" {'SN dist':>9}"
+    )
     print(header)
     for threads, n, condition in cases:
-        by_method = {r["method"]: r for r in rows
-                     if (r["threads"], r["n"], r["condition"]) == (threads, n, condition)}
+        by_method = {
+            r["method"]: r
+            for r in rows
+            if (r["threads"], r["n"], r["condition"]) == (threads, n, condition)
+        }
         newton = by_method["schur_newton"]
-        print(f"{threads:>3} {n:>5} {condition:>6.0e} "
-              + " ".join(f"{by_method[m]['seconds']:>17.4f}s" for m in METHOD_NAMES)
-              + f" {newton['ratio_to_eigh_bare']:>12.2f} {newton['ratio_to_eigh']:>7.2f}"
-              + f" {newton['iterations']:>8d}"
-              + f" {newton['error']:>9.1e} {newton['relative_distance_to_eigh']:>9.1e}")
+        print(
+            f"{threads:>3} {n:>5} {condition:>6.0e} "
+            + " ".join(f"{by_method[m]['seconds']:>17.4f}s" for m in METHOD_NAMES)
+            + f" {newton['ratio_to_eigh_bare']:>12.2f} {newton['ratio_to_eigh']:>7.2f}"
+            + f" {newton['iterations']:>8d}"
+            + f" {newton['error']:>9.1e} {newton['relative_distance_to_eigh']:>9.1e}"
+        )
 
 
 def plot(rows: list[dict], path: Path, p: int) -> None:
@@ -218,13 +259,16 @@ def plot(rows: list[dict], path: Path, p: int) -> None:
 
     thread_counts = sorted({r["threads"] for r in rows})
     condition = max(r["condition"] for r in rows)
-    figure, axes = plt.subplots(1, len(thread_counts), figsize=(6 * len(thread_counts), 4.5),
-                                sharey=True, squeeze=False)
+    figure, axes = plt.subplots(
+        1, len(thread_counts), figsize=(6 * len(thread_counts), 4.5), sharey=True, squeeze=False
+    )
     for axis, threads in zip(axes[0], thread_counts, strict=True):
         for method in METHOD_NAMES:
-            points = sorted((r["n"], r["seconds"]) for r in rows
-                            if r["threads"] == threads and r["method"] == method
-                            and r["condition"] == condition)
+            points = sorted(
+                (r["n"], r["seconds"])
+                for r in rows
+                if r["threads"] == threads and r["method"] == method and r["condition"] == condition
+            )
             axis.loglog(*zip(*points, strict=True), marker="o", label=method)
         axis.set_title(f"{threads} BLAS thread(s), p={p}, condition {condition:.0e}")
         sizes = sorted({r["n"] for r in rows})

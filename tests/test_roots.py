@@ -96,8 +96,12 @@ def test_reported_error_bounds_the_residual(p):
 
 
 @settings(max_examples=15, deadline=None)
-@given(n=st.integers(1, 60), log_condition=st.floats(0.0, 6.0), p=st.sampled_from([2, 4, 8]),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    n=st.integers(1, 60),
+    log_condition=st.floats(0.0, 6.0),
+    p=st.sampled_from([2, 4, 8]),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_eigh_method_matches_eigendecomposition(n, log_condition, p, seed):
     rng = np.random.default_rng(seed)
     vectors = random_orthogonal(n, rng)
@@ -110,7 +114,8 @@ def test_eigh_method_matches_eigendecomposition(n, log_condition, p, seed):
     reference = reference_root(matrix, vectors, eigenvalues, p, result.ridge_epsilon)
     assert relative_distance(result.root, reference) <= 1e-9
     assert result.error == pytest.approx(
-        residual(result.root, matrix, p, result.ridge_epsilon), rel=0.5, abs=1e-12)
+        residual(result.root, matrix, p, result.ridge_epsilon), rel=0.5, abs=1e-12
+    )
 
 
 @pytest.mark.parametrize("p", [1, 3, 6])
@@ -167,7 +172,8 @@ def test_too_few_iterations_is_reported_not_raised():
     assert np.isfinite(result.error) and result.error > 0.1
     assert result.ridge_epsilon == pytest.approx(1e-4)  # Both retries were spent.
     assert residual(result.root, matrix, 4, result.ridge_epsilon) == pytest.approx(
-        result.error, rel=1e-6)
+        result.error, rel=1e-6
+    )
 
 
 @pytest.mark.parametrize("scaling", roots.SCALINGS)
@@ -209,7 +215,8 @@ def test_failed_attempt_is_retried_with_a_larger_ridge(method):
         # iteration; the root returned is the kept iterate, with its own error.
         assert first_only.iterations < 100
         assert residual(first_only.root, matrix, 4, 1e-6) == pytest.approx(
-            first_only.error, rel=1e-3)
+            first_only.error, rel=1e-3
+        )
     assert retried.converged
     assert retried.ridge_epsilon == pytest.approx(1e-5)
     if method == "schur_newton":  # eigh clamps the negative eigenvalue instead.
@@ -219,8 +226,9 @@ def test_failed_attempt_is_retried_with_a_larger_ridge(method):
 
 def test_batched_equals_one_at_a_time():
     rng = np.random.default_rng(3)
-    stack = np.stack([build(random_orthogonal(30, rng), np.geomspace(1.0, 10.0**-k, 30))
-                      for k in range(5)])
+    stack = np.stack(
+        [build(random_orthogonal(30, rng), np.geomspace(1.0, 10.0**-k, 30)) for k in range(5)]
+    )
     for method in roots.METHODS:
         batched = roots.batched_inverse_pth_root(stack, 4, method=method)
         assert batched.method == method
@@ -252,8 +260,7 @@ def test_bad_blocks_do_not_affect_the_others():
         assert np.isnan(batched.roots[index]).all() and batched.errors[index] == np.inf
     assert batched.errors[3] > 0.1 and np.isfinite(batched.roots[3]).all()
     for index, matrix in ((0, good), (4, 2.0 * good)):
-        np.testing.assert_array_equal(batched.roots[index],
-                                      roots.inverse_pth_root(matrix, 4).root)
+        np.testing.assert_array_equal(batched.roots[index], roots.inverse_pth_root(matrix, 4).root)
 
 
 def test_float32_input_gives_float64_output():
@@ -280,8 +287,7 @@ def test_float32_rounding_asymmetry_is_accepted():
         (np.ones((2, 2, 2)), r"shape \(2, 2, 2\)"),
         (np.ones((0, 0)), r"shape \(0, 0\)"),
         (np.eye(2, dtype=complex), "complex128"),
-        (np.array([[1.0, np.nan, 0.0], [np.nan, 1.0, np.inf], [0.0, np.inf, 1.0]]),
-         "4 non-finite"),
+        (np.array([[1.0, np.nan, 0.0], [np.nan, 1.0, np.inf], [0.0, np.inf, 1.0]]), "4 non-finite"),
         (np.array([[1.0, 0.5], [0.0, 1.0]]), "= 0.5 exceeds"),
     ],
 )
@@ -295,11 +301,14 @@ def test_invalid_statistic_is_rejected(matrix, message):
 def test_symmetry_tolerance_is_adjustable():
     matrix = np.array([[1.0, 0.5], [0.0, 1.0]])
     np.testing.assert_array_equal(
-        roots.validate_statistic(matrix, 4, symmetry_tolerance=0.6), [[1.0, 0.25], [0.25, 1.0]])
+        roots.validate_statistic(matrix, 4, symmetry_tolerance=0.6), [[1.0, 0.25], [0.25, 1.0]]
+    )
 
 
-@pytest.mark.parametrize(("p", "shown"), [(0, "got 0"), (-2, "got -2"), (2.5, "got 2.5"),
-                                          (4.0, "got 4.0"), (True, "got True")])
+@pytest.mark.parametrize(
+    ("p", "shown"),
+    [(0, "got 0"), (-2, "got -2"), (2.5, "got 2.5"), (4.0, "got 4.0"), (True, "got True")],
+)
 def test_invalid_exponent_is_rejected(p, shown):
     with pytest.raises(ValueError, match=f"p must be a positive integer, {shown}"):
         roots.inverse_pth_root(np.eye(2), p)
@@ -332,8 +341,9 @@ def test_invalid_options_are_rejected(keyword, value, message):
 
 @pytest.mark.parametrize("shape", [(3, 3), (2, 3, 4), (3,)])
 def test_batched_rejects_a_stack_of_the_wrong_shape(shape):
-    with pytest.raises(ValueError, match=f"got shape {tuple(shape)}".replace("(", r"\(")
-                       .replace(")", r"\)")):
+    with pytest.raises(
+        ValueError, match=f"got shape {tuple(shape)}".replace("(", r"\(").replace(")", r"\)")
+    ):
         roots.batched_inverse_pth_root(np.ones(shape), 4)
 
 

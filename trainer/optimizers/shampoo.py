@@ -48,7 +48,7 @@ from precond_service.blocks import PreconditionerBlock, StatisticsBlock
 from trainer.optimizers import blocking
 
 GRAFT_TYPES = ("adagrad", "adam", "sgd", "none")
-PRECONDITION_MODES = ("sync", "async")
+PRECONDITION_MODES = ("sync", "async", "off")
 
 # stats_step of a block that has no preconditioner yet.
 NO_PRECONDITIONER = -1
@@ -167,7 +167,9 @@ class Shampoo(keras.optimizers.Optimizer):
             not finite) is not used; the block keeps its previous root.
         precondition_mode: "sync" computes roots inside the step (host NumPy,
             needs `jit_compile=False`); "async" only uses roots given to
-            `assign_preconditioners` (by the preconditioner service).
+            `assign_preconditioners` (by the preconditioner service); "off"
+            keeps no statistics and applies the grafting update alone (a
+            baseline that differs from Shampoo only in the preconditioner).
         name: Optimizer name.
         **kwargs: Further `keras.optimizers.Optimizer` arguments (clipnorm, ...).
     """
@@ -266,6 +268,10 @@ class Shampoo(keras.optimizers.Optimizer):
         plan = blocking.make_plan(
             variable.shape, self.block_size, self.skip_preconditioning_dim_size_gt
         )
+        if self.precondition_mode == "off":
+            plan = dataclasses.replace(
+                plan, preconditioned=tuple(False for _ in plan.merged_shape), groups=()
+            )
         slot = path.replace("/", "_")
         factors = []
         for g, group in enumerate(plan.groups):

@@ -1,0 +1,163 @@
+"""Starts the two halves of an asynchronous-Shampoo job explicitly.
+
+By default `python -m trainer` starts its preconditioner service itself. For a
+service on another (CPU) host, start each half on its host:
+
+    # on the CPU host (binding a non-loopback address needs a token):
+    python scripts/launch_job.py service --host=0.0.0.0 --port=50051 --workers=16 \\
+        --token_file=secret --address_file=/shared/job1.address
+
+    # on the accelerator host:
+    python scripts/launch_job.py trainer --address_file=/shared/job1.address \\
+        --token_file=secret -- --config=configs/wmt14_en_fr.py:big_shampoo --workdir=runs/big
+
+`trainer` waits until the service reports SERVING, then runs `python -m trainer`
+with `--config.precond.address` (and the token file) set. `local` does both on
+this host as two processes, which is what the default does, made explicit:
+
+    python scripts/launch_job.py local --workers=2 -- --config=configs/quickstart.py \\
+        --workdir=/tmp/quickstart
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+# Runs from a checkout without installation too.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from precond_service.client import wait_for_serving  # noqa: E402
+from trainer.service_process import local_service  # noqa: E402
+
+
+def _service(args: argparse.Namespace) -> int:
+    port_file = args.address_file + ".port" if args.address_file else None
+    command = [
+        sys.executable,
+        "-m",
+        "precond_service",
+        f"--host={args.host}",
+        f"--port={args.port}",
+        f"--workers={args.workers}",
+    ]
+    if args.token_file:
+        command.append(f"--token_file={args.token_file}")
+    if port_file:
+        command.append(f"--port_file={port_file}")
+    command += args.service_flags
+    process = subprocess.Popen(command)
+    try:
+        if args.address_file:
+            address = _published_address(args, port_file, process)
+            print(f"precond_service serving at {address} (written to {args.address_file})")
+        return process.wait()
+    except KeyboardInterrupt:
+        process.send_signal(signal.SIGTERM)
+        return process.wait()
+
+
+def _published_address(args: argparse.Namespace, port_file: str, process: subprocess.Popen) -> str:
+    """Waits for the service's port and writes "HOST:PORT" other hosts can reach."""
+    deadline = time.monotonic() + args.startup_timeout_s
+    while not os.path.exists(port_file) or not open(port_file).read().strip():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"precond_service did not start (exit code {process.poll()})")
+        time.sleep(0.1)
+    port = open(port_file).read().strip()
+    host = args.advertise_host or (
+        socket.getfqdn() if args.host in ("0.0.0.0", "::", "[::]") else args.host
+    )
+    address = f"{host}:{port}"
+    tmp = args.address_file + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(address + "\n")
+    os.replace(tmp, args.address_file)
+    return address
+
+
+def _resolve_address(args: argparse.Namespace) -> str:
+    if args.address:
+        return args.address
+    deadline = time.monotonic() + args.startup_timeout_s
+    while time.monotonic() < deadline:
+        if os.path.exists(args.address_file):
+            address = open(args.address_file).read().strip()
+            if address:
+                return address
+        time.sleep(0.5)
+    raise SystemExit(f"no address appeared in {args.address_file} in {args.startup_timeout_s} s")
+
+
+def _run_trainer(address: str, args: argparse.Namespace) -> int:
+    command = [
+        sys.executable,
+        "-m",
+        "trainer",
+        *args.trainer_args,
+        f"--config.precond.address={address}",
+    ]
+    if args.token_file:
+        command.append(f"--config.precond.token_file={args.token_file}")
+    return subprocess.call(command)
+
+
+def _trainer(args: argparse.Namespace) -> int:
+    address = _resolve_address(args)
+    if not wait_for_serving(address, args.startup_timeout_s):
+        raise SystemExit(f"the service at {address} did not report SERVING")
+    print(f"service at {address} is SERVING; starting the trainer", flush=True)
+    return _run_trainer(address, args)
+
+
+def _local(args: argparse.Namespace) -> int:
+    extra = list(args.service_flags)
+    if args.token_file:
+        extra.append(f"--token_file={args.token_file}")
+    with local_service(workers=args.workers, extra_args=extra) as address:
+        print(f"service at {address} is SERVING; starting the trainer", flush=True)
+        return _run_trainer(address, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="half", required=True)
+
+    service = sub.add_parser("service", help="run the preconditioner service on this host")
+    service.add_argument("--host", default="127.0.0.1", help="address to bind")
+    service.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one")
+    service.add_argument("--advertise_host", default="", help="host name written for trainers")
+    service.add_argument("--address_file", default="", help="file to write HOST:PORT into")
+
+    trainer = sub.add_parser("trainer", help="run the trainer against a running service")
+    where = trainer.add_mutually_exclusive_group(required=True)
+    where.add_argument("--address", default="", help="HOST:PORT of the service")
+    where.add_argument("--address_file", default="", help="file the service half wrote")
+
+    local = sub.add_parser("local", help="run both halves on this host")
+    for p in (service, trainer, local):
+        p.add_argument("--token_file", default="", help="shared token file")
+        p.add_argument("--startup_timeout_s", type=float, default=300.0)
+    for p in (service, local):
+        p.add_argument("--workers", type=int, default=1, help="service worker processes")
+        p.add_argument(
+            "--service_flag",
+            dest="service_flags",
+            action="append",
+            default=[],
+            help="further python -m precond_service flag (repeatable)",
+        )
+    for p in (trainer, local):
+        p.add_argument("trainer_args", nargs="+", help="python -m trainer flags, after --")
+
+    args = parser.parse_args(argv)
+    return {"service": _service, "trainer": _trainer, "local": _local}[args.half](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

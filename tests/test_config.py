@@ -1,0 +1,168 @@
+"""Configs: every shipped variant loads and validates; overrides and errors from the CLI."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from trainer import config as config_lib
+from trainer.optimizers import Shampoo
+from trainer.train import WarmupSchedule, make_optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_config_file(name: str, variant: str | None = None):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if variant is None else module.get_config(variant)
+
+
+@pytest.mark.parametrize("size", ["tiny", "base", "big"])
+@pytest.mark.parametrize("optimizer", ["shampoo", "adam", "adagrad"])
+def test_wmt14_variants_validate_and_set_size_and_optimizer(size, optimizer):
+    config = load_config_file("wmt14_en_fr", f"{size}_{optimizer}")
+    config_lib.validate(config)
+    assert config.optimizer.name == optimizer
+    assert config.precond.mode == ("async" if optimizer == "shampoo" else "off")
+    assert config.model.d_model == {"tiny": 128, "base": 512, "big": 1024}[size]
+    assert config.data.source == "wmt14"
+
+
+def test_wmt14_default_variant_is_base_shampoo():
+    assert load_config_file("wmt14_en_fr").to_dict() == (
+        load_config_file("wmt14_en_fr", "base_shampoo").to_dict()
+    )
+
+
+def test_unknown_variant_names_the_choices():
+    with pytest.raises(ValueError, match="huge_shampoo.*size in.*base.*big.*tiny"):
+        load_config_file("wmt14_en_fr", "huge_shampoo")
+
+
+@pytest.mark.parametrize("variant", ["shampoo", "sync", "adam", "adagrad"])
+def test_quickstart_variants_validate_offline(variant):
+    config = load_config_file("quickstart", variant)
+    config_lib.validate(config)
+    assert config.data.source == "numbers"
+
+
+def test_text_config_needs_the_files_and_names_the_field():
+    config = load_config_file("text_en_fr", "tiny_adam")
+    with pytest.raises(ValueError, match=r"config\.data\.train_files is required"):
+        config_lib.validate(config)
+    config.data.train_files = "a.tsv"
+    with pytest.raises(ValueError, match=r"config\.data\.dev_files is required"):
+        config_lib.validate(config)
+    config.data.dev_files = "dev.en,dev.fr"
+    config_lib.validate(config)
+    assert config.optimizer.name == "adam"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        (
+            "precond.mode",
+            "fast",
+            r"config\.precond\.mode must be one of \['async', 'sync', 'off'\]",
+        ),
+        ("optimizer.name", "sgd", r"config\.optimizer\.name must be one of"),
+        ("data.source", "web", r"config\.data\.source must be one of"),
+        ("train.num_steps", 0, r"config\.train\.num_steps must be >= 1, got 0"),
+        ("model.num_heads", 3, r"d_model must be divisible by config\.model\.num_heads"),
+    ],
+)
+def test_validate_names_field_value_and_allowed_values(field, value, message):
+    config = config_lib.default_config()
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate(config)
+
+
+def test_sync_mode_with_xla_is_refused_with_the_reason():
+    config = config_lib.default_config()
+    config.precond.mode = "sync"
+    config.train.jit_compile = True
+    with pytest.raises(ValueError, match="jit_compile=True is not possible"):
+        config_lib.validate(config)
+
+
+def test_first_order_optimizers_need_precond_off():
+    config = config_lib.default_config()
+    config.optimizer.name = "adam"
+    with pytest.raises(ValueError, match=r'precond\.mode must be "off"'):
+        config_lib.validate(config)
+
+
+def _run_trainer_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "trainer", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+
+
+def test_cli_rejects_misspelt_field_wrong_type_and_bad_choice(tmp_path):
+    workdir = str(tmp_path / "w")
+    misspelt = _run_trainer_cli(
+        "--config=configs/quickstart.py", f"--workdir={workdir}", "--config.train.num_stpes=5"
+    )
+    assert misspelt.returncode != 0
+    assert "num_stpes" in misspelt.stderr
+
+    wrong_type = _run_trainer_cli(
+        "--config=configs/quickstart.py", f"--workdir={workdir}", "--config.train.num_steps=many"
+    )
+    assert wrong_type.returncode != 0
+    assert "num_steps" in wrong_type.stderr
+
+    bad_choice = _run_trainer_cli(
+        "--config=configs/quickstart.py:adam", f"--workdir={workdir}", "--config.precond.mode=fast"
+    )
+    assert bad_choice.returncode != 0
+    assert "config.precond.mode must be one of ['async', 'sync', 'off'], got 'fast'" in (
+        bad_choice.stderr
+    )
+    # Nothing was trained: refused before any work.
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_warmup_then_inverse_square_root():
+    schedule = WarmupSchedule(peak=1e-3, warmup_steps=100, decay="rsqrt")
+    rates = [float(schedule(step)) for step in (0, 49, 99, 399, 9999)]
+    np.testing.assert_allclose(rates, [1e-5, 5e-4, 1e-3, 5e-4, 1e-4], rtol=1e-5)
+    flat = WarmupSchedule(peak=1e-3, warmup_steps=100, decay="constant")
+    assert float(flat(9999)) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize(
+    ("name", "mode", "cls"),
+    [
+        ("adam", "off", keras.optimizers.Adam),
+        ("adagrad", "off", keras.optimizers.Adagrad),
+        ("shampoo", "async", Shampoo),
+        ("shampoo", "sync", Shampoo),
+        ("shampoo", "off", Shampoo),
+    ],
+)
+def test_make_optimizer_follows_name_and_precond_mode(name, mode, cls):
+    config = config_lib.default_config()
+    config.optimizer.name = name
+    config.precond.mode = mode
+    config.precond.update_steps = 7
+    optimizer = make_optimizer(config)
+    assert isinstance(optimizer, cls)
+    if cls is Shampoo:
+        assert optimizer.precondition_mode == mode
+        assert optimizer.preconditioning_compute_steps == 7

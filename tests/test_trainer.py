@@ -1,0 +1,212 @@
+"""The training loop end to end on the generated numbers task, with a tiny model.
+
+Every optimizer and precond.mode trains a few steps; the async mode runs against
+a real service child process; checkpoints resume; translation works from a
+workdir; the quickstart command runs end to end (slow).
+"""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from precond_service.client import wait_for_serving
+from trainer import train
+from trainer.config import default_config
+from trainer.optimizers.service_bridge import staleness
+from trainer.translate import load_translator
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def vocab_path(tmp_path_factory):
+    """One SentencePiece model shared by the module's runs (trained by the first)."""
+    return str(tmp_path_factory.mktemp("vocab") / "spm.model")
+
+
+def tiny_config(vocab_path: str, optimizer: str = "shampoo", mode: str = "sync"):
+    config = default_config()
+    data = config.data
+    data.source = "numbers"
+    data.numbers_train_size = 2000
+    data.numbers_eval_size = 20
+    data.numbers_max = 99_999
+    data.vocab_path = vocab_path
+    data.vocab_size = 150
+    data.vocab_train_sentences = 4000
+    data.max_length = 32
+    data.max_eval_length = 40
+    data.tokens_per_batch = 256
+    data.shuffle_buffer = 500
+    data.eval_batch_size = 10
+    data.eval_bleu_examples = 10
+    config.model.update(
+        num_layers=1, d_model=32, num_heads=2, d_ff=64, dropout=0.0, attention_dropout=0.0
+    )
+    config.model.max_length = 64
+    config.decode.beam_size = 2
+    config.decode.max_extra_length = 8
+    config.train.update(
+        num_steps=8,
+        steps_per_loop=4,
+        summary_every_steps=4,
+        checkpoint_every_steps=4,
+        eval_every_steps=0,
+        log_every_s=0.0,
+    )
+    config.optimizer.name = optimizer
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.warmup_steps = 2
+    config.optimizer.shampoo.start_preconditioning_step = 2
+    config.optimizer.shampoo.block_size = 32
+    config.precond.mode = mode
+    config.precond.update_steps = 2
+    config.precond.pull_interval_s = 0.1
+    return config
+
+
+def _weights(model) -> list[np.ndarray]:
+    return [v.numpy() for v in model.weights]
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "mode"),
+    [("adam", "off"), ("adagrad", "off"), ("shampoo", "off"), ("shampoo", "sync")],
+)
+def test_each_optimizer_and_mode_trains_checkpoints_and_evaluates(
+    tmp_path, vocab_path, optimizer, mode, caplog
+):
+    config = tiny_config(vocab_path, optimizer, mode)
+    caplog.set_level(logging.INFO, logger="trainer.train")
+    trainer = train.Trainer(config, str(tmp_path))
+    before = _weights(trainer.model)
+    result = trainer.train_and_evaluate()
+
+    assert result.step == 8
+    assert np.isfinite(result.train_loss) and np.isfinite(result.dev_loss)
+    assert 0.0 <= result.dev_bleu <= 100.0 and 0.0 <= result.test_bleu <= 100.0
+    assert any(not np.array_equal(a, b) for a, b in zip(before, _weights(trainer.model)))
+    assert json.loads((tmp_path / "results.json").read_text())["step"] == 8
+    assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["name"] == optimizer
+    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-8")
+    assert list((tmp_path / "summaries").glob("events.out.tfevents.*"))
+    assert any("step 8/8 | loss" in r.getMessage() for r in caplog.records)
+    held = staleness(trainer.optimizer) if optimizer == "shampoo" else None
+    if mode == "sync":
+        # Roots computed at steps 2, 4 and 6 inside the step: the last is 2 steps old.
+        assert held.fraction_preconditioned > 0.5
+        assert held.min == 2
+    if optimizer == "shampoo" and mode == "off":
+        assert held.fraction_preconditioned == 0.0
+
+
+def test_async_mode_gets_roots_from_a_real_service_child(tmp_path, vocab_path):
+    config = tiny_config(vocab_path, "shampoo", "async")
+    config.train.num_steps = 12
+    trainer = train.Trainer(config, str(tmp_path))
+    with trainer.preconditioning() as bridge:
+        address = bridge.client.address
+        assert address.startswith("127.0.0.1:")
+        assert wait_for_serving(address, 5.0)
+        trainer.train(bridge, until_step=4)
+        # The pushes went out at steps 2 and 4; wait for every block's root to come back.
+        deadline = time.monotonic() + 60
+        while staleness(trainer.optimizer).fraction_preconditioned < 1.0:
+            assert time.monotonic() < deadline, bridge.client.status()
+            time.sleep(0.1)
+            bridge.after_steps()
+        first = staleness(trainer.optimizer)
+        trainer.train(bridge, until_step=12)
+        status = bridge.client.status()
+    assert first.fraction_preconditioned == 1.0
+    assert first.max <= 4
+    assert status.pushes_sent >= 2 and status.preconditioners_received > 0
+    assert status.push_failures == 0 and status.blocks_rejected == 0
+    assert int(trainer.optimizer.iterations.numpy()) == 12
+    # The child is gone once the block ends.
+    assert not wait_for_serving(address, 1.0)
+
+
+def test_resume_restores_weights_optimizer_and_step(tmp_path, vocab_path):
+    config = tiny_config(vocab_path, "shampoo", "sync")
+    first = train.Trainer(config, str(tmp_path))
+    first.train(None, until_step=4)
+    saved = _weights(first.model)
+    saved_roots = first.optimizer.preconditioner_stats_steps()
+    assert first.manager.latest_checkpoint.endswith("ckpt-4")
+
+    second = train.Trainer(config, str(tmp_path))
+    assert second.restored_step == 4
+    for a, b in zip(saved, _weights(second.model)):
+        np.testing.assert_array_equal(a, b)
+    assert second.optimizer.preconditioner_stats_steps() == saved_roots
+    second.train(None)
+    assert int(second.optimizer.iterations.numpy()) == 8
+
+
+def test_diverging_loss_stops_with_the_step_and_what_to_try(tmp_path, vocab_path):
+    config = tiny_config(vocab_path, "adam", "off")
+    config.train.max_loss = 1e-3
+    trainer = train.Trainer(config, str(tmp_path))
+    with pytest.raises(FloatingPointError, match=r"at step 4 .*learning_rate"):
+        trainer.train(None)
+
+
+def test_translate_cli_and_library_use_the_newest_checkpoint(tmp_path, vocab_path):
+    config = tiny_config(vocab_path, "adam", "off")
+    config.train.num_steps = 4
+    train.Trainer(config, str(tmp_path)).train(None)
+    translator, checkpoint = load_translator(str(tmp_path), beam_size=1)
+    assert checkpoint.endswith("ckpt-4")
+    lines = ["twelve", "three hundred and four", ""]
+    assert len(translator.translate(lines)) == 3
+
+    completed = subprocess.run(
+        [sys.executable, "-m", "trainer.translate", f"--workdir={tmp_path}"],
+        input="twelve\nforty-one\n",
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert len(completed.stdout.splitlines()) == 2
+    missing = subprocess.run(
+        [sys.executable, "-m", "trainer.translate", f"--workdir={tmp_path / 'nothing'}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert missing.returncode != 0
+    assert "config.json does not exist" in missing.stderr
+
+
+@pytest.mark.slow
+def test_quickstart_command_end_to_end(tmp_path):
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "--config=configs/quickstart.py",
+            f"--workdir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=1200,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["dev_bleu"] > 20.0
+    assert "staleness" in completed.stderr

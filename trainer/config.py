@@ -1,0 +1,257 @@
+"""The one config schema every experiment shares, and its validation.
+
+Config files under `configs/` start from `default_config()` and override fields;
+`python -m trainer --config=configs/<file>.py[:<variant>] --config.<field>=<value>`
+loads them with ml_collections, which type-checks overrides and rejects a
+misspelt field (the config is locked). `validate()` then checks the values that
+a type cannot: choices, ranges and fields that only make sense together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+OPTIMIZERS = ("shampoo", "adam", "adagrad")
+PRECOND_MODES = ("async", "sync", "off")
+DATA_SOURCES = ("wmt14", "text", "numbers")
+SCHEDULES = ("rsqrt", "constant")
+MIXED_PRECISION = ("", "mixed_float16", "mixed_bfloat16")
+GRAFT_TYPES = ("adam", "adagrad", "sgd", "none")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """All fields with their defaults: a Transformer-base WMT'14 En->Fr run with Shampoo."""
+    config = ml_collections.ConfigDict()
+    # Seed of parameter initialisation, dropout and data shuffling.
+    config.seed = 0
+
+    config.train = ml_collections.ConfigDict()
+    # Training steps in all (the run ends there; a resumed run counts from its checkpoint).
+    config.train.num_steps = 100_000
+    # Steps run inside one tf.function call; host work (pushes, summaries,
+    # checkpoints) happens between such inner loops.
+    config.train.steps_per_loop = 100
+    # Seconds between progress lines on the console.
+    config.train.log_every_s = 5.0
+    # Steps between TensorBoard training summaries (rounded up to inner loops).
+    config.train.summary_every_steps = 100
+    # Steps between checkpoints (rounded up to inner loops); the last step is always saved.
+    config.train.checkpoint_every_steps = 2000
+    # Checkpoints kept in the workdir.
+    config.train.keep_checkpoints = 3
+    # Steps between evaluations on the dev set; 0 evaluates only at the end.
+    config.train.eval_every_steps = 5000
+    # "" (float32), "mixed_float16" (GPU) or "mixed_bfloat16".
+    config.train.mixed_precision = ""
+    # Compile the training step with XLA. Not possible with precond.mode="sync",
+    # whose roots run on the host inside the step.
+    config.train.jit_compile = False
+    # Loss above this (or non-finite) stops the run with a message.
+    config.train.max_loss = 1e4
+
+    config.data = ml_collections.ConfigDict()
+    # Where the sentence pairs come from: "wmt14" (TensorFlow Datasets),
+    # "text" (the user's parallel files) or "numbers" (generated, offline).
+    config.data.source = "wmt14"
+    # TFDS dataset of the "wmt14" source.
+    config.data.tfds_name = "wmt14_translate/fr-en"
+    # TFDS data directory; "" uses TFDS's default (~/tensorflow_datasets).
+    config.data.tfds_data_dir = ""
+    # Directory holding manually downloaded WMT'14 archives; "" for none.
+    config.data.tfds_manual_dir = ""
+    # Comma-separated WMT'14 training corpora to use, "" for all of them
+    # (e.g. "newscommentary_v9" for a small run).
+    config.data.train_subsets = ""
+    # Source and target language codes.
+    config.data.source_language = "en"
+    config.data.target_language = "fr"
+    # "text" source: each split is one tab-separated file (source<TAB>target) or
+    # two line-aligned files joined by a comma ("train.en,train.fr").
+    config.data.train_files = ""
+    config.data.dev_files = ""
+    config.data.test_files = ""
+    # "numbers" source: sizes of the generated splits and the largest number.
+    config.data.numbers_train_size = 20_000
+    config.data.numbers_eval_size = 500
+    config.data.numbers_max = 999_999
+    # SentencePiece model path; "" puts it in the workdir. Trained on the
+    # training data when missing, reused when present.
+    config.data.vocab_path = ""
+    # Joint source+target SentencePiece vocabulary size.
+    config.data.vocab_size = 32_000
+    # Sentences (source and target each count) sampled to train SentencePiece.
+    config.data.vocab_train_sentences = 1_000_000
+    # Training pairs with more tokens than this on either side are dropped.
+    config.data.max_length = 256
+    # Dev/test sources are cut to this many tokens.
+    config.data.max_eval_length = 512
+    # Token budget of a training batch (padding included).
+    config.data.tokens_per_batch = 4096
+    # Examples held in the shuffle buffer.
+    config.data.shuffle_buffer = 100_000
+    # Evaluation batch size, in sentences.
+    config.data.eval_batch_size = 64
+    # Dev sentences translated for BLEU during training; 0 for all.
+    config.data.eval_bleu_examples = 1000
+
+    config.model = ml_collections.ConfigDict()
+    config.model.num_layers = 6
+    config.model.d_model = 512
+    config.model.num_heads = 8
+    config.model.d_ff = 2048
+    config.model.dropout = 0.1
+    config.model.attention_dropout = 0.1
+    # Positions the model can embed (source and target).
+    config.model.max_length = 1024
+    config.model.label_smoothing = 0.1
+
+    config.decode = ml_collections.ConfigDict()
+    # 1 is greedy decoding.
+    config.decode.beam_size = 4
+    # GNMT length penalty alpha: scores are divided by ((5 + length) / 6) ** alpha.
+    config.decode.length_penalty = 0.6
+    # Output may be this many tokens longer than the source.
+    config.decode.max_extra_length = 50
+
+    config.optimizer = ml_collections.ConfigDict()
+    # "shampoo", "adam" or "adagrad".
+    config.optimizer.name = "shampoo"
+    # Peak learning rate, reached at the end of warmup.
+    config.optimizer.learning_rate = 1e-3
+    # "rsqrt": linear warmup, then decay as 1/sqrt(step). "constant": warmup, then flat.
+    config.optimizer.schedule = "rsqrt"
+    config.optimizer.warmup_steps = 4000
+    # First moment (Adam and Shampoo momentum); 0 turns it off.
+    config.optimizer.beta1 = 0.9
+    # Second-moment decay (Adam, Shampoo statistics and Adam grafting).
+    config.optimizer.beta2 = 0.98
+    # Epsilon of Adam's and AdaGrad's denominators.
+    config.optimizer.epsilon = 1e-9
+    # Decoupled weight decay; 0 for none.
+    config.optimizer.weight_decay = 0.0
+    # Global gradient-norm clipping; 0 for none.
+    config.optimizer.clip_norm = 0.0
+    # Shampoo-only settings.
+    config.optimizer.shampoo = ml_collections.ConfigDict()
+    config.optimizer.shampoo.block_size = 128
+    # Layer-wise grafting: "adam", "adagrad", "sgd" or "none".
+    config.optimizer.shampoo.graft_type = "adam"
+    config.optimizer.shampoo.nesterov = False
+    # Graft-only steps before preconditioning starts.
+    config.optimizer.shampoo.start_preconditioning_step = 100
+    # Steps between statistics updates.
+    config.optimizer.shampoo.statistics_compute_steps = 1
+    # Dimensions larger than this are not preconditioned (vocabulary side of the embedding).
+    config.optimizer.shampoo.skip_preconditioning_dim_size_gt = 4096
+    config.optimizer.shampoo.matrix_epsilon = 1e-6
+    # 0 uses the exponent -1/(2 * rank); p > 0 uses -1/p.
+    config.optimizer.shampoo.exponent_override = 0
+    # Roots with a larger relative error are not installed.
+    config.optimizer.shampoo.inverse_failure_threshold = 0.1
+
+    config.precond = ml_collections.ConfigDict()
+    # "async" (roots from the service), "sync" (roots inside the trainer every
+    # update_steps) or "off" (grafting optimizer only).
+    config.precond.mode = "async"
+    # Service address HOST:PORT; "" starts a service child process on loopback.
+    config.precond.address = ""
+    # Steps between statistics pushes (async) or root computations (sync).
+    config.precond.update_steps = 100
+    # Worker processes of a service the trainer starts itself.
+    config.precond.workers = 1
+    # Further flags for a service the trainer starts, space-separated.
+    config.precond.service_flags = ""
+    # Run id at the service; "" derives one from the workdir.
+    config.precond.run_id = ""
+    # Seconds between the client's pulls of new preconditioners.
+    config.precond.pull_interval_s = 1.0
+    # File holding the service's shared token; "" reads the PRECOND_SERVICE_TOKEN
+    # environment variable, if set. The token itself never goes into the config.
+    config.precond.token_file = ""
+    return config
+
+
+def _check_choice(config: ml_collections.ConfigDict, field: str, allowed: Sequence[Any]) -> None:
+    value = _get(config, field)
+    if value not in allowed:
+        raise ValueError(f"config.{field} must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_min(config: ml_collections.ConfigDict, field: str, minimum: float) -> None:
+    value = _get(config, field)
+    if value < minimum:
+        raise ValueError(f"config.{field} must be >= {minimum}, got {value!r}")
+
+
+def _get(config: ml_collections.ConfigDict, field: str) -> Any:
+    value: Any = config
+    for part in field.split("."):
+        value = value[part]
+    return value
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks values a field's type does not; raises ValueError naming the field."""
+    _check_choice(config, "optimizer.name", OPTIMIZERS)
+    _check_choice(config, "precond.mode", PRECOND_MODES)
+    _check_choice(config, "data.source", DATA_SOURCES)
+    _check_choice(config, "optimizer.schedule", SCHEDULES)
+    _check_choice(config, "train.mixed_precision", MIXED_PRECISION)
+    _check_choice(config, "optimizer.shampoo.graft_type", GRAFT_TYPES)
+    for field in (
+        "train.num_steps",
+        "train.steps_per_loop",
+        "train.summary_every_steps",
+        "train.checkpoint_every_steps",
+        "train.keep_checkpoints",
+        "data.vocab_size",
+        "data.max_length",
+        "data.tokens_per_batch",
+        "data.eval_batch_size",
+        "model.num_layers",
+        "model.d_model",
+        "model.num_heads",
+        "model.d_ff",
+        "decode.beam_size",
+        "optimizer.shampoo.block_size",
+        "precond.update_steps",
+        "precond.workers",
+    ):
+        _check_min(config, field, 1)
+    for field in ("train.eval_every_steps", "optimizer.warmup_steps", "data.eval_bleu_examples"):
+        _check_min(config, field, 0)
+    if config.model.d_model % config.model.num_heads:
+        raise ValueError(
+            "config.model.d_model must be divisible by config.model.num_heads, got "
+            f"{config.model.d_model} and {config.model.num_heads}"
+        )
+    if config.data.tokens_per_batch < config.data.max_length:
+        raise ValueError(
+            "config.data.tokens_per_batch must hold one example of config.data.max_length "
+            f"tokens, got {config.data.tokens_per_batch} < {config.data.max_length}"
+        )
+    if config.model.max_length < max(config.data.max_length, config.data.max_eval_length):
+        raise ValueError(
+            "config.model.max_length must cover config.data.max_length and "
+            f"config.data.max_eval_length, got {config.model.max_length}"
+        )
+    if config.data.source == "text":
+        for split in ("train", "dev"):
+            if not config.data[f"{split}_files"]:
+                raise ValueError(
+                    f'config.data.{split}_files is required with config.data.source="text": '
+                    f'one tab-separated file, or two line-aligned files as "{split}.en,{split}.fr"'
+                )
+    if config.precond.mode == "sync" and config.train.jit_compile:
+        raise ValueError(
+            'config.train.jit_compile=True is not possible with config.precond.mode="sync" '
+            "(its roots run on the host inside the step); use async or set jit_compile=False"
+        )
+    if config.optimizer.name != "shampoo" and config.precond.mode != "off":
+        raise ValueError(
+            f'config.precond.mode must be "off" for config.optimizer.name='
+            f"{config.optimizer.name!r}, got {config.precond.mode!r}"
+        )

@@ -1,0 +1,576 @@
+"""Training and evaluation: the inner loop on the device, host work between inner loops.
+
+`train_and_evaluate(config, workdir)` is the whole job behind `python -m trainer`:
+
+1. data: pairs from the configured source, a joint SentencePiece vocabulary
+   (trained once, cached), a bucketed tf.data pipeline;
+2. model and optimizer, restored from the newest checkpoint in the workdir if any
+   (weights, optimizer state with the preconditioners held and their versions,
+   and the input iterator's position);
+3. with `precond.mode="async"`, the preconditioner service: started as a child
+   process on a free loopback port unless `precond.address` names one;
+4. the loop: a `tf.function` runs up to `train.steps_per_loop` steps; between
+   such inner loops the host pushes statistics every `precond.update_steps`
+   steps, installs newer roots, writes summaries, checkpoints and evaluates.
+   Inner loops end exactly at those events, so a push happens at a multiple of
+   `precond.update_steps` whatever `steps_per_loop` is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import shlex
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import keras
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from precond_service.client import PreconditionerClient
+from trainer import config as config_lib
+from trainer import evaluation
+from trainer.data import pipeline, sources
+from trainer.data import tokenizer as tokenizer_lib
+from trainer.model import transformer
+from trainer.optimizers import Shampoo
+from trainer.optimizers.service_bridge import ServicePreconditioning, staleness
+from trainer.service_process import local_service
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+TOKEN_ENV = "PRECOND_SERVICE_TOKEN"
+
+
+class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup to `peak`, then `peak * sqrt(warmup / step)` ("rsqrt") or flat.
+
+    Args:
+        peak: Learning rate at the end of warmup.
+        warmup_steps: Steps of the linear warmup (0 for none).
+        decay: "rsqrt" or "constant".
+    """
+
+    def __init__(self, peak: float, warmup_steps: int, decay: str = "rsqrt"):
+        if decay not in config_lib.SCHEDULES:
+            raise ValueError(f"decay must be one of {config_lib.SCHEDULES}, got {decay!r}")
+        self.peak = float(peak)
+        self.warmup_steps = int(warmup_steps)
+        self.decay = decay
+
+    def __call__(self, step: tf.Tensor) -> tf.Tensor:
+        # Step s applies learning_rate(s); count from 1 so the first step moves.
+        step = tf.cast(step, tf.float32) + 1.0
+        warmup = float(max(self.warmup_steps, 1))
+        rate = self.peak * tf.minimum(1.0, step / warmup)
+        if self.decay == "rsqrt":
+            rate *= tf.minimum(1.0, tf.sqrt(warmup / step))
+        return rate
+
+    def get_config(self) -> dict[str, Any]:
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "decay": self.decay}
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> keras.optimizers.Optimizer:
+    """The optimizer `config.optimizer` and `config.precond` describe."""
+    opt = config.optimizer
+    schedule = WarmupSchedule(opt.learning_rate, opt.warmup_steps, opt.schedule)
+    common: dict[str, Any] = {"learning_rate": schedule}
+    if opt.weight_decay:
+        common["weight_decay"] = opt.weight_decay
+    if opt.name == "adam":
+        return keras.optimizers.Adam(
+            beta_1=opt.beta1, beta_2=opt.beta2, epsilon=opt.epsilon, **common
+        )
+    if opt.name == "adagrad":
+        return keras.optimizers.Adagrad(epsilon=opt.epsilon, **common)
+    sh = opt.shampoo
+    return Shampoo(
+        block_size=sh.block_size,
+        beta1=opt.beta1,
+        beta2=opt.beta2,
+        nesterov=sh.nesterov,
+        matrix_epsilon=sh.matrix_epsilon,
+        diagonal_epsilon=opt.epsilon,
+        graft_type=sh.graft_type,
+        start_preconditioning_step=sh.start_preconditioning_step,
+        statistics_compute_steps=sh.statistics_compute_steps,
+        preconditioning_compute_steps=config.precond.update_steps,
+        skip_preconditioning_dim_size_gt=sh.skip_preconditioning_dim_size_gt,
+        exponent_override=sh.exponent_override or None,
+        inverse_failure_threshold=sh.inverse_failure_threshold,
+        precondition_mode=config.precond.mode,
+        **common,
+    )
+
+
+def run_id_for(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """The run's name at the service: `precond.run_id`, or one derived from the workdir."""
+    if config.precond.run_id:
+        return config.precond.run_id
+    path = os.path.abspath(workdir)
+    return f"{os.uname().nodename}:{path}"
+
+
+def read_token(config: ml_collections.ConfigDict) -> str | None:
+    """The service token from `precond.token_file` or $PRECOND_SERVICE_TOKEN; None if neither."""
+    if config.precond.token_file:
+        try:
+            with open(config.precond.token_file) as f:
+                return f.read().strip() or None
+        except OSError as e:
+            raise ValueError(
+                f"config.precond.token_file={config.precond.token_file!r} cannot be read: {e}"
+            ) from e
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Writes the final config as JSON into the workdir, for reproducing the run."""
+    path = os.path.join(workdir, "config.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run wrote into `workdir` (for translation and inspection)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} does not exist: is {workdir!r} the --workdir of a training run?"
+        )
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def vocab_path_for(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Where the SentencePiece model lives: `data.vocab_path` or the workdir."""
+    return config.data.vocab_path or os.path.join(workdir, "spm.model")
+
+
+@dataclasses.dataclass
+class LoopMetrics:
+    """Sums over the steps since the last report."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    loss_sum: float = 0.0
+    weight_sum: float = 0.0
+    tokens: float = 0.0
+    grad_norm_sum: float = 0.0
+
+    def add(self, values: dict[str, np.ndarray], steps: int, seconds: float) -> None:
+        self.steps += steps
+        self.seconds += seconds
+        self.loss_sum += float(values["loss_sum"])
+        self.weight_sum += float(values["weight_sum"])
+        self.tokens += float(values["tokens"])
+        self.grad_norm_sum += float(values["grad_norm_sum"])
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.weight_sum, 1.0)
+
+    @property
+    def step_time(self) -> float:
+        return self.seconds / max(self.steps, 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    @property
+    def grad_norm(self) -> float:
+        return self.grad_norm_sum / max(self.steps, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What a finished run reports (also written to `workdir/results.json`)."""
+
+    step: int
+    train_loss: float
+    dev_loss: float
+    dev_bleu: float
+    test_loss: float | None
+    test_bleu: float | None
+    train_seconds: float
+
+
+class Trainer:
+    """Builds data, model and optimizer from a config, and runs the training loop.
+
+    Args:
+        config: A full config (see trainer/config.py); validated here.
+        workdir: Checkpoints, summaries, vocabulary and the final config go here.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        config_lib.validate(config)
+        self.config = config
+        self.workdir = workdir
+        os.makedirs(workdir, exist_ok=True)
+        write_config(config, workdir)
+        keras.utils.set_random_seed(config.seed)
+        if config.train.mixed_precision:
+            keras.mixed_precision.set_global_policy(config.train.mixed_precision)
+
+        self.tokenizer = tokenizer_lib.load_or_train(
+            vocab_path_for(config, workdir),
+            sources.load_pairs(config.data, "train", seed=config.seed),
+            vocab_size=config.data.vocab_size,
+            max_sentences=config.data.vocab_train_sentences,
+            seed=config.seed,
+        )
+        train_ds = pipeline.train_dataset(
+            sources.load_pairs(config.data, "train", seed=config.seed),
+            self.tokenizer,
+            max_length=config.data.max_length,
+            tokens_per_batch=config.data.tokens_per_batch,
+            shuffle_buffer=config.data.shuffle_buffer,
+            seed=config.seed,
+        )
+        self.iterator = iter(train_ds)
+        self.model = transformer.build_transformer(config.model, self.tokenizer.vocab_size)
+        self.optimizer = make_optimizer(config)
+        self.optimizer.build(self.model.trainable_variables)
+        # Loss scaling for float16; bfloat16 has float32's range and needs none.
+        self.step_optimizer = (
+            keras.optimizers.LossScaleOptimizer(self.optimizer)
+            if config.train.mixed_precision == "mixed_float16"
+            else self.optimizer
+        )
+        self.checkpoint = tf.train.Checkpoint(
+            model=self.model, optimizer=self.step_optimizer, iterator=self.iterator
+        )
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint,
+            os.path.join(workdir, CHECKPOINT_DIR),
+            max_to_keep=config.train.keep_checkpoints,
+        )
+        self.restored_step = self._restore()
+        self._loop_fn = self._make_loop_fn()
+        self.evaluator = evaluation.Evaluator(self.model, self.tokenizer, config)
+        self.summary_writer = tf.summary.create_file_writer(os.path.join(workdir, "summaries"))
+        self.last_train_loss = float("nan")
+        self.train_seconds = 0.0
+
+    # ------------------------------------------------------------ building
+
+    def _restore(self) -> int:
+        latest = self.manager.latest_checkpoint
+        if not latest:
+            log.info("no checkpoint in %s: starting from step 0", self.manager.directory)
+            return 0
+        self.checkpoint.restore(latest).assert_existing_objects_matched()
+        step = int(self.optimizer.iterations.numpy())
+        log.info("resumed from %s at step %d", latest, step)
+        return step
+
+    def _make_loop_fn(self):
+        model, optimizer = self.model, self.step_optimizer
+        variables = model.trainable_variables
+        label_smoothing = float(self.config.model.label_smoothing)
+        clip_norm = float(self.config.optimizer.clip_norm)
+        scale_loss = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+        def train_step(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            with tf.GradientTape() as tape:
+                logits = model(batch, training=True)
+                loss_sum, weight_sum = transformer.sequence_loss(
+                    logits, batch["targets"], label_smoothing
+                )
+                loss = loss_sum / tf.maximum(weight_sum, 1.0)
+                scaled = optimizer.scale_loss(loss) if scale_loss else loss
+            grads = tape.gradient(scaled, variables)
+            if scale_loss:
+                # The norm reported is that of the true gradient.
+                grads = [g / optimizer.dynamic_scale for g in grads]
+            grad_norm = tf.linalg.global_norm(grads)
+            if clip_norm > 0:
+                grads, _ = tf.clip_by_global_norm(grads, clip_norm, use_norm=grad_norm)
+            if scale_loss:
+                grads = [g * optimizer.dynamic_scale for g in grads]
+            optimizer.apply_gradients(zip(grads, variables))
+            tokens = tf.reduce_sum(tf.cast(batch["inputs"] > 0, tf.float32)) + weight_sum
+            return {
+                "loss_sum": loss_sum,
+                "weight_sum": weight_sum,
+                "tokens": tokens,
+                "grad_norm_sum": grad_norm,
+            }
+
+        step_fn = tf.function(train_step, jit_compile=bool(self.config.train.jit_compile))
+
+        @tf.function
+        def loop(iterator: Iterator, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
+            totals = {
+                name: tf.constant(0.0)
+                for name in ("loss_sum", "weight_sum", "tokens", "grad_norm_sum")
+            }
+            for _ in tf.range(num_steps):
+                values = step_fn(next(iterator))
+                totals = {name: totals[name] + tf.cast(values[name], tf.float32) for name in totals}
+            return totals
+
+        return loop
+
+    # ------------------------------------------------------------ the loop
+
+    def train_and_evaluate(self) -> TrainResult:
+        """Trains to `train.num_steps`, evaluating and checkpointing on the way."""
+        with self.preconditioning() as bridge:
+            try:
+                self.train(bridge)
+            except KeyboardInterrupt:
+                step = int(self.optimizer.iterations.numpy())
+                log.warning("interrupted at step %d: saving a checkpoint before exiting", step)
+                self.manager.save(checkpoint_number=step)
+                raise
+        return self.final_evaluation()
+
+    @contextlib.contextmanager
+    def preconditioning(self) -> Iterator[ServicePreconditioning | None]:
+        """The service connection of the async mode (None in the other modes).
+
+        Starts the service as a child process unless `precond.address` names
+        one, and stops the client and the child when the block ends.
+        """
+        if self.config.precond.mode != "async":
+            yield None
+            return
+        with contextlib.ExitStack() as stack:
+            yield self._connect_service(stack)
+
+    def _connect_service(self, stack: contextlib.ExitStack) -> ServicePreconditioning:
+        precond = self.config.precond
+        token = read_token(self.config)
+        address = precond.address
+        if not address:
+            flags = shlex.split(precond.service_flags)
+            if precond.token_file:
+                flags.append(f"--token_file={precond.token_file}")
+            address = stack.enter_context(local_service(workers=precond.workers, extra_args=flags))
+        run_id = run_id_for(self.config, self.workdir)
+        client = PreconditionerClient(
+            address, run_id, token=token, pull_interval_s=precond.pull_interval_s
+        )
+        try:
+            # The service may hold roots of this run_id from before a restart,
+            # computed from steps after our checkpoint: start the run afresh.
+            released = client.drop_run()
+            if released:
+                log.info("service released %d blocks of an earlier run %r", released, run_id)
+        except Exception as e:  # noqa: BLE001 - the service may be down; training goes on.
+            log.warning("could not reset run %r at %s (%s); continuing", run_id, address, e)
+        client.start()
+        stack.callback(client.close)
+        log.info("asynchronous preconditioning: service %s, run %r", address, run_id)
+        return ServicePreconditioning(self.optimizer, client, precond.update_steps)
+
+    def _next_loop_length(self, step: int, until: int) -> int:
+        """Steps until the next event (push, summary, checkpoint, eval, `until`), capped."""
+        train = self.config.train
+        periods = [train.summary_every_steps, train.checkpoint_every_steps]
+        if self.config.precond.mode == "async":
+            periods.append(self.config.precond.update_steps)
+        if train.eval_every_steps:
+            periods.append(train.eval_every_steps)
+        length = min(train.steps_per_loop, until - step)
+        for period in periods:
+            length = min(length, period - step % period)
+        return length
+
+    def train(self, bridge: ServicePreconditioning | None, until_step: int | None = None) -> None:
+        """Trains from the current step to `until_step` (default `train.num_steps`).
+
+        Args:
+            bridge: What `preconditioning()` yielded.
+            until_step: Stop there (at most `train.num_steps`).
+        """
+        config, train = self.config, self.config.train
+        step = int(self.optimizer.iterations.numpy())
+        until = min(until_step or train.num_steps, train.num_steps)
+        if step >= until:
+            log.info("already at step %d of %d: nothing to train", step, until)
+            return
+        log.info(
+            "training %s (%s, precond.mode=%s) from step %d to %d; %d parameters",
+            config.optimizer.name,
+            self.optimizer.__class__.__name__,
+            config.precond.mode,
+            step,
+            until,
+            sum(int(np.prod(v.shape)) for v in self.model.trainable_variables),
+        )
+        if bridge is not None:
+            bridge.after_steps()
+        report = LoopMetrics()
+        summary = LoopMetrics()
+        last_report = time.monotonic()
+        start_step = step
+        train_seconds = 0.0
+        while step < until:
+            length = self._next_loop_length(step, until)
+            began = time.perf_counter()
+            values = self._loop_fn(self.iterator, tf.constant(length, tf.int64))
+            values = {name: value.numpy() for name, value in values.items()}
+            seconds = time.perf_counter() - began
+            step += length
+            train_seconds += seconds
+            self.train_seconds += seconds
+            report.add(values, length, seconds)
+            summary.add(values, length, seconds)
+            loss = float(values["loss_sum"]) / max(float(values["weight_sum"]), 1.0)
+            self.last_train_loss = loss
+            if not math.isfinite(loss) or loss > train.max_loss:
+                raise FloatingPointError(
+                    f"training loss is {loss} at step {step} (limit config.train.max_loss="
+                    f"{train.max_loss}): lower config.optimizer.learning_rate, lengthen "
+                    "config.optimizer.warmup_steps or set config.optimizer.clip_norm"
+                )
+            installed = bridge.after_steps() if bridge is not None else 0
+            if installed:
+                log.debug("step %d: installed %d new preconditioners", step, installed)
+
+            now = time.monotonic()
+            if now - last_report >= train.log_every_s or step >= until:
+                remaining = (train.num_steps - step) * (train_seconds / (step - start_step))
+                self._log_progress(step, report, remaining)
+                report = LoopMetrics()
+                last_report = now
+            if step % train.summary_every_steps == 0 or step >= train.num_steps:
+                self._write_train_summaries(step, summary, bridge)
+                summary = LoopMetrics()
+            if step % train.checkpoint_every_steps == 0 or step >= train.num_steps:
+                path = self.manager.save(checkpoint_number=step)
+                log.info("step %d: saved %s", step, path)
+            if train.eval_every_steps and step % train.eval_every_steps == 0:
+                if step < train.num_steps:  # the final evaluation follows the loop
+                    self._evaluate("dev", step)
+
+    # ------------------------------------------------------------ reporting
+
+    def _staleness_text(self) -> str:
+        if not isinstance(self.optimizer, Shampoo) or self.config.precond.mode == "off":
+            return ""
+        held = staleness(self.optimizer)
+        if held.fraction_preconditioned == 0:
+            return " | precond: none yet"
+        return (
+            f" | staleness {held.min:.0f}/{held.mean:.0f}/{held.max:.0f}"
+            f" ({held.fraction_preconditioned:.0%} of blocks)"
+        )
+
+    def _log_progress(self, step: int, metrics: LoopMetrics, remaining_s: float) -> None:
+        lr = float(self.optimizer.learning_rate.numpy())
+        log.info(
+            "step %d/%d | loss %.4f | %.0f tok/s | %.1f ms/step | lr %.2e | ETA %s%s",
+            step,
+            self.config.train.num_steps,
+            metrics.loss,
+            metrics.tokens_per_second,
+            1000 * metrics.step_time,
+            lr,
+            _format_duration(remaining_s),
+            self._staleness_text(),
+        )
+
+    def _write_train_summaries(
+        self, step: int, metrics: LoopMetrics, bridge: ServicePreconditioning | None
+    ) -> None:
+        with self.summary_writer.as_default(step=step):
+            tf.summary.scalar("train/loss", metrics.loss)
+            tf.summary.scalar("train/learning_rate", float(self.optimizer.learning_rate.numpy()))
+            tf.summary.scalar("train/grad_norm", metrics.grad_norm)
+            tf.summary.scalar("train/tokens_per_second", metrics.tokens_per_second)
+            tf.summary.scalar("train/step_time_ms", 1000 * metrics.step_time)
+            if isinstance(self.optimizer, Shampoo) and self.config.precond.mode != "off":
+                held = staleness(self.optimizer)
+                tf.summary.scalar("precond/fraction_preconditioned", held.fraction_preconditioned)
+                if held.fraction_preconditioned > 0:
+                    tf.summary.scalar("precond/staleness_min", held.min)
+                    tf.summary.scalar("precond/staleness_mean", held.mean)
+                    tf.summary.scalar("precond/staleness_max", held.max)
+            if bridge is not None:
+                roots = bridge.client.latest()
+                if roots:
+                    errors = np.array([block.error for block in roots.values()])
+                    tf.summary.scalar("precond/root_error_mean", float(errors.mean()))
+                    tf.summary.scalar("precond/root_error_max", float(errors.max()))
+                status = bridge.client.status()
+                if status.last_push_latency_s is not None:
+                    tf.summary.scalar("precond/push_latency_ms", 1000 * status.last_push_latency_s)
+                if status.last_pull_latency_s is not None:
+                    tf.summary.scalar("precond/pull_latency_ms", 1000 * status.last_pull_latency_s)
+                tf.summary.scalar("precond/service_restarts_seen", status.restarts_seen)
+                tf.summary.scalar("precond/push_failures", status.push_failures)
+        self.summary_writer.flush()
+
+    def _evaluate(self, split: str, step: int, max_bleu_examples: int | None = None):
+        began = time.monotonic()
+        result = self.evaluator.evaluate(split, max_bleu_examples=max_bleu_examples)
+        with self.summary_writer.as_default(step=step):
+            tf.summary.scalar(f"{split}/loss", result.loss)
+            tf.summary.scalar(f"{split}/bleu", result.bleu)
+            if result.examples:
+                text = "\n\n".join(
+                    f"    {src}\n    -> {hyp}\n    ref {ref}" for src, hyp, ref in result.examples
+                )
+                tf.summary.text(f"{split}/translations", text)
+        self.summary_writer.flush()
+        log.info(
+            "step %d: %s loss %.4f | BLEU %.2f on %d sentences (%.0f s)",
+            step,
+            split,
+            result.loss,
+            result.bleu,
+            result.bleu_sentences,
+            time.monotonic() - began,
+        )
+        return result
+
+    def final_evaluation(self) -> TrainResult:
+        """Dev and test loss and BLEU (all test sentences); writes results.json."""
+        step = int(self.optimizer.iterations.numpy())
+        dev = self._evaluate("dev", step)
+        test = None
+        if self.evaluator.has_split("test"):
+            test = self._evaluate("test", step, max_bleu_examples=0)
+        result = TrainResult(
+            step=step,
+            train_loss=self.last_train_loss,
+            dev_loss=dev.loss,
+            dev_bleu=dev.bleu,
+            test_loss=None if test is None else test.loss,
+            test_bleu=None if test is None else test.bleu,
+            train_seconds=self.train_seconds,
+        )
+        with open(os.path.join(self.workdir, "results.json"), "w") as f:
+            json.dump(dataclasses.asdict(result), f, indent=2)
+        return result
+
+
+def _format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+    """Trains and evaluates as `config` says, in `workdir` (resuming from it if possible)."""
+    return Trainer(config, workdir).train_and_evaluate()
