@@ -144,7 +144,11 @@ class SharedEmbedding(keras.layers.Layer):
     def attend(self, hidden: tf.Tensor) -> tf.Tensor:
         """Output logits hidden @ E^T [..., vocab], float32, computed in the compute dtype."""
         kernel = tf.cast(self.embeddings, self.compute_dtype)
-        logits = tf.matmul(tf.cast(hidden, self.compute_dtype), kernel, transpose_b=True)
+        hidden = tf.cast(hidden, self.compute_dtype)
+        # One 2-D product: a broadcast batched matmul against the shared [vocab, d]
+        # kernel was several times slower on CPU (and its gradient too).
+        flat = tf.matmul(tf.reshape(hidden, [-1, self.d_model]), kernel, transpose_b=True)
+        logits = tf.reshape(flat, tf.concat([tf.shape(hidden)[:-1], [self.vocab_size]], 0))
         return tf.cast(logits, tf.float32)
 
 
@@ -281,15 +285,17 @@ class EncoderLayer(keras.layers.Layer):
     def _residual_dropouts(self) -> tuple[Dropout, ...]:
         return (self.self_attention_dropout, self.feed_forward_dropout)
 
-    def build(self, input_shape: Any) -> None:
-        shape = (None, None, self.d_model)
-        for layer in (
+    def _sublayers(self) -> tuple[keras.layers.Layer, ...]:
+        return (
             self.self_attention_norm,
             self.self_attention,
             self.feed_forward_norm,
             self.feed_forward,
-        ):
-            layer.build(shape)
+        )
+
+    def build(self, input_shape: Any) -> None:
+        for layer in self._sublayers():
+            layer.build((None, None, self.d_model))
         for dropout in self._residual_dropouts():
             dropout.build()
         self.built = True
@@ -303,7 +309,7 @@ class EncoderLayer(keras.layers.Layer):
         return x + self.feed_forward_dropout(transformed, training=training)
 
 
-class DecoderLayer(keras.layers.Layer):
+class DecoderLayer(EncoderLayer):
     """Pre-LN causal self-attention, encoder-decoder attention and feed-forward sub-layers."""
 
     def __init__(
@@ -315,43 +321,18 @@ class DecoderLayer(keras.layers.Layer):
         attention_dropout: float,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        self.d_model = d_model
-        self.self_attention_norm = _layer_norm("self_attention_norm")
-        self.self_attention = MultiHeadAttention(
-            d_model, num_heads, attention_dropout, name="self_attention"
-        )
-        self.self_attention_dropout = Dropout(dropout, name="self_attention_dropout")
+        super().__init__(d_model, num_heads, d_ff, dropout, attention_dropout, **kwargs)
         self.cross_attention_norm = _layer_norm("cross_attention_norm")
         self.cross_attention = MultiHeadAttention(
             d_model, num_heads, attention_dropout, name="cross_attention"
         )
         self.cross_attention_dropout = Dropout(dropout, name="cross_attention_dropout")
-        self.feed_forward_norm = _layer_norm("feed_forward_norm")
-        self.feed_forward = FeedForward(d_model, d_ff, dropout, name="feed_forward")
-        self.feed_forward_dropout = Dropout(dropout, name="feed_forward_dropout")
 
     def _residual_dropouts(self) -> tuple[Dropout, ...]:
-        return (
-            self.self_attention_dropout,
-            self.cross_attention_dropout,
-            self.feed_forward_dropout,
-        )
+        return (*super()._residual_dropouts(), self.cross_attention_dropout)
 
-    def build(self, input_shape: Any) -> None:
-        shape = (None, None, self.d_model)
-        for layer in (
-            self.self_attention_norm,
-            self.self_attention,
-            self.cross_attention_norm,
-            self.cross_attention,
-            self.feed_forward_norm,
-            self.feed_forward,
-        ):
-            layer.build(shape)
-        for dropout in self._residual_dropouts():
-            dropout.build()
-        self.built = True
+    def _sublayers(self) -> tuple[keras.layers.Layer, ...]:
+        return (*super()._sublayers(), self.cross_attention_norm, self.cross_attention)
 
     def _cross_attention_and_feed_forward(
         self,
@@ -426,8 +407,10 @@ class DecoderLayer(keras.layers.Layer):
         return x, cache_keys, cache_values
 
 
-class Encoder(keras.layers.Layer):
-    """Embedding dropout, a stack of `EncoderLayer`s and a final LayerNorm (pre-LN)."""
+class _Stack(keras.layers.Layer):
+    """Embedding dropout, a stack of `layer_class` layers and a final LayerNorm (pre-LN)."""
+
+    layer_class: type[keras.layers.Layer]
 
     def __init__(
         self,
@@ -443,7 +426,9 @@ class Encoder(keras.layers.Layer):
         self.d_model = d_model
         self.embedding_dropout = Dropout(dropout, name="embedding_dropout")
         self.layers = [
-            EncoderLayer(d_model, num_heads, d_ff, dropout, attention_dropout, name=f"layer_{i}")
+            self.layer_class(
+                d_model, num_heads, d_ff, dropout, attention_dropout, name=f"layer_{i}"
+            )
             for i in range(num_layers)
         ]
         self.final_norm = _layer_norm("final_norm")
@@ -454,6 +439,12 @@ class Encoder(keras.layers.Layer):
             layer.build((None, None, self.d_model))
         self.final_norm.build((None, None, self.d_model))
         self.built = True
+
+
+class Encoder(_Stack):
+    """The encoder: a stack of `EncoderLayer`s."""
+
+    layer_class = EncoderLayer
 
     def call(self, embedded: tf.Tensor, mask: tf.Tensor, training: bool = False) -> tf.Tensor:
         """Maps embedded sources [B, S, d_model] to encoder outputs [B, S, d_model]."""
@@ -463,34 +454,10 @@ class Encoder(keras.layers.Layer):
         return self.final_norm(x)
 
 
-class Decoder(keras.layers.Layer):
-    """Embedding dropout, a stack of `DecoderLayer`s and a final LayerNorm (pre-LN)."""
+class Decoder(_Stack):
+    """The decoder: a stack of `DecoderLayer`s."""
 
-    def __init__(
-        self,
-        num_layers: int,
-        d_model: int,
-        num_heads: int,
-        d_ff: int,
-        dropout: float,
-        attention_dropout: float,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.d_model = d_model
-        self.embedding_dropout = Dropout(dropout, name="embedding_dropout")
-        self.layers = [
-            DecoderLayer(d_model, num_heads, d_ff, dropout, attention_dropout, name=f"layer_{i}")
-            for i in range(num_layers)
-        ]
-        self.final_norm = _layer_norm("final_norm")
-
-    def build(self, input_shape: Any) -> None:
-        self.embedding_dropout.build()
-        for layer in self.layers:
-            layer.build((None, None, self.d_model))
-        self.final_norm.build((None, None, self.d_model))
-        self.built = True
+    layer_class = DecoderLayer
 
     def call(
         self,
