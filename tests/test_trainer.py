@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -108,6 +109,24 @@ def test_each_optimizer_and_mode_trains_checkpoints_and_evaluates(
         assert held.fraction_preconditioned == 0.0
 
 
+@pytest.mark.parametrize(("policy", "scaled"), [("mixed_float16", True), ("mixed_bfloat16", False)])
+def test_mixed_precision_trains_shampoo_with_loss_scaling_for_float16(
+    tmp_path, vocab_path, policy, scaled
+):
+    config = tiny_config(vocab_path, "shampoo", "sync")
+    config.train.mixed_precision = policy
+    try:
+        trainer = train.Trainer(config, str(tmp_path))
+        trainer.train(None)
+        assert keras.mixed_precision.global_policy().name == policy
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert isinstance(trainer.step_optimizer, keras.optimizers.LossScaleOptimizer) == scaled
+    assert np.isfinite(trainer.last_train_loss)
+    assert all(v.dtype == "float32" for v in trainer.model.trainable_variables)
+    assert staleness(trainer.optimizer).fraction_preconditioned > 0.5
+
+
 def test_async_mode_gets_roots_from_a_real_service_child(tmp_path, vocab_path):
     config = tiny_config(vocab_path, "shampoo", "async")
     config.train.num_steps = 12
@@ -138,15 +157,27 @@ def test_async_mode_gets_roots_from_a_real_service_child(tmp_path, vocab_path):
 def test_resume_restores_weights_optimizer_and_step(tmp_path, vocab_path):
     config = tiny_config(vocab_path, "shampoo", "sync")
     first = train.Trainer(config, str(tmp_path))
+    initial = _weights(first.model)
     first.train(None, until_step=4)
     saved = _weights(first.model)
     saved_roots = first.optimizer.preconditioner_stats_steps()
     assert first.manager.latest_checkpoint.endswith("ckpt-4")
+    # Every model weight and optimizer variable is in the checkpoint (each once,
+    # under whichever path reaches it first).
+    stored = tf.train.list_variables(first.manager.latest_checkpoint)
+    values = [name for name, _ in stored if name.endswith("VARIABLE_VALUE")]
+    assert len(values) >= len(first.model.weights) + len(first.optimizer.variables)
 
+    # The same seed initialises the new model exactly as the first one was, so a
+    # weight left out of the checkpoint would still hold its initial value.
     second = train.Trainer(config, str(tmp_path))
     assert second.restored_step == 4
-    for a, b in zip(saved, _weights(second.model)):
-        np.testing.assert_array_equal(a, b)
+    for path, start, a, b in zip(
+        [v.path for v in second.model.weights], initial, saved, _weights(second.model)
+    ):
+        np.testing.assert_array_equal(a, b, err_msg=path)
+        if "kernel" in path or "embeddings" in path:
+            assert not np.array_equal(start, b), f"{path} was not trained or not restored"
     assert second.optimizer.preconditioner_stats_steps() == saved_roots
     second.train(None)
     assert int(second.optimizer.iterations.numpy()) == 8
@@ -163,9 +194,12 @@ def test_diverging_loss_stops_with_the_step_and_what_to_try(tmp_path, vocab_path
 def test_translate_cli_and_library_use_the_newest_checkpoint(tmp_path, vocab_path):
     config = tiny_config(vocab_path, "adam", "off")
     config.train.num_steps = 4
-    train.Trainer(config, str(tmp_path)).train(None)
+    trained = train.Trainer(config, str(tmp_path))
+    trained.train(None)
     translator, checkpoint = load_translator(str(tmp_path), beam_size=1)
     assert checkpoint.endswith("ckpt-4")
+    for a, b in zip(_weights(trained.model), _weights(translator.model)):
+        np.testing.assert_array_equal(a, b)
     lines = ["twelve", "three hundred and four", ""]
     assert len(translator.translate(lines)) == 3
 

@@ -251,6 +251,7 @@ class Trainer:
             if config.train.mixed_precision == "mixed_float16"
             else self.optimizer
         )
+        self.step_optimizer.build(self.model.trainable_variables)
         self.checkpoint = tf.train.Checkpoint(
             model=self.model, optimizer=self.step_optimizer, iterator=self.iterator
         )

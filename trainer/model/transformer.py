@@ -425,17 +425,24 @@ class _Stack(keras.layers.Layer):
         super().__init__(**kwargs)
         self.d_model = d_model
         self.embedding_dropout = Dropout(dropout, name="embedding_dropout")
-        self.layers = [
-            self.layer_class(
+        # One attribute per layer: tf.train.Checkpoint does not follow the lists
+        # Keras tracks, so layers held in a list would be left out of checkpoints.
+        self.num_layers = num_layers
+        for i in range(num_layers):
+            layer = self.layer_class(
                 d_model, num_heads, d_ff, dropout, attention_dropout, name=f"layer_{i}"
             )
-            for i in range(num_layers)
-        ]
+            setattr(self, f"layer_{i}", layer)
         self.final_norm = _layer_norm("final_norm")
+
+    @property
+    def blocks(self) -> list[keras.layers.Layer]:
+        """The stacked layers, bottom first."""
+        return [getattr(self, f"layer_{i}") for i in range(self.num_layers)]
 
     def build(self, input_shape: Any) -> None:
         self.embedding_dropout.build()
-        for layer in self.layers:
+        for layer in self.blocks:
             layer.build((None, None, self.d_model))
         self.final_norm.build((None, None, self.d_model))
         self.built = True
@@ -449,7 +456,7 @@ class Encoder(_Stack):
     def call(self, embedded: tf.Tensor, mask: tf.Tensor, training: bool = False) -> tf.Tensor:
         """Maps embedded sources [B, S, d_model] to encoder outputs [B, S, d_model]."""
         x = self.embedding_dropout(embedded, training=training)
-        for layer in self.layers:
+        for layer in self.blocks:
             x = layer(x, mask, training=training)
         return self.final_norm(x)
 
@@ -469,7 +476,7 @@ class Decoder(_Stack):
     ) -> tf.Tensor:
         """Maps embedded decoder inputs [B, T, d_model] to final states [B, T, d_model]."""
         x = self.embedding_dropout(embedded, training=training)
-        for layer in self.layers:
+        for layer in self.blocks:
             x = layer(x, encoded, self_mask, cross_mask, training=training)
         return self.final_norm(x)
 
@@ -486,7 +493,7 @@ class Decoder(_Stack):
         """
         x = embedded
         new_cache = {}
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.blocks):
             x, new_cache[f"layer_{i}/key"], new_cache[f"layer_{i}/value"] = layer.step(
                 x,
                 position,
@@ -675,7 +682,7 @@ class Transformer(keras.Model):
              attention keys and values of decoder layer i}.
         """
         memory = {"mask": padding_mask(tf.convert_to_tensor(inputs, tf.int32))}
-        for i, layer in enumerate(self.decoder.layers):
+        for i, layer in enumerate(self.decoder.blocks):
             keys, values = layer.cross_attention.project_key_value(encoded)
             memory[f"layer_{i}/key"] = keys
             memory[f"layer_{i}/value"] = values
