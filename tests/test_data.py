@@ -243,6 +243,13 @@ def test_load_pairs_rejects_bad_split_and_source():
 # --- Sources: WMT'14 through TFDS (mocked) --------------------------------------------------
 
 
+@pytest.fixture
+def download_host_reachable(monkeypatch):
+    """Lets the reachability probe pass: under mock_data nothing is downloaded."""
+    monkeypatch.setattr(sources.requests, "head", lambda *args, **kwargs: None)
+
+
+@pytest.mark.usefixtures("download_host_reachable")
 def test_load_pairs_wmt14_mock(tmp_path):
     config = data_config(tfds_data_dir=str(tmp_path))
     with tfds.testing.mock_data(num_examples=7):
@@ -264,6 +271,7 @@ def test_load_pairs_wmt14_mock(tmp_path):
         assert as_pairs(reverse) == [(t, s) for s, t in as_pairs(dev)]
 
 
+@pytest.mark.usefixtures("download_host_reachable")
 def test_load_pairs_wmt14_train_subsets_mock(tmp_path, monkeypatch):
     built = []
     original_builder = tfds.builder
@@ -293,6 +301,22 @@ def test_load_pairs_wmt14_unknown_subset(tmp_path):
         sources.load_pairs(config, "train")
 
 
+def test_load_pairs_wmt14_fails_fast_when_the_download_host_is_unreachable(tmp_path, monkeypatch):
+    def unreachable(*args, **kwargs):
+        raise requests.exceptions.ConnectTimeout("timed out")
+
+    def must_not_download(*args, **kwargs):
+        raise AssertionError("download_and_prepare ran although the host is unreachable")
+
+    monkeypatch.setattr(sources.requests, "head", unreachable)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", must_not_download)
+    config = data_config(tfds_data_dir=str(tmp_path / "tfds"))
+    with pytest.raises(RuntimeError, match="statmt.org/ is unreachable: ConnectTimeout") as caught:
+        sources.load_pairs(config, "dev")
+    assert "config.data.tfds_manual_dir" in str(caught.value)
+
+
+@pytest.mark.usefixtures("download_host_reachable")
 def test_load_pairs_wmt14_offline_error(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise requests.exceptions.ConnectionError("Failed to resolve 'www.statmt.org'")

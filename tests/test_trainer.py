@@ -122,6 +122,9 @@ def test_mixed_precision_trains_shampoo_with_loss_scaling_for_float16(
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert isinstance(trainer.step_optimizer, keras.optimizers.LossScaleOptimizer) == scaled
+    # Steps count batches, even where loss scaling skipped an update.
+    assert int(trainer.step.numpy()) == 8
+    assert int(trainer.optimizer.iterations.numpy()) <= 8
     assert np.isfinite(trainer.last_train_loss)
     assert all(v.dtype == "float32" for v in trainer.model.trainable_variables)
     assert staleness(trainer.optimizer).fraction_preconditioned > 0.5

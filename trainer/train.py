@@ -252,8 +252,11 @@ class Trainer:
             else self.optimizer
         )
         self.step_optimizer.build(self.model.trainable_variables)
+        # Batches trained on. The optimizer's own `iterations` lags behind it when
+        # float16 loss scaling skips a step with non-finite gradients.
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self.checkpoint = tf.train.Checkpoint(
-            model=self.model, optimizer=self.step_optimizer, iterator=self.iterator
+            model=self.model, optimizer=self.step_optimizer, iterator=self.iterator, step=self.step
         )
         self.manager = tf.train.CheckpointManager(
             self.checkpoint,
@@ -275,7 +278,7 @@ class Trainer:
             log.info("no checkpoint in %s: starting from step 0", self.manager.directory)
             return 0
         self.checkpoint.restore(latest).assert_existing_objects_matched()
-        step = int(self.optimizer.iterations.numpy())
+        step = int(self.step.numpy())
         log.info("resumed from %s at step %d", latest, step)
         return step
 
@@ -335,7 +338,7 @@ class Trainer:
             try:
                 self.train(bridge)
             except KeyboardInterrupt:
-                step = int(self.optimizer.iterations.numpy())
+                step = int(self.step.numpy())
                 log.warning("interrupted at step %d: saving a checkpoint before exiting", step)
                 self.manager.save(checkpoint_number=step)
                 raise
@@ -401,7 +404,7 @@ class Trainer:
             until_step: Stop there (at most `train.num_steps`).
         """
         config, train = self.config, self.config.train
-        step = int(self.optimizer.iterations.numpy())
+        step = int(self.step.numpy())
         until = min(until_step or train.num_steps, train.num_steps)
         if step >= until:
             log.info("already at step %d of %d: nothing to train", step, until)
@@ -429,6 +432,7 @@ class Trainer:
             values = {name: value.numpy() for name, value in values.items()}
             seconds = time.perf_counter() - began
             step += length
+            self.step.assign(step)
             train_seconds += seconds
             self.train_seconds += seconds
             report.add(values, length, seconds)
@@ -544,7 +548,7 @@ class Trainer:
 
     def final_evaluation(self) -> TrainResult:
         """Dev and test loss and BLEU (all test sentences); writes results.json."""
-        step = int(self.optimizer.iterations.numpy())
+        step = int(self.step.numpy())
         dev = self._evaluate("dev", step)
         test = None
         if self.evaluator.has_split("test"):

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from pathlib import Path
 
 import ml_collections
+import requests
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.translate import wmt
@@ -127,8 +129,34 @@ def _wmt_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBui
     return tfds.builder("wmt_translate", config=config, data_dir=data_dir)
 
 
+# TFDS downloads most WMT'14 archives from here; if it cannot be reached, TFDS retries
+# for minutes before failing, so check it first.
+_WMT_DOWNLOAD_PROBE = "https://www.statmt.org/"
+
+
+def _supply_data_message(builder: tfds.core.DatasetBuilder, reason: str) -> str:
+    return (
+        f"{builder.name}/{builder.builder_config.name} could not be downloaded and prepared "
+        f"in {builder.data_dir} ({reason}). Supply it in one of three ways: put the WMT'14 "
+        "archives in a folder and set config.data.tfds_manual_dir to it; or prepare the TFDS "
+        "dataset on a machine with internet access and point config.data.tfds_data_dir at a "
+        'copy of that data directory; or use config.data.source="text" with your own parallel '
+        "files (config.data.train_files, dev_files, test_files)."
+    )
+
+
 def _prepare(builder: tfds.core.DatasetBuilder, data_config: ml_collections.ConfigDict) -> None:
     """Downloads and prepares the dataset unless prepared already."""
+    prepared = tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json"))
+    if not prepared and not data_config.tfds_manual_dir:
+        try:
+            requests.head(_WMT_DOWNLOAD_PROBE, timeout=10)
+        except requests.RequestException as error:
+            raise RuntimeError(
+                _supply_data_message(
+                    builder, f"{_WMT_DOWNLOAD_PROBE} is unreachable: {type(error).__name__}"
+                )
+            ) from error
     download_config = tfds.download.DownloadConfig(manual_dir=data_config.tfds_manual_dir or None)
     try:
         builder.download_and_prepare(download_config=download_config)
@@ -136,13 +164,7 @@ def _prepare(builder: tfds.core.DatasetBuilder, data_config: ml_collections.Conf
         raise  # A broken installation, not a download problem.
     except Exception as error:
         raise RuntimeError(
-            f"{builder.name}/{builder.builder_config.name} could not be downloaded and prepared "
-            f"in {builder.data_dir} ({type(error).__name__}: {error}). Supply it in one of "
-            "three ways: put the WMT'14 archives in a folder and set config.data.tfds_manual_dir "
-            "to it; or prepare the TFDS dataset on a machine with internet access and point "
-            "config.data.tfds_data_dir at a copy of that data directory; or use "
-            'config.data.source="text" with your own parallel files '
-            "(config.data.train_files, dev_files, test_files)."
+            _supply_data_message(builder, f"{type(error).__name__}: {error}")
         ) from error
 
 
