@@ -150,30 +150,25 @@ def adagrad_updates(grads, eps=1e-10):
     return out
 
 
-def test_before_start_the_update_is_exactly_the_grafting_optimizer():
+@pytest.mark.parametrize(
+    "mode_kwargs",
+    [{"start_preconditioning_step": 3}, {"precondition_mode": "off"}],
+    ids=["before_start", "off_mode"],
+)
+def test_graft_only_update_is_exactly_the_grafting_optimizer(mode_kwargs):
     shape = (8, 5)
     var = make_var(shape)
-    opt = Shampoo(learning_rate=0.05, beta1=0.0, graft_type="adagrad", start_preconditioning_step=3)
+    opt = Shampoo(learning_rate=0.05, beta1=0.0, graft_type="adagrad", **mode_kwargs)
     grads = grads_for(shape, 3)
     expected = var.numpy().astype(np.float64)
     for grad, update in zip(grads, adagrad_updates(grads)):
         opt.apply_gradients([(tf.constant(grad), var)])
         expected -= 0.05 * update
     np.testing.assert_allclose(var.numpy(), expected, rtol=1e-5, atol=1e-6)
-
-
-def test_off_mode_keeps_no_statistics_and_is_exactly_the_grafting_optimizer():
-    shape = (8, 5)
-    var = make_var(shape)
-    opt = Shampoo(learning_rate=0.05, beta1=0.0, graft_type="adagrad", precondition_mode="off")
-    grads = grads_for(shape, 3)
-    expected = var.numpy().astype(np.float64)
-    for grad, update in zip(grads, adagrad_updates(grads)):
-        opt.apply_gradients([(tf.constant(grad), var)])
-        expected -= 0.05 * update
-    np.testing.assert_allclose(var.numpy(), expected, rtol=1e-5, atol=1e-6)
-    assert opt.preconditioner_stats_steps() == {}
-    assert opt.statistics_snapshot() == []
+    if mode_kwargs.get("precondition_mode") == "off":
+        # No statistics or roots are kept at all.
+        assert opt.preconditioner_stats_steps() == {}
+        assert opt.statistics_snapshot() == []
 
 
 def test_grafted_update_has_shampoo_direction_and_adagrad_norm():
