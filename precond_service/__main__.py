@@ -18,12 +18,12 @@ import signal
 import sys
 import threading
 
+from precond_service.auth import TOKEN_ENV, read_token
 from precond_service.server import serve
 from precond_service.service import METHODS, ServiceConfig
 
 logger = logging.getLogger("precond_service")
 
-TOKEN_ENV = "PRECOND_SERVICE_TOKEN"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,12 +98,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _read_token(token_file: str | None) -> str | None:
-    if token_file:
-        return pathlib.Path(token_file).read_text().strip() or None
-    return os.environ.get(TOKEN_ENV) or None
-
-
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -148,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             threads_per_worker=args.threads_per_worker,
             job_timeout_s=args.job_timeout_s,
         )
-        token = _read_token(args.token_file)
+        token = read_token(args.token_file)
     except (ValueError, OSError) as e:
         logger.error("%s", e)
         return 1

@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import pathlib
 import sys
 from typing import Any
 
 import grpc
 from google.protobuf import message as proto_message
 
+from precond_service.auth import TOKEN_ENV, read_token
 from protos import precond_service_pb2 as pb
 from protos import precond_service_pb2_grpc as pb_grpc
-
-TOKEN_ENV = "PRECOND_SERVICE_TOKEN"
 
 _RUN_COLUMNS = (
     ("run_id", "run"),
@@ -139,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token_file", help=f"file holding the token (or set ${TOKEN_ENV})")
     parser.add_argument("--timeout_s", type=float, default=5.0, help="RPC deadline")
     args = parser.parse_args(argv)
-    if args.token_file:
-        token = pathlib.Path(args.token_file).read_text().strip() or None
-    else:
-        token = os.environ.get(TOKEN_ENV) or None
+    token = read_token(args.token_file)
     try:
         status = fetch_status(
             args.address, run_id=args.run_id, token=token, timeout_s=args.timeout_s

@@ -28,12 +28,13 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 # Runs from a checkout without installation too.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from precond_service.client import wait_for_serving  # noqa: E402
-from trainer.service_process import local_service  # noqa: E402
+from trainer.service_process import local_service, wait_for_port  # noqa: E402
 
 
 def _service(args: argparse.Namespace) -> int:
@@ -57,6 +58,9 @@ def _service(args: argparse.Namespace) -> int:
             address = _published_address(args, port_file, process)
             print(f"precond_service serving at {address} (written to {args.address_file})")
         return process.wait()
+    except RuntimeError as e:  # It never served: say why, and leave nothing behind.
+        process.kill()
+        raise SystemExit(str(e)) from None
     except KeyboardInterrupt:
         process.send_signal(signal.SIGTERM)
         return process.wait()
@@ -64,12 +68,7 @@ def _service(args: argparse.Namespace) -> int:
 
 def _published_address(args: argparse.Namespace, port_file: str, process: subprocess.Popen) -> str:
     """Waits for the service's port and writes "HOST:PORT" other hosts can reach."""
-    deadline = time.monotonic() + args.startup_timeout_s
-    while not os.path.exists(port_file) or not open(port_file).read().strip():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"precond_service did not start (exit code {process.poll()})")
-        time.sleep(0.1)
-    port = open(port_file).read().strip()
+    port = wait_for_port(process, port_file, args.startup_timeout_s)
     host = args.advertise_host or (
         socket.getfqdn() if args.host in ("0.0.0.0", "::", "[::]") else args.host
     )
@@ -87,7 +86,7 @@ def _resolve_address(args: argparse.Namespace) -> str:
     deadline = time.monotonic() + args.startup_timeout_s
     while time.monotonic() < deadline:
         if os.path.exists(args.address_file):
-            address = open(args.address_file).read().strip()
+            address = Path(args.address_file).read_text().strip()
             if address:
                 return address
         time.sleep(0.5)

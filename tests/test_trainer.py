@@ -95,7 +95,9 @@ def test_each_optimizer_and_mode_trains_checkpoints_and_evaluates(
     assert np.isfinite(result.train_loss) and np.isfinite(result.dev_loss)
     assert 0.0 <= result.dev_bleu <= 100.0 and 0.0 <= result.test_bleu <= 100.0
     assert any(not np.array_equal(a, b) for a, b in zip(before, _weights(trainer.model)))
-    assert json.loads((tmp_path / "results.json").read_text())["step"] == 8
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["step"] == 8
+    assert "tok:13a" in results["bleu_signature"]
     assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["name"] == optimizer
     assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-8")
     assert list((tmp_path / "summaries").glob("events.out.tfevents.*"))

@@ -30,12 +30,14 @@ class EvalResult:
 
     Attributes:
         loss: Mean cross entropy per target token (no label smoothing), nats.
+        accuracy: Share of target tokens predicted right under teacher forcing.
         bleu: sacreBLEU corpus score of the translated sentences.
         bleu_sentences: How many sentences were translated for BLEU.
         examples: A few (source, hypothesis, reference) triples.
     """
 
     loss: float
+    accuracy: float
     bleu: float
     bleu_sentences: int
     examples: tuple[tuple[str, str, str], ...]
@@ -78,9 +80,13 @@ class Evaluator:
             )
         return self._datasets[split]
 
-    def _loss_sums(self, inputs: tf.Tensor, targets: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def _loss_sums(
+        self, inputs: tf.Tensor, targets: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         logits = self.model({"inputs": inputs, "targets": targets}, training=False)
-        return transformer.sequence_loss(logits, targets, 0.0)
+        loss_sum, weight_sum = transformer.sequence_loss(logits, targets, 0.0)
+        correct, _ = transformer.token_accuracy(logits, targets)
+        return loss_sum, weight_sum, correct
 
     def evaluate(self, split: str, max_bleu_examples: int | None = None) -> EvalResult:
         """Loss over the whole split and BLEU over its first sentences.
@@ -92,14 +98,17 @@ class Evaluator:
         """
         if max_bleu_examples is None:
             max_bleu_examples = self.config.data.eval_bleu_examples
-        loss_sum = weight_sum = 0.0
+        loss_sum = weight_sum = correct = 0.0
         hypotheses: list[str] = []
         references: list[str] = []
         source_texts: list[str] = []
         for batch in self._dataset(split):
-            batch_loss, batch_weight = self._batch_loss(batch["inputs"], batch["targets"])
+            batch_loss, batch_weight, batch_correct = self._batch_loss(
+                batch["inputs"], batch["targets"]
+            )
             loss_sum += float(batch_loss)
             weight_sum += float(batch_weight)
+            correct += float(batch_correct)
             wanted = (max_bleu_examples or np.inf) - len(hypotheses)
             if wanted > 0:
                 count = int(min(wanted, batch["inputs"].shape[0]))
@@ -111,7 +120,9 @@ class Evaluator:
             raise ValueError(f"the {split} split of config.data.source is empty")
         score = bleu.corpus_bleu(hypotheses, references) if hypotheses else 0.0
         shown = tuple(zip(source_texts, hypotheses, references))[:SHOWN_EXAMPLES]
-        return EvalResult(loss_sum / weight_sum, score, len(hypotheses), shown)
+        return EvalResult(
+            loss_sum / weight_sum, correct / weight_sum, score, len(hypotheses), shown
+        )
 
     def translate(self, texts: list[str]) -> list[str]:
         """Translates `texts` (one sentence each), in batches of `data.eval_batch_size`."""

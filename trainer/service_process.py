@@ -61,7 +61,7 @@ def local_service(
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
         try:
-            address = _wait_for_port(process, port_file, log_path, startup_timeout_s)
+            address = f"127.0.0.1:{wait_for_port(process, port_file, startup_timeout_s, log_path)}"
             if not wait_for_serving(address, startup_timeout_s):
                 raise RuntimeError(
                     f"precond_service at {address} did not report SERVING within "
@@ -73,23 +73,36 @@ def local_service(
             _stop(process, stop_timeout_s)
 
 
-def _wait_for_port(
-    process: subprocess.Popen, port_file: str, log_path: str, timeout_s: float
-) -> str:
+def wait_for_port(
+    process: subprocess.Popen, port_file: str, timeout_s: float, log_path: str | None = None
+) -> int:
+    """Waits until `python -m precond_service --port_file=...` has written its port.
+
+    Args:
+        process: The service process.
+        port_file: Its `--port_file`.
+        timeout_s: How long to wait.
+        log_path: The service's log, whose end goes into error messages.
+
+    Returns:
+        The port the service listens on.
+
+    Raises:
+        RuntimeError: The service exited first, or wrote nothing in time.
+    """
+    log_tail = f"; its log ends:\n{_tail(log_path)}" if log_path else ""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(
-                f"precond_service exited with status {process.returncode} before serving; "
-                f"its log ends:\n{_tail(log_path)}"
+                f"precond_service exited with status {process.returncode} before serving" + log_tail
             )
         with contextlib.suppress(FileNotFoundError, ValueError):
             with open(port_file) as f:
-                return f"127.0.0.1:{int(f.read().strip())}"
+                return int(f.read().strip())
         time.sleep(0.05)
     raise RuntimeError(
-        f"precond_service did not report its port within {timeout_s:.0f} s; "
-        f"its log ends:\n{_tail(log_path)}"
+        f"precond_service did not report its port within {timeout_s:.0f} s" + log_tail
     )
 
 

@@ -34,12 +34,13 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from precond_service.auth import read_token
 from precond_service.client import PreconditionerClient
 from trainer import config as config_lib
 from trainer import evaluation
 from trainer.data import pipeline, sources
 from trainer.data import tokenizer as tokenizer_lib
-from trainer.model import transformer
+from trainer.model import bleu, transformer
 from trainer.optimizers import Shampoo
 from trainer.optimizers.service_bridge import ServicePreconditioning, staleness
 from trainer.service_process import local_service
@@ -47,7 +48,6 @@ from trainer.service_process import local_service
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
-TOKEN_ENV = "PRECOND_SERVICE_TOKEN"
 
 
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
@@ -120,17 +120,14 @@ def run_id_for(config: ml_collections.ConfigDict, workdir: str) -> str:
     return f"{os.uname().nodename}:{path}"
 
 
-def read_token(config: ml_collections.ConfigDict) -> str | None:
+def service_token(config: ml_collections.ConfigDict) -> str | None:
     """The service token from `precond.token_file` or $PRECOND_SERVICE_TOKEN; None if neither."""
-    if config.precond.token_file:
-        try:
-            with open(config.precond.token_file) as f:
-                return f.read().strip() or None
-        except OSError as e:
-            raise ValueError(
-                f"config.precond.token_file={config.precond.token_file!r} cannot be read: {e}"
-            ) from e
-    return os.environ.get(TOKEN_ENV) or None
+    try:
+        return read_token(config.precond.token_file)
+    except OSError as e:
+        raise ValueError(
+            f"config.precond.token_file={config.precond.token_file!r} cannot be read: {e}"
+        ) from e
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -206,6 +203,7 @@ class TrainResult:
     test_loss: float | None
     test_bleu: float | None
     train_seconds: float
+    bleu_signature: str
 
 
 class Trainer:
@@ -226,15 +224,16 @@ class Trainer:
         if config.train.mixed_precision:
             keras.mixed_precision.set_global_policy(config.train.mixed_precision)
 
+        train_pairs = sources.load_pairs(config.data, "train", seed=config.seed)
         self.tokenizer = tokenizer_lib.load_or_train(
             vocab_path_for(config, workdir),
-            sources.load_pairs(config.data, "train", seed=config.seed),
+            train_pairs,
             vocab_size=config.data.vocab_size,
             max_sentences=config.data.vocab_train_sentences,
             seed=config.seed,
         )
         train_ds = pipeline.train_dataset(
-            sources.load_pairs(config.data, "train", seed=config.seed),
+            train_pairs,
             self.tokenizer,
             max_length=config.data.max_length,
             tokens_per_batch=config.data.tokens_per_batch,
@@ -244,13 +243,13 @@ class Trainer:
         self.iterator = iter(train_ds)
         self.model = transformer.build_transformer(config.model, self.tokenizer.vocab_size)
         self.optimizer = make_optimizer(config)
-        self.optimizer.build(self.model.trainable_variables)
         # Loss scaling for float16; bfloat16 has float32's range and needs none.
         self.step_optimizer = (
             keras.optimizers.LossScaleOptimizer(self.optimizer)
             if config.train.mixed_precision == "mixed_float16"
             else self.optimizer
         )
+        # Builds the wrapped optimizer too: its state must exist before a restore.
         self.step_optimizer.build(self.model.trainable_variables)
         # Batches trained on. The optimizer's own `iterations` lags behind it when
         # float16 loss scaling skips a step with non-finite gradients.
@@ -298,14 +297,14 @@ class Trainer:
                 loss = loss_sum / tf.maximum(weight_sum, 1.0)
                 scaled = optimizer.scale_loss(loss) if scale_loss else loss
             grads = tape.gradient(scaled, variables)
-            if scale_loss:
-                # The norm reported is that of the true gradient.
-                grads = [g / optimizer.dynamic_scale for g in grads]
-            grad_norm = tf.linalg.global_norm(grads)
+            # With loss scaling the gradients stay scaled (the optimizer unscales
+            # them); only the scalars of the norm and the clip are adjusted.
+            scale = optimizer.dynamic_scale if scale_loss else 1.0
+            grad_norm = tf.linalg.global_norm(grads) / scale
             if clip_norm > 0:
-                grads, _ = tf.clip_by_global_norm(grads, clip_norm, use_norm=grad_norm)
-            if scale_loss:
-                grads = [g * optimizer.dynamic_scale for g in grads]
+                grads, _ = tf.clip_by_global_norm(
+                    grads, clip_norm * scale, use_norm=grad_norm * scale
+                )
             optimizer.apply_gradients(zip(grads, variables))
             tokens = tf.reduce_sum(tf.cast(batch["inputs"] > 0, tf.float32)) + weight_sum
             return {
@@ -359,7 +358,7 @@ class Trainer:
 
     def _connect_service(self, stack: contextlib.ExitStack) -> ServicePreconditioning:
         precond = self.config.precond
-        token = read_token(self.config)
+        token = service_token(self.config)
         address = precond.address
         if not address:
             flags = shlex.split(precond.service_flags)
@@ -528,6 +527,7 @@ class Trainer:
         result = self.evaluator.evaluate(split, max_bleu_examples=max_bleu_examples)
         with self.summary_writer.as_default(step=step):
             tf.summary.scalar(f"{split}/loss", result.loss)
+            tf.summary.scalar(f"{split}/accuracy", result.accuracy)
             tf.summary.scalar(f"{split}/bleu", result.bleu)
             if result.examples:
                 text = "\n\n".join(
@@ -536,10 +536,11 @@ class Trainer:
                 tf.summary.text(f"{split}/translations", text)
         self.summary_writer.flush()
         log.info(
-            "step %d: %s loss %.4f | BLEU %.2f on %d sentences (%.0f s)",
+            "step %d: %s loss %.4f | accuracy %.3f | BLEU %.2f on %d sentences (%.0f s)",
             step,
             split,
             result.loss,
+            result.accuracy,
             result.bleu,
             result.bleu_sentences,
             time.monotonic() - began,
@@ -561,6 +562,7 @@ class Trainer:
             test_loss=None if test is None else test.loss,
             test_bleu=None if test is None else test.bleu,
             train_seconds=self.train_seconds,
+            bleu_signature=bleu.bleu_signature(),
         )
         with open(os.path.join(self.workdir, "results.json"), "w") as f:
             json.dump(dataclasses.asdict(result), f, indent=2)

@@ -38,8 +38,8 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-PAD_ID = 0
-EOS_ID = 1
+# The vocabulary's ids, defined with the tokenizer that produces them.
+from trainer.data.tokenizer import EOS_ID, PAD_ID
 
 # Attention logit (float32) of hidden positions: its exp() is exactly 0 after softmax's
 # max subtraction, yet a row with nothing visible stays finite (uniform).
