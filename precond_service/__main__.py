@@ -25,7 +25,6 @@ from precond_service.service import METHODS, ServiceConfig
 logger = logging.getLogger("precond_service")
 
 
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses the command line.
 
