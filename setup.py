@@ -2,9 +2,9 @@
 
 from setuptools import find_packages, setup
 
-# The preconditioner service needs only NumPy and gRPC, so a CPU host can run it
-# without TensorFlow: `pip install .[service]` there, `pip install -e .[test]` for
-# development and training.
+# The preconditioner service needs only these, so a CPU host can run it without
+# TensorFlow: `pip install --no-deps .` and then these four there;
+# `pip install -e .[test]` for development and training.
 SERVICE_REQUIRES = [
     "numpy>=1.26,<3",
     "grpcio>=1.62,<2",
@@ -36,6 +36,8 @@ TEST_REQUIRES = [
     "ruff>=0.5",
     "matplotlib>=3.8,<4",
     "grpcio-tools>=1.62,<2",
+    # Makes the certificates of the TLS tests.
+    "cryptography>=42",
 ]
 
 setup(
@@ -49,7 +51,7 @@ setup(
     packages=find_packages(include=["trainer*", "precond_service*", "protos*"]),
     install_requires=SERVICE_REQUIRES + TRAINER_REQUIRES,
     extras_require={
-        "service": [],
+        "service": SERVICE_REQUIRES,
         "test": TEST_REQUIRES,
     },
 )

@@ -5,6 +5,10 @@ once it reports SERVING; `--port=0` picks a free port, and `--port_file=PATH` wr
 it there at that moment so a parent process can find it. SIGTERM or SIGINT shut it
 down gracefully (health NOT_SERVING, in-flight RPCs finish, workers stop) and it
 exits 0. Only NumPy, gRPC and protobuf are needed: no TensorFlow.
+
+`--tls_cert` and `--tls_key` serve over TLS; `--tls_client_ca` also requires every
+client to present a certificate signed by that CA. A host other than loopback is
+refused without TLS unless `--insecure` says that plaintext is meant.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import signal
 import sys
 import threading
 
-from precond_service.auth import TOKEN_ENV, read_token
+import grpc
+
+from precond_service.auth import TOKEN_ENV, read_pem, read_token, server_credentials
 from precond_service.server import serve
 from precond_service.service import METHODS, ServiceConfig
 
@@ -90,6 +96,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--token_file",
         help=f"file holding a shared secret clients must send (or set ${TOKEN_ENV})",
     )
+    parser.add_argument("--tls_cert", help="PEM certificate chain of the service: serve over TLS")
+    parser.add_argument("--tls_key", help="PEM private key of --tls_cert")
+    parser.add_argument(
+        "--tls_client_ca", help="PEM CA bundle: clients must present a certificate it signed"
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plaintext on a host other than loopback (refused by default)",
+    )
     parser.add_argument(
         "--grace_s", type=float, default=5.0, help="seconds in-flight RPCs get at shutdown"
     )
@@ -104,6 +120,28 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _tls_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:
+    """Server credentials from the --tls_* flags; None without them.
+
+    Raises:
+        ValueError: The flags do not go together, or a file cannot be read.
+    """
+    if bool(args.tls_cert) != bool(args.tls_key):
+        given, missing = (
+            ("--tls_cert", "--tls_key") if args.tls_cert else ("--tls_key", "--tls_cert")
+        )
+        raise ValueError(f"{given} needs {missing} too: pass both, or neither for plaintext")
+    if args.tls_client_ca and not args.tls_cert:
+        raise ValueError("--tls_client_ca needs --tls_cert and --tls_key (it is a TLS setting)")
+    if not args.tls_cert:
+        return None
+    return server_credentials(
+        read_pem(args.tls_cert, "--tls_cert"),
+        read_pem(args.tls_key, "--tls_key"),
+        read_pem(args.tls_client_ca, "--tls_client_ca") if args.tls_client_ca else None,
+    )
 
 
 def _write_port_file(path: str, port: int) -> None:
@@ -142,16 +180,34 @@ def main(argv: list[str] | None = None) -> int:
             job_timeout_s=args.job_timeout_s,
         )
         token = read_token(args.token_file)
+        credentials = _tls_credentials(args)
     except (ValueError, OSError) as e:
         logger.error("%s", e)
         return 1
-    if not token and not _is_loopback(args.host):
-        logger.warning(
-            "listening on %s without a token: anyone who reaches this port can use the "
-            "service; pass --token_file (or set $%s)",
-            args.host,
-            TOKEN_ENV,
-        )
+    if not _is_loopback(args.host):
+        if credentials is None and not args.insecure:
+            logger.error(
+                "refusing to listen on %s without TLS: pass --tls_cert/--tls_key, or "
+                "--insecure to serve plaintext on purpose (e.g. on a private network)",
+                args.host,
+            )
+            return 1
+        if credentials is None:
+            logger.warning(
+                "listening on %s without TLS (--insecure): anyone on the network can read "
+                "the traffic%s",
+                args.host,
+                ", the token included" if token else "",
+            )
+        if not token and not args.tls_client_ca:
+            logger.warning(
+                "listening on %s without a token: anyone who reaches this port can use the "
+                "service; pass --token_file (or set $%s)",
+                args.host,
+                TOKEN_ENV,
+            )
+    if args.tls_client_ca:
+        logger.info("clients must present a TLS certificate signed by %s", args.tls_client_ca)
 
     stop = threading.Event()
 
@@ -162,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:
-        running = serve(config, host=args.host, port=args.port, token=token)
+        running = serve(
+            config, host=args.host, port=args.port, token=token, credentials=credentials
+        )
     except RuntimeError as e:
         logger.error("could not start: %s", e)
         return 1

@@ -3,7 +3,7 @@
 Nothing here ever blocks the training loop: `push` hands statistics to a background
 push thread and returns, `latest` returns the roots that a background pull thread
 has received so far, and both work the same whether the service is up, slow, down or
-restarting. Usage:
+restarting. With a `TlsConfig` every channel it opens is TLS. Usage:
 
     client = PreconditionerClient(address="127.0.0.1:50051", run_id="run-1")
     client.start()
@@ -35,6 +35,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from precond_service import wire
+from precond_service.auth import TlsConfig, open_channel
 from precond_service.blocks import PreconditionerBlock, StatisticsBlock
 from protos import precond_service_pb2 as pb
 from protos import precond_service_pb2_grpc as pb_grpc
@@ -97,19 +98,20 @@ class ClientStatus:
     last_error: str | None
 
 
-def wait_for_serving(address: str, timeout_s: float) -> bool:
+def wait_for_serving(address: str, timeout_s: float, tls: TlsConfig | None = None) -> bool:
     """Waits until a service reports SERVING on the standard health service.
 
     Args:
         address: "host:port" of the service.
         timeout_s: Longest wait.
+        tls: TLS settings for a TLS service; None for plaintext.
 
     Returns:
         Whether it reported SERVING within `timeout_s`.
     """
     deadline = time.monotonic() + timeout_s
     request = health_pb2.HealthCheckRequest(service=wire.SERVICE_NAME)
-    with grpc.insecure_channel(address, options=_channel_options(max_matrix_size=1)) as channel:
+    with open_channel(address, _channel_options(max_matrix_size=1), tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             remaining = deadline - time.monotonic()
@@ -150,6 +152,7 @@ class PreconditionerClient:
         run_id: str,
         *,
         token: str | None = None,
+        tls: TlsConfig | None = None,
         pull_interval_s: float = 1.0,
         rpc_timeout_s: float = 300.0,
         backoff_initial_s: float = 0.1,
@@ -162,6 +165,7 @@ class PreconditionerClient:
             address: "host:port" of the service.
             run_id: Names this training run; keys of different runs never mix.
             token: Shared secret if the service was started with one.
+            tls: TLS settings if the service serves TLS; None for plaintext.
             pull_interval_s: Seconds between pulls of new roots.
             rpc_timeout_s: Deadline of one push or pull RPC.
             backoff_initial_s: First wait after a failed RPC; doubles per failure.
@@ -189,6 +193,7 @@ class PreconditionerClient:
         self.address = address
         self.run_id = run_id
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._tls = tls
         self._pull_interval_s = pull_interval_s
         self._rpc_timeout_s = rpc_timeout_s
         self._backoff_initial_s = backoff_initial_s
@@ -240,8 +245,10 @@ class PreconditionerClient:
                 raise RuntimeError("start() after close(): create a new PreconditionerClient")
             if self._channel is not None:
                 return
-            self._channel = grpc.insecure_channel(
-                self.address, options=_channel_options(self._max_matrix_size, self._backoff_max_s)
+            self._channel = open_channel(
+                self.address,
+                _channel_options(self._max_matrix_size, self._backoff_max_s),
+                self._tls,
             )
         stub = pb_grpc.PreconditionerServiceStub(self._channel)
         # Pushes send bytes serialized by `wire.encode_push_request` (one copy of each
@@ -334,7 +341,7 @@ class PreconditionerClient:
         Raises:
             grpc.RpcError: If the service cannot be reached.
         """
-        with grpc.insecure_channel(self.address) as channel:
+        with open_channel(self.address, (), self._tls) as channel:
             reply = pb_grpc.PreconditionerServiceStub(channel).DropRun(
                 pb.DropRunRequest(run_id=self.run_id), timeout=timeout_s, metadata=self._metadata
             )

@@ -7,9 +7,10 @@ in-flight RPCs get `grace_s` to finish, then the workers stop).
 
 With a token, every RPC but the health checks must carry the metadata
 `authorization: Bearer <token>`, or it fails with UNAUTHENTICATED. The token is a
-shared secret against accidents and strangers on a trusted network; the channel is
-not encrypted, so reach a service on another host through an SSH tunnel or a
-private network.
+shared secret against accidents and strangers; without TLS credentials (see
+`auth.server_credentials`) the channel is not encrypted and the token travels in
+the clear, so serve a host other than loopback over TLS, or reach it through an SSH
+tunnel or a private network.
 """
 
 from __future__ import annotations
@@ -286,7 +287,11 @@ def _abort_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMeth
 
 
 def build_server(
-    service: RootService, *, address: str, token: str | None = None
+    service: RootService,
+    *,
+    address: str,
+    token: str | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Builds (does not start) the gRPC server around a service.
 
@@ -294,6 +299,8 @@ def build_server(
         service: The service.
         address: "host:port" to bind; port 0 picks a free one.
         token: If set, the shared secret every non-health RPC must carry.
+        credentials: TLS credentials (`auth.server_credentials`) to serve over TLS,
+            health checks included; None serves plaintext.
 
     Returns:
         (server, bound port, health servicer); health starts NOT_SERVING.
@@ -325,7 +332,10 @@ def build_server(
     for name in ("", wire.SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     try:
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as e:
         raise RuntimeError(f"could not bind {address}: {e}") from e
     if port == 0:
@@ -383,6 +393,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 0,
     token: str | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> RunningServer:
     """Starts the workers and the server; returns once it reports SERVING.
 
@@ -391,6 +402,7 @@ def serve(
         host: Interface to bind; loopback by default.
         port: Port to bind; 0 picks a free one.
         token: Shared secret for RPCs, or None for none.
+        credentials: TLS credentials (`auth.server_credentials`), or None for plaintext.
 
     Returns:
         The running server.
@@ -401,7 +413,7 @@ def serve(
     service = RootService(config)
     bind_host = f"[{host}]" if ":" in host else host
     server, bound_port, health_servicer = build_server(
-        service, address=f"{bind_host}:{port}", token=token
+        service, address=f"{bind_host}:{port}", token=token, credentials=credentials
     )
     service.start()
     try:
@@ -413,8 +425,9 @@ def serve(
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     running = RunningServer(service, server, health_servicer, host, bound_port)
     logger.info(
-        "precond_service listening on %s (workers=%d, method=%s, incarnation=%s)",
+        "precond_service listening on %s (%s, workers=%d, method=%s, incarnation=%s)",
         running.address,
+        "TLS" if credentials is not None else "plaintext",
         config.workers,
         config.method,
         service.incarnation,

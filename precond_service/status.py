@@ -1,7 +1,8 @@
 """Prints a running service's status: `python -m precond_service.status --address=HOST:PORT`.
 
 A table by default, or the `ServiceStatus` message as JSON with `--json`. Exits 1 if
-the service cannot be reached.
+the service cannot be reached. `--tls_ca` (with `--tls_cert` and `--tls_key` for a
+service that requires client certificates) talks to a TLS service.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import grpc
 from google.protobuf import message as proto_message
 
-from precond_service.auth import TOKEN_ENV, read_token
+from precond_service.auth import TOKEN_ENV, TlsConfig, open_channel, read_token
 from protos import precond_service_pb2 as pb
 from protos import precond_service_pb2_grpc as pb_grpc
 
@@ -34,7 +35,12 @@ _RUN_COLUMNS = (
 
 
 def fetch_status(
-    address: str, *, run_id: str = "", token: str | None = None, timeout_s: float = 5.0
+    address: str,
+    *,
+    run_id: str = "",
+    token: str | None = None,
+    tls: TlsConfig | None = None,
+    timeout_s: float = 5.0,
 ) -> pb.ServiceStatus:
     """Asks a service for its status.
 
@@ -42,6 +48,7 @@ def fetch_status(
         address: "host:port".
         run_id: When set, only this run is listed.
         token: Shared secret if the service has one.
+        tls: TLS settings if the service serves TLS; None for plaintext.
         timeout_s: Deadline of the RPC.
 
     Returns:
@@ -51,7 +58,7 @@ def fetch_status(
         grpc.RpcError: If the service cannot be reached or refuses.
     """
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, (), tls) as channel:
         stub = pb_grpc.PreconditionerServiceStub(channel)
         return stub.GetStatus(pb.StatusRequest(run_id=run_id), timeout=timeout_s, metadata=metadata)
 
@@ -134,12 +141,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--run_id", default="", help="list only this run")
     parser.add_argument("--token_file", help=f"file holding the token (or set ${TOKEN_ENV})")
+    parser.add_argument("--tls_ca", help="PEM CA of a TLS service's certificate")
+    parser.add_argument("--tls_cert", help="PEM client certificate, if the service requires one")
+    parser.add_argument("--tls_key", help="PEM private key of --tls_cert")
     parser.add_argument("--timeout_s", type=float, default=5.0, help="RPC deadline")
     args = parser.parse_args(argv)
+    if (args.tls_cert or args.tls_key) and not args.tls_ca:
+        parser.error("--tls_cert and --tls_key need --tls_ca (the CA of the service's certificate)")
     token = read_token(args.token_file)
     try:
+        tls = (
+            TlsConfig(args.tls_ca, args.tls_cert or "", args.tls_key or "") if args.tls_ca else None
+        )
+    except ValueError as e:
+        print(f"could not read the TLS files: {e}", file=sys.stderr)
+        return 1
+    try:
         status = fetch_status(
-            args.address, run_id=args.run_id, token=token, timeout_s=args.timeout_s
+            args.address, run_id=args.run_id, token=token, tls=tls, timeout_s=args.timeout_s
         )
     except grpc.RpcError as e:
         print(

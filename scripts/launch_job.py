@@ -3,16 +3,20 @@
 By default `python -m trainer` starts its preconditioner service itself. For a
 service on another (CPU) host, start each half on its host:
 
-    # on the CPU host (binding a non-loopback address needs a token):
+    # on the CPU host (a non-loopback address needs TLS, or --insecure for plaintext):
     python scripts/launch_job.py service --host=0.0.0.0 --port=50051 --workers=16 \\
-        --token_file=secret --address_file=/shared/job1.address
+        --tls_cert=server.pem --tls_key=server.key --token_file=secret \\
+        --address_file=/shared/job1.address
 
     # on the accelerator host:
     python scripts/launch_job.py trainer --address_file=/shared/job1.address \\
-        --token_file=secret -- --config=configs/wmt14_en_fr.py:big_shampoo --workdir=runs/big
+        --tls_ca=ca.pem --token_file=secret \\
+        -- --config=configs/wmt14_en_fr.py:big_shampoo --workdir=runs/big
 
 `trainer` waits until the service reports SERVING, then runs `python -m trainer`
-with `--config.precond.address` (and the token file) set. `local` does both on
+with `--config.precond.address` (and the token and TLS files) set. The service's
+certificate must name the host written to the address file (`--advertise_host`, else
+this host's fully qualified name when binding all interfaces). `local` does both on
 this host as two processes, which is what the default does, made explicit:
 
     python scripts/launch_job.py local --workers=2 -- --config=configs/quickstart.py \\
@@ -33,6 +37,7 @@ from pathlib import Path
 # Runs from a checkout without installation too.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from precond_service.auth import TlsConfig  # noqa: E402
 from precond_service.client import wait_for_serving  # noqa: E402
 from trainer.service_process import local_service, wait_for_port  # noqa: E402
 
@@ -49,6 +54,11 @@ def _service(args: argparse.Namespace) -> int:
     ]
     if args.token_file:
         command.append(f"--token_file={args.token_file}")
+    for flag in ("tls_cert", "tls_key", "tls_client_ca"):
+        if getattr(args, flag):
+            command.append(f"--{flag}={getattr(args, flag)}")
+    if args.insecure:
+        command.append("--insecure")
     if port_file:
         command.append(f"--port_file={port_file}")
     command += args.service_flags
@@ -103,12 +113,23 @@ def _run_trainer(address: str, args: argparse.Namespace) -> int:
     ]
     if args.token_file:
         command.append(f"--config.precond.token_file={args.token_file}")
+    for flag in ("tls_ca", "tls_cert", "tls_key"):
+        if getattr(args, flag, ""):
+            command.append(f"--config.precond.{flag}_file={getattr(args, flag)}")
     return subprocess.call(command)
 
 
 def _trainer(args: argparse.Namespace) -> int:
+    if (args.tls_cert or args.tls_key) and not args.tls_ca:
+        raise SystemExit(
+            "--tls_cert and --tls_key need --tls_ca (the CA of the service's certificate)"
+        )
+    try:
+        tls = TlsConfig(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     address = _resolve_address(args)
-    if not wait_for_serving(address, args.startup_timeout_s):
+    if not wait_for_serving(address, args.startup_timeout_s, tls=tls):
         raise SystemExit(f"the service at {address} did not report SERVING")
     print(f"service at {address} is SERVING; starting the trainer", flush=True)
     return _run_trainer(address, args)
@@ -132,11 +153,22 @@ def main(argv: list[str] | None = None) -> int:
     service.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one")
     service.add_argument("--advertise_host", default="", help="host name written for trainers")
     service.add_argument("--address_file", default="", help="file to write HOST:PORT into")
+    service.add_argument("--tls_cert", default="", help="PEM certificate chain: serve over TLS")
+    service.add_argument("--tls_key", default="", help="PEM private key of --tls_cert")
+    service.add_argument(
+        "--tls_client_ca", default="", help="PEM CA bundle: trainers must present a certificate"
+    )
+    service.add_argument(
+        "--insecure", action="store_true", help="plaintext on a host other than loopback"
+    )
 
     trainer = sub.add_parser("trainer", help="run the trainer against a running service")
     where = trainer.add_mutually_exclusive_group(required=True)
     where.add_argument("--address", default="", help="HOST:PORT of the service")
     where.add_argument("--address_file", default="", help="file the service half wrote")
+    trainer.add_argument("--tls_ca", default="", help="PEM CA of the service's certificate")
+    trainer.add_argument("--tls_cert", default="", help="PEM certificate of the trainer")
+    trainer.add_argument("--tls_key", default="", help="PEM private key of --tls_cert")
 
     local = sub.add_parser("local", help="run both halves on this host")
     for p in (service, trainer, local):

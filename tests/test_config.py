@@ -163,6 +163,8 @@ def test_make_optimizer_follows_name_and_precond_mode(name, mode, cls):
     config.precond.update_steps = 7
     optimizer = make_optimizer(config)
     assert isinstance(optimizer, cls)
+    if name == "adagrad":
+        assert optimizer.initial_accumulator_value == 0.0
     if cls is Shampoo:
         assert optimizer.precondition_mode == mode
         assert optimizer.preconditioning_compute_steps == 7

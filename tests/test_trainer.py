@@ -111,6 +111,20 @@ def test_each_optimizer_and_mode_trains_checkpoints_and_evaluates(
         assert held.fraction_preconditioned == 0.0
 
 
+def test_run_steps_advances_the_step_and_loss_only_evaluation_matches(tmp_path, vocab_path):
+    trainer = train.Trainer(tiny_config(vocab_path, "adam", "off"), str(tmp_path))
+    values, seconds = trainer.run_steps(None, 3)
+
+    assert int(trainer.step.numpy()) == 3
+    assert int(trainer.optimizer.iterations.numpy()) == 3
+    assert seconds > 0 and values["weight_sum"] > 0 and np.isfinite(values["loss_sum"])
+    loss, accuracy = trainer.evaluator.loss("dev")
+    full = trainer.evaluator.evaluate("dev", max_bleu_examples=1)
+    assert loss == pytest.approx(full.loss, rel=1e-6)
+    assert accuracy == pytest.approx(full.accuracy, rel=1e-6)
+    assert full.bleu_sentences == 1
+
+
 @pytest.mark.parametrize(("policy", "scaled"), [("mixed_float16", True), ("mixed_bfloat16", False)])
 def test_mixed_precision_trains_shampoo_with_loss_scaling_for_float16(
     tmp_path, vocab_path, policy, scaled

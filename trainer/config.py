@@ -171,6 +171,13 @@ def default_config() -> ml_collections.ConfigDict:
     # File holding the service's shared token; "" reads the PRECOND_SERVICE_TOKEN
     # environment variable, if set. The token itself never goes into the config.
     config.precond.token_file = ""
+    # PEM CA of the certificate of a TLS service at precond.address; "" connects
+    # in plaintext. A service the trainer starts itself is plaintext on loopback.
+    config.precond.tls_ca_file = ""
+    # PEM certificate and private key of the trainer, for a service that requires
+    # client certificates (--tls_client_ca); both or neither, with tls_ca_file.
+    config.precond.tls_cert_file = ""
+    config.precond.tls_key_file = ""
     return config
 
 
@@ -249,6 +256,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             'config.train.jit_compile=True is not possible with config.precond.mode="sync" '
             "(its roots run on the host inside the step); use async or set jit_compile=False"
+        )
+    precond = config.precond
+    if bool(precond.tls_cert_file) != bool(precond.tls_key_file):
+        raise ValueError(
+            "config.precond.tls_cert_file and config.precond.tls_key_file go together, got "
+            f"{precond.tls_cert_file!r} and {precond.tls_key_file!r}"
+        )
+    if precond.tls_cert_file and not precond.tls_ca_file:
+        raise ValueError(
+            "config.precond.tls_cert_file needs config.precond.tls_ca_file (the CA of the "
+            "service's certificate); without it the trainer connects in plaintext"
+        )
+    if precond.tls_ca_file and not precond.address:
+        raise ValueError(
+            "config.precond.tls_ca_file needs config.precond.address: the service the "
+            'trainer starts itself (address "") is plaintext on loopback'
         )
     if config.optimizer.name != "shampoo" and config.precond.mode != "off":
         raise ValueError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterator
 
 import keras
 import ml_collections
@@ -88,6 +89,22 @@ class Evaluator:
         correct, _ = transformer.token_accuracy(logits, targets)
         return loss_sum, weight_sum, correct
 
+    def _batch_losses(self, split: str) -> Iterator[tuple[dict[str, tf.Tensor], np.ndarray]]:
+        """Yields each batch of `split` with its (loss sum, weight sum, correct tokens)."""
+        for batch in self._dataset(split):
+            sums = self._batch_loss(batch["inputs"], batch["targets"])
+            yield batch, np.array([float(value) for value in sums])
+
+    def loss(self, split: str) -> tuple[float, float]:
+        """Loss per target token and token accuracy over the whole split, no decoding."""
+        totals = np.zeros(3)
+        for _, sums in self._batch_losses(split):
+            totals += sums
+        loss_sum, weight_sum, correct = totals
+        if not weight_sum:
+            raise ValueError(f"the {split} split of config.data.source is empty")
+        return float(loss_sum / weight_sum), float(correct / weight_sum)
+
     def evaluate(self, split: str, max_bleu_examples: int | None = None) -> EvalResult:
         """Loss over the whole split and BLEU over its first sentences.
 
@@ -98,17 +115,12 @@ class Evaluator:
         """
         if max_bleu_examples is None:
             max_bleu_examples = self.config.data.eval_bleu_examples
-        loss_sum = weight_sum = correct = 0.0
+        totals = np.zeros(3)
         hypotheses: list[str] = []
         references: list[str] = []
         source_texts: list[str] = []
-        for batch in self._dataset(split):
-            batch_loss, batch_weight, batch_correct = self._batch_loss(
-                batch["inputs"], batch["targets"]
-            )
-            loss_sum += float(batch_loss)
-            weight_sum += float(batch_weight)
-            correct += float(batch_correct)
+        for batch, sums in self._batch_losses(split):
+            totals += sums
             wanted = (max_bleu_examples or np.inf) - len(hypotheses)
             if wanted > 0:
                 count = int(min(wanted, batch["inputs"].shape[0]))
@@ -116,6 +128,7 @@ class Evaluator:
                 hypotheses.extend(self.tokenizer.decode_batch(ids))
                 references.extend(_texts(batch["target_text"][:count]))
                 source_texts.extend(_texts(batch["source_text"][:count]))
+        loss_sum, weight_sum, correct = totals
         if not weight_sum:
             raise ValueError(f"the {split} split of config.data.source is empty")
         score = bleu.corpus_bleu(hypotheses, references) if hypotheses else 0.0

@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from precond_service.auth import read_token
+from precond_service.auth import TlsConfig, read_token
 from precond_service.client import PreconditionerClient
 from trainer import config as config_lib
 from trainer import evaluation
@@ -91,7 +91,11 @@ def make_optimizer(config: ml_collections.ConfigDict) -> keras.optimizers.Optimi
             beta_1=opt.beta1, beta_2=opt.beta2, epsilon=opt.epsilon, **common
         )
     if opt.name == "adagrad":
-        return keras.optimizers.Adagrad(epsilon=opt.epsilon, **common)
+        # Sums start at zero, as in Duchi et al. and Shampoo's own AdaGrad graft;
+        # Keras's default of 0.1 damps every step while the sums are small.
+        return keras.optimizers.Adagrad(
+            initial_accumulator_value=0.0, epsilon=opt.epsilon, **common
+        )
     sh = opt.shampoo
     return Shampoo(
         block_size=sh.block_size,
@@ -128,6 +132,17 @@ def service_token(config: ml_collections.ConfigDict) -> str | None:
         raise ValueError(
             f"config.precond.token_file={config.precond.token_file!r} cannot be read: {e}"
         ) from e
+
+
+def service_tls(config: ml_collections.ConfigDict) -> TlsConfig | None:
+    """TLS settings from `precond.tls_*_file`; None (plaintext) without `precond.tls_ca_file`."""
+    precond = config.precond
+    if not precond.tls_ca_file:
+        return None
+    try:
+        return TlsConfig(precond.tls_ca_file, precond.tls_cert_file, precond.tls_key_file)
+    except ValueError as e:
+        raise ValueError(f"config.precond.tls_*_file: {e}") from e
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -359,6 +374,7 @@ class Trainer:
     def _connect_service(self, stack: contextlib.ExitStack) -> ServicePreconditioning:
         precond = self.config.precond
         token = service_token(self.config)
+        tls = service_tls(self.config)
         address = precond.address
         if not address:
             flags = shlex.split(precond.service_flags)
@@ -367,7 +383,7 @@ class Trainer:
             address = stack.enter_context(local_service(workers=precond.workers, extra_args=flags))
         run_id = run_id_for(self.config, self.workdir)
         client = PreconditionerClient(
-            address, run_id, token=token, pull_interval_s=precond.pull_interval_s
+            address, run_id, token=token, tls=tls, pull_interval_s=precond.pull_interval_s
         )
         try:
             # The service may hold roots of this run_id from before a restart,
@@ -426,12 +442,8 @@ class Trainer:
         train_seconds = 0.0
         while step < until:
             length = self._next_loop_length(step, until)
-            began = time.perf_counter()
-            values = self._loop_fn(self.iterator, tf.constant(length, tf.int64))
-            values = {name: value.numpy() for name, value in values.items()}
-            seconds = time.perf_counter() - began
+            values, seconds = self.run_steps(bridge, length)
             step += length
-            self.step.assign(step)
             train_seconds += seconds
             self.train_seconds += seconds
             report.add(values, length, seconds)
@@ -444,9 +456,6 @@ class Trainer:
                     f"{train.max_loss}): lower config.optimizer.learning_rate, lengthen "
                     "config.optimizer.warmup_steps or set config.optimizer.clip_norm"
                 )
-            installed = bridge.after_steps() if bridge is not None else 0
-            if installed:
-                log.debug("step %d: installed %d new preconditioners", step, installed)
 
             now = time.monotonic()
             if now - last_report >= train.log_every_s or step >= until:
@@ -463,6 +472,32 @@ class Trainer:
             if train.eval_every_steps and step % train.eval_every_steps == 0:
                 if step < train.num_steps:  # the final evaluation follows the loop
                     self._evaluate("dev", step)
+
+    def run_steps(
+        self, bridge: ServicePreconditioning | None, num_steps: int
+    ) -> tuple[dict[str, np.ndarray], float]:
+        """Runs `num_steps` steps as one inner loop, then the host's service work.
+
+        The service work (async mode) pushes the statistics when a push is due and
+        installs roots that arrived. No summaries, checkpoints or evaluations:
+        `train` does those; benchmarks call this to time steps alone.
+
+        Args:
+            bridge: What `preconditioning()` yielded.
+            num_steps: Steps to run, >= 1.
+
+        Returns:
+            The loop's sums (loss_sum, weight_sum, tokens, grad_norm_sum) and the
+            seconds the inner loop and the service work took.
+        """
+        began = time.perf_counter()
+        values = self._loop_fn(self.iterator, tf.constant(num_steps, tf.int64))
+        values = {name: value.numpy() for name, value in values.items()}
+        self.step.assign_add(num_steps)
+        installed = bridge.after_steps() if bridge is not None else 0
+        if installed:
+            log.debug("step %d: installed %d new preconditioners", int(self.step), installed)
+        return values, time.perf_counter() - began
 
     # ------------------------------------------------------------ reporting
 

@@ -1,0 +1,180 @@
+"""Convergence on Tatoeba En-Fr: Adam, AdaGrad, async and sync Shampoo side by side.
+
+Every optimizer gets the same learning-rate sweep (its centre times each factor
+of `--lr_factors`) and the same step budget on the same model and batches (see
+scripts/bench_training.py). For each optimizer the learning rate with the lowest
+final dev loss is kept. Reported:
+
+- dev loss against steps and against training wall time (two plots);
+- Adam's best dev loss, and the steps and seconds each optimizer needs to
+  reach it (first evaluation at or below it), as ratios to Adam's own;
+- test loss and sacreBLEU (greedy decoding, the whole test split) of each
+  optimizer's best run.
+
+Paper's claim (WMT'14 En->Fr, Transformer): Shampoo reaches Adam's quality in
+about half the steps and 1/1.67 of the wall time. Targets here: <= 0.6x the steps
+and <= 0.75x the wall time, with test BLEU at least Adam's.
+
+    .venv/bin/python scripts/bench_convergence.py [--data_dir=../shared/data]
+
+Runs already finished under `--work_dir` are reused (delete it to start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_training as bt  # noqa: E402
+
+log = logging.getLogger("bench_convergence")
+
+OPTIMIZERS = ("adam", "adagrad", "shampoo-async", "shampoo-sync")
+
+
+def spec_for(label: str, factor: float, args: argparse.Namespace) -> bt.RunSpec:
+    """The run of optimizer `label` at `factor` times its centre learning rate."""
+    optimizer, _, mode = label.partition("-")
+    rate = float(f"{bt.BASE_LEARNING_RATES[optimizer] * factor:.3g}")
+    common = dict(num_steps=args.num_steps, update_steps=args.update_steps)
+    if optimizer == "shampoo":
+        return bt.shampoo(mode, rate, **common)
+    return bt.first_order(optimizer, rate, **common)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    bt.add_common_flags(parser)
+    parser.add_argument("--lr_factors", default="0.5,1,2", help="the learning-rate sweep")
+    parser.add_argument("--num_steps", type=int, default=600)
+    parser.add_argument("--update_steps", type=int, default=10, help="Shampoo's period N")
+    parser.add_argument(
+        "--sync_sweep",
+        choices=("all", "best"),
+        default="all",
+        help="sweep sync Shampoo too, or run it only at async Shampoo's best rate",
+    )
+    parser.add_argument("--out", default="benchmarks/convergence.json")
+    parser.add_argument("--plot", default="benchmarks/convergence.png")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    factors = [float(f) for f in args.lr_factors.split(",")]
+    sweeps: dict[str, list[dict]] = {}
+    for label in OPTIMIZERS:
+        if label == "shampoo-sync" and args.sync_sweep == "best":
+            async_best = min(sweeps["shampoo-async"], key=bt.final_dev_loss)
+            rate = async_best["spec"]["learning_rate"]
+            factors_here = [rate / bt.BASE_LEARNING_RATES["shampoo"]]
+        else:
+            factors_here = factors
+        sweeps[label] = [bt.cached_run(spec_for(label, f, args), args) for f in factors_here]
+    best = {label: min(results, key=bt.final_dev_loss) for label, results in sweeps.items()}
+    for label, result in best.items():
+        spec = bt.RunSpec(**result["spec"])
+        best[label] = bt.cached_run(spec, args, test=True)
+
+    adam = best["adam"]
+    target = bt.best_dev_loss(adam)
+    adam_point = bt.first_reaching(adam, target)
+    summary = {}
+    for label, result in best.items():
+        reached = bt.first_reaching(result, target)
+        summary[label] = {
+            "learning_rate": result["spec"]["learning_rate"],
+            "final_dev_loss": bt.final_dev_loss(result),
+            "best_dev_loss": bt.best_dev_loss(result),
+            "mean_step_seconds": result.get("mean_step_seconds"),
+            "test_loss": result.get("test_loss"),
+            "test_bleu": result.get("test_bleu"),
+            "steps_to_adam_best": reached and reached["step"],
+            "seconds_to_adam_best": reached and reached["wall_s"],
+            "steps_ratio_to_adam": reached and reached["step"] / adam_point["step"],
+            "seconds_ratio_to_adam": reached and reached["wall_s"] / adam_point["wall_s"],
+        }
+    shampoo = summary["shampoo-async"]
+    targets = {
+        "steps_ratio <= 0.6": _met(shampoo["steps_ratio_to_adam"], 0.6),
+        "seconds_ratio <= 0.75": _met(shampoo["seconds_ratio_to_adam"], 0.75),
+        "test_bleu >= adam": shampoo["test_bleu"] >= summary["adam"]["test_bleu"],
+    }
+    sweep_table = {
+        label: [
+            {
+                "learning_rate": r["spec"]["learning_rate"],
+                "final_dev_loss": bt.final_dev_loss(r),
+                "diverged": r["diverged"],
+            }
+            for r in results
+        ]
+        for label, results in sweeps.items()
+    }
+    specs = [bt.RunSpec(**r["spec"]) for results in sweeps.values() for r in results]
+    bt.write_report(
+        args.out,
+        args,
+        specs,
+        {
+            "adam_best_dev_loss": target,
+            "summary": summary,
+            "targets_met (async Shampoo)": targets,
+            "sweeps": sweep_table,
+            "best_runs": best,
+        },
+    )
+    plot(best, target, Path(bt.REPO_ROOT / args.plot))
+    print(f"Adam's best dev loss {target:.4f} (step {adam_point['step']})")
+    for label, row in summary.items():
+        print(
+            f"{label:14s} lr {row['learning_rate']:<7g} final dev {row['final_dev_loss']:.4f} "
+            f"steps x{_fmt(row['steps_ratio_to_adam'])} time x{_fmt(row['seconds_ratio_to_adam'])} "
+            f"{1000 * (row['mean_step_seconds'] or 0):.0f} ms/step test BLEU {row['test_bleu']:.2f}"
+        )
+    print("targets (async Shampoo):", targets)
+
+
+def _met(ratio: float | None, limit: float) -> bool:
+    return ratio is not None and ratio <= limit
+
+
+def _fmt(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.2f}"
+
+
+def plot(best: dict[str, dict], target: float, path: Path) -> None:
+    """Dev loss against steps and against wall time, best rate per optimizer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for label, result in best.items():
+        points = result["points"]
+        name = f"{label} (lr {result['spec']['learning_rate']:g})"
+        dev = [p["dev_loss"] for p in points]
+        axes[0].plot([p["step"] for p in points], dev, marker=".", label=name)
+        axes[1].plot([p["wall_s"] for p in points], dev, marker=".", label=name)
+    for ax, xlabel in zip(axes, ("step", "training wall time (s)")):
+        ax.axhline(target, color="gray", linestyle="--", linewidth=1, label="Adam's best")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("dev loss (nats/token)")
+        ax.set_ylim(top=min(ax.get_ylim()[1], target + 2.5))
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("Tatoeba En-Fr, 2-layer d=128 Transformer, 2-core CPU")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    log.info("wrote %s", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Learning-rate tolerance on Tatoeba En-Fr: async Shampoo against AdaGrad.
+
+Each optimizer trains at its best learning rate from the convergence sweep
+(benchmarks/convergence.json; without it, the sweep's centre rate) times each
+factor of `--lr_factors` (x0.3 ... x3) with the same budget, model and batches
+(see scripts/bench_training.py). Reported: the final dev loss at each rate and its
+spread (largest minus smallest; a diverged run counts as infinite).
+
+Paper's claim: Shampoo is more tolerant of the learning rate than AdaGrad.
+Target here: Shampoo's spread smaller than AdaGrad's.
+
+    .venv/bin/python scripts/bench_lr_tolerance.py [--data_dir=../shared/data]
+
+Runs of scripts/bench_convergence.py at the same rates are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_training as bt  # noqa: E402
+
+log = logging.getLogger("bench_lr_tolerance")
+
+OPTIMIZERS = ("shampoo-async", "adagrad")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    bt.add_common_flags(parser)
+    parser.add_argument("--lr_factors", default="0.3,0.5,1,2,3")
+    parser.add_argument("--num_steps", type=int, default=600)
+    parser.add_argument("--update_steps", type=int, default=10, help="Shampoo's period N")
+    parser.add_argument("--out", default="benchmarks/lr_tolerance.json")
+    parser.add_argument("--plot", default="benchmarks/lr_tolerance.png")
+    return parser.parse_args()
+
+
+def centre_rates() -> dict[str, float]:
+    """Each optimizer's best rate in benchmarks/convergence.json, else the sweep's centre."""
+    path = bt.REPO_ROOT / "benchmarks" / "convergence.json"
+    summary = json.loads(path.read_text())["summary"] if path.is_file() else {}
+    return {
+        label: summary[label]["learning_rate"]
+        if label in summary
+        else bt.BASE_LEARNING_RATES[label.partition("-")[0]]
+        for label in OPTIMIZERS
+    }
+
+
+def spec_for(label: str, rate: float, args: argparse.Namespace) -> bt.RunSpec:
+    """The run of `label` ("shampoo-async" or "adagrad") at `rate`, 3 significant digits."""
+    rate = float(f"{rate:.3g}")
+    common = dict(num_steps=args.num_steps, update_steps=args.update_steps)
+    if label == "shampoo-async":
+        return bt.shampoo("async", rate, **common)
+    return bt.first_order(label, rate, **common)
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    factors = [float(f) for f in args.lr_factors.split(",")]
+    centres = centre_rates()
+    grid = {
+        label: [spec_for(label, centres[label] * f, args) for f in factors] for label in OPTIMIZERS
+    }
+    specs = [spec for label in OPTIMIZERS for spec in grid[label]]
+    results = {spec.name: bt.cached_run(spec, args) for spec in specs}
+    table: dict[str, dict] = {}
+    for label in OPTIMIZERS:
+        rows = []
+        for factor, spec in zip(factors, grid[label]):
+            result = results[spec.name]
+            rows.append(
+                {
+                    "factor": factor,
+                    "learning_rate": result["spec"]["learning_rate"],
+                    "final_dev_loss": bt.final_dev_loss(result),
+                    "diverged": result["diverged"],
+                }
+            )
+        losses = [row["final_dev_loss"] for row in rows]
+        table[label] = {
+            "centre_learning_rate": centres[label],
+            "runs": rows,
+            "spread": max(losses) - min(losses),
+            "best": min(losses),
+            "worst": max(losses),
+        }
+    met = table["shampoo-async"]["spread"] < table["adagrad"]["spread"]
+    bt.write_report(
+        args.out,
+        args,
+        specs,
+        {
+            "results": table,
+            "target": {"shampoo spread < adagrad spread": met},
+            "curves": {name: result["points"] for name, result in results.items()},
+        },
+    )
+    plot(table, Path(bt.REPO_ROOT / args.plot))
+    for label, row in table.items():
+        losses = ", ".join(f"x{r['factor']:g}: {r['final_dev_loss']:.3f}" for r in row["runs"])
+        print(f"{label:14s} spread {row['spread']:.3f}  ({losses})")
+    print("target met (Shampoo's spread smaller):", met)
+
+
+def plot(table: dict[str, dict], path: Path) -> None:
+    """Final dev loss against the learning-rate factor, one line per optimizer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for label, row in table.items():
+        runs = [r for r in row["runs"] if math.isfinite(r["final_dev_loss"])]
+        ax.plot(
+            [r["factor"] for r in runs],
+            [r["final_dev_loss"] for r in runs],
+            marker="o",
+            label=f"{label} (spread {row['spread']:.3f})",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate / best rate of the convergence sweep")
+    ax.set_ylabel("final dev loss (nats/token)")
+    ax.set_title("Learning-rate tolerance, Tatoeba En-Fr")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    log.info("wrote %s", path)
+
+
+if __name__ == "__main__":
+    main()

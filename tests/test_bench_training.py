@@ -1,0 +1,135 @@
+"""The training benchmarks' data split and curve arithmetic (scripts/bench_training.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+import bench_training as bt  # noqa: E402
+
+
+def _write_corpus(data_dir: Path, english: int, translations: int) -> list[tuple[str, str]]:
+    """A generated fra.txt: `english` sentences, each with `translations` French lines."""
+    pairs = [
+        (f"sentence number {i}.", f"phrase {i} version {j}.")
+        for i in range(english)
+        for j in range(translations)
+    ]
+    folder = data_dir / "tatoeba_en_fr"
+    folder.mkdir(parents=True)
+    lines = [f"{en}\t{fr}\tattribution" for en, fr in pairs] + ["no tab here", "\tempty side"]
+    (folder / "fra.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return pairs
+
+
+def _read(path: str) -> list[tuple[str, str]]:
+    return [tuple(line.split("\t")) for line in Path(path).read_text().splitlines()]
+
+
+def test_tatoeba_split_keeps_each_english_sentence_in_one_split(tmp_path):
+    pairs = _write_corpus(tmp_path / "data", english=50, translations=3)
+    paths = bt.prepare_tatoeba(
+        str(tmp_path / "data"), str(tmp_path / "work"), seed=3, dev_sentences=5, test_sentences=7
+    )
+    splits = {split: _read(path) for split, path in paths.items()}
+
+    english = {split: {en for en, _ in rows} for split, rows in splits.items()}
+    assert len(english["dev"]) == 5 and len(english["test"]) == 7 and len(english["train"]) == 38
+    assert not english["dev"] & english["test"]
+    assert not english["train"] & (english["dev"] | english["test"])
+    # Every well-formed pair lands in exactly one split, all translations with their sentence.
+    assert sorted(sum(splits.values(), [])) == sorted(pairs)
+    assert len(splits["dev"]) == 15
+
+
+def test_tatoeba_split_depends_on_the_seed_only_and_is_reused(tmp_path):
+    _write_corpus(tmp_path / "data", english=40, translations=1)
+
+    def split(work: str, seed: int) -> dict[str, str]:
+        return bt.prepare_tatoeba(
+            str(tmp_path / "data"), str(tmp_path / work), seed, dev_sentences=10, test_sentences=10
+        )
+
+    first, again, other = split("a", 0), split("b", 0), split("c", 1)
+    assert _read(first["dev"]) == _read(again["dev"])
+    assert _read(first["dev"]) != _read(other["dev"])
+    # A split already written is reused as it is.
+    Path(first["train"]).write_text("kept\tgardé\n")
+    assert split("a", 0) == first
+    assert _read(first["train"]) == [("kept", "gardé")]
+
+
+def test_a_corpus_too_small_for_the_held_out_splits_is_refused(tmp_path):
+    _write_corpus(tmp_path / "data", english=20, translations=1)
+    with pytest.raises(ValueError, match="20 distinct English sentences.*10 dev.*10 test"):
+        bt.prepare_tatoeba(
+            str(tmp_path / "data"), str(tmp_path / "w"), dev_sentences=10, test_sentences=10
+        )
+
+
+def test_missing_corpus_names_the_path_and_the_flag(tmp_path):
+    with pytest.raises(SystemExit, match="tatoeba_en_fr/fra.txt.*--data_dir"):
+        bt.prepare_tatoeba(str(tmp_path), str(tmp_path / "work"))
+
+
+def _result(losses: list[float], diverged: str | None = None) -> dict:
+    points = [
+        {"step": 50 * (i + 1), "wall_s": 10.0 * (i + 1), "dev_loss": loss}
+        for i, loss in enumerate(losses)
+    ]
+    return {"points": points, "diverged": diverged}
+
+
+def test_curve_arithmetic():
+    result = _result([5.0, 4.0, 3.5, 3.6])
+    assert bt.final_dev_loss(result) == 3.6
+    assert bt.best_dev_loss(result) == 3.5
+    assert bt.first_reaching(result, 4.0)["step"] == 100
+    assert bt.first_reaching(result, 3.55)["wall_s"] == 30.0
+    assert bt.first_reaching(result, 3.0) is None
+    diverged = _result([5.0], diverged="loss is nan at step 60")
+    assert bt.final_dev_loss(diverged) == math.inf == bt.best_dev_loss(diverged)
+
+
+def test_json_safe_turns_infinities_into_strings():
+    value = {"a": [1.0, math.inf, (2, -math.inf)], "b": {"c": math.inf}, "d": "x"}
+    safe = bt.json_safe(value)
+    assert safe == {"a": [1.0, "inf", [2, "inf"]], "b": {"c": "inf"}, "d": "x"}
+    json.dumps(safe, allow_nan=False)
+
+
+def test_run_names_distinguish_every_field_of_a_spec():
+    base = bt.shampoo("async", 2e-3)
+    variants = [
+        base,
+        bt.shampoo("sync", 2e-3),
+        bt.shampoo("async", 1e-3),
+        bt.shampoo("async", 2e-3, update_steps=100),
+        bt.shampoo("async", 2e-3, num_steps=10),
+        bt.shampoo("async", 2e-3, eval_every=5),
+        bt.shampoo("async", 2e-3, seed=1),
+        bt.first_order("adam", 2e-3),
+    ]
+    assert len({spec.name for spec in variants}) == len(variants)
+    assert base.label == "shampoo-async" and bt.first_order("adagrad", 0.1).label == "adagrad"
+
+
+def test_bench_config_is_a_valid_trainer_config(tmp_path):
+    from trainer import config as config_lib
+
+    files = {split: str(tmp_path / f"{split}.tsv") for split in ("train", "dev", "test")}
+    for spec in (bt.shampoo("async", 2e-3, update_steps=7), bt.first_order("adagrad", 0.1)):
+        config = bt.bench_config(spec, files, str(tmp_path / "spm.model"))
+        config_lib.validate(config)
+        assert config.optimizer.name == spec.optimizer
+        assert config.precond.mode == spec.mode
+        assert config.optimizer.learning_rate == spec.learning_rate
+        assert config.precond.update_steps == spec.update_steps
+        assert config.data.dev_files == files["dev"] and config.data.source == "text"
+        assert config.train.eval_every_steps == 0  # dev loss comes from weight copies
