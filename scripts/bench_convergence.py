@@ -150,11 +150,7 @@ def _fmt(ratio: float | None) -> str:
 
 def plot(best: dict[str, dict], target: float, path: Path) -> None:
     """Dev loss against steps and against wall time, best rate per optimizer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = bt.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for label, result in best.items():
         points = result["points"]
@@ -170,10 +166,7 @@ def plot(best: dict[str, dict], target: float, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle("Tatoeba En-Fr, 2-layer d=128 Transformer, 2-core CPU")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    log.info("wrote %s", path)
+    bt.save_figure(fig, path)
 
 
 if __name__ == "__main__":

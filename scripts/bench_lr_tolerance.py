@@ -115,11 +115,7 @@ def main() -> None:
 
 def plot(table: dict[str, dict], path: Path) -> None:
     """Final dev loss against the learning-rate factor, one line per optimizer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = bt.pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for label, row in table.items():
         runs = [r for r in row["runs"] if math.isfinite(r["final_dev_loss"])]
@@ -135,10 +131,7 @@ def plot(table: dict[str, dict], path: Path) -> None:
     ax.set_title("Learning-rate tolerance, Tatoeba En-Fr")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    log.info("wrote %s", path)
+    bt.save_figure(fig, path)
 
 
 if __name__ == "__main__":

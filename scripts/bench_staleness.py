@@ -109,11 +109,7 @@ def _fmt(value: float | None) -> str:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Dev loss against steps for each N, and final dev loss and staleness against N."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = bt.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for row in rows:
         curve = row["curve"]
@@ -142,10 +138,7 @@ def plot(rows: list[dict], path: Path) -> None:
     twin.set_ylabel("mean staleness (steps)", color="C3")
     axes[1].grid(alpha=0.3)
     fig.suptitle("Async Shampoo with preconditioner period N, Tatoeba En-Fr")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    log.info("wrote %s", path)
+    bt.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -181,11 +181,7 @@ def _fmt(value: float | None) -> str:
 
 def plot(times: dict[str, list[float]], path: Path, round_steps: int) -> None:
     """Each optimizer's step times in the order it ran them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = bt.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 1]})
     for label, values in times.items():
         axes[0].plot([1000 * v for v in values], linewidth=0.8, label=label)
@@ -200,10 +196,7 @@ def plot(times: dict[str, list[float]], path: Path, round_steps: int) -> None:
     axes[1].set_ylabel("step time (ms), no outliers")
     axes[1].grid(alpha=0.3)
     fig.suptitle("Step time, same model and batches, Tatoeba En-Fr, 2-core CPU")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    log.info("wrote %s", path)
+    bt.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -398,6 +398,24 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lays out `fig` and writes it to `path` as PNG."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    log.info("wrote %s", path)
+
+
 def _count_lines(path: str) -> int:
     with open(path, encoding="utf-8") as f:
         return sum(1 for _ in f)

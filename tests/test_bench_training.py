@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -133,3 +134,29 @@ def test_bench_config_is_a_valid_trainer_config(tmp_path):
         assert config.precond.update_steps == spec.update_steps
         assert config.data.dev_files == files["dev"] and config.data.source == "text"
         assert config.train.eval_every_steps == 0  # dev loss comes from weight copies
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (SHARED_DATA / "tatoeba_en_fr" / "fra.txt").is_file(), reason="needs ../shared/data"
+)
+def test_a_run_records_its_curve_and_test_scores_and_is_reused(tmp_path):
+    spec = bt.shampoo("async", 4e-3, num_steps=4, eval_every=2, update_steps=2)
+    args = argparse.Namespace(data_dir=str(SHARED_DATA), work_dir=str(tmp_path))
+
+    result = bt.cached_run(spec, args, test=True)
+
+    assert [point["step"] for point in result["points"]] == [2, 4]
+    assert result["diverged"] is None and result["mean_step_seconds"] > 0
+    assert all(point["dev_loss"] > 0 and point["wall_s"] > 0 for point in result["points"])
+    assert result["points"][1]["wall_s"] > result["points"][0]["wall_s"]
+    assert result["test_sentences"] == 2932 and 0 <= result["test_bleu"] <= 100
+    staleness_keys = {"min", "mean", "max", "fraction_preconditioned"}
+    assert all(set(point["staleness"]) == staleness_keys for point in result["points"])
+    run_dir = tmp_path / "runs" / spec.name
+    (run_dir / "train.log").unlink()
+    assert bt.cached_run(spec, args, test=True) == result  # no child ran again
+    assert not (run_dir / "train.log").exists()
