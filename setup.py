@@ -51,7 +51,6 @@ setup(
     packages=find_packages(include=["trainer*", "precond_service*", "protos*"]),
     install_requires=SERVICE_REQUIRES + TRAINER_REQUIRES,
     extras_require={
-        "service": SERVICE_REQUIRES,
         "test": TEST_REQUIRES,
     },
 )

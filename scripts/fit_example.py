@@ -108,7 +108,8 @@ def train(args: argparse.Namespace, name: str, lr: float, address: str | None) -
     elif name == "adam":
         optimizer = keras.optimizers.Adam(lr)
     else:
-        optimizer = keras.optimizers.Adagrad(lr)
+        # Sums start at zero, as in Duchi et al. and the trainer (Keras defaults to 0.1).
+        optimizer = keras.optimizers.Adagrad(lr, initial_accumulator_value=0.0)
     label = f"{name}{'/' + args.precond if name == 'shampoo' else ''} lr={lr:g}"
     callbacks.append(EpochReport(label, client))
     model.compile(optimizer=optimizer, loss="mse", jit_compile=False)
