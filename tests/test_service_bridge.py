@@ -112,6 +112,10 @@ def test_bridge_needs_async_mode_and_positive_update_steps(client):
 
 
 def test_a_service_that_cannot_start_is_reported_with_its_log():
-    with pytest.raises(RuntimeError, match="exited with status .* before serving"):
+    # The message ends with what the service logged before exiting.
+    with pytest.raises(
+        RuntimeError,
+        match="(?s)exited with status 1 before serving; its log ends:.*workers must be >= 1, got 0",
+    ):
         with local_service(workers=0):
             pass

@@ -90,20 +90,25 @@ def wait_for_port(
     Raises:
         RuntimeError: The service exited first, or wrote nothing in time.
     """
-    log_tail = f"; its log ends:\n{_tail(log_path)}" if log_path else ""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(
-                f"precond_service exited with status {process.returncode} before serving" + log_tail
+                f"precond_service exited with status {process.returncode} before serving"
+                + _log_tail(log_path)
             )
         with contextlib.suppress(FileNotFoundError, ValueError):
             with open(port_file) as f:
                 return int(f.read().strip())
         time.sleep(0.05)
     raise RuntimeError(
-        f"precond_service did not report its port within {timeout_s:.0f} s" + log_tail
+        f"precond_service did not report its port within {timeout_s:.0f} s" + _log_tail(log_path)
     )
+
+
+def _log_tail(log_path: str | None) -> str:
+    """ "; its log ends: ..." read now (the service may have written since), or ""."""
+    return f"; its log ends:\n{_tail(log_path)}" if log_path else ""
 
 
 def _stop(process: subprocess.Popen, timeout_s: float) -> None:
