@@ -9,11 +9,16 @@ exits 0. Only NumPy, gRPC and protobuf are needed: no TensorFlow.
 `--tls_cert` and `--tls_key` serve over TLS; `--tls_client_ca` also requires every
 client to present a certificate signed by that CA. A host other than loopback is
 refused without TLS unless `--insecure` says that plaintext is meant.
+
+The `--max_*` flags bound what the service holds and what one request may cost; see
+`ServiceConfig`. With glibc, buffers of 4 MiB or more are returned to the system as
+soon as they are freed (`_release_large_buffers`).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import ipaddress
 import logging
 import os
@@ -81,6 +86,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="most (run, key) blocks held over all runs",
     )
     parser.add_argument(
+        "--max_blocks_per_run",
+        type=int,
+        default=defaults.max_blocks_per_run,
+        help="most keys held for one run; a new key beyond it is rejected",
+    )
+    parser.add_argument(
+        "--max_runs",
+        type=int,
+        default=defaults.max_runs,
+        help="most runs held; a block of a new run beyond it is rejected",
+    )
+    parser.add_argument(
+        "--max_blocks_per_request",
+        type=int,
+        default=defaults.max_blocks_per_request,
+        help="most blocks in one push, and most known_steps entries in one pull "
+        "(>= --max_blocks_per_run)",
+    )
+    parser.add_argument(
+        "--max_run_id_length",
+        type=int,
+        default=defaults.max_run_id_length,
+        help="most characters of a run_id",
+    )
+    parser.add_argument(
         "--threads_per_worker",
         type=int,
         default=defaults.threads_per_worker,
@@ -108,6 +138,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--grace_s", type=float, default=5.0, help="seconds in-flight RPCs get at shutdown"
+    )
+    parser.add_argument(
+        "--parent_pid",
+        type=int,
+        default=0,
+        help="shut down when this process ends (a trainer's own service child); 0: never",
     )
     parser.add_argument("--log_level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return parser.parse_args(argv)
@@ -144,6 +180,33 @@ def _tls_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:
     )
 
 
+# glibc's mallopt parameter for the size from which allocations get their own mapping.
+_M_MMAP_THRESHOLD = -3
+
+# Allocations this large or larger are unmapped when freed.
+_MMAP_THRESHOLD_BYTES = 4 << 20
+
+
+def _release_large_buffers() -> None:
+    """Makes glibc return freed buffers of 4 MiB or more to the system at once.
+
+    By default glibc raises that threshold to the largest buffer freed so far (up to
+    32 MiB), after which such buffers come from per-thread arenas that keep them: a
+    few large requests (statistics, or hostile ones that are refused) would leave
+    hundreds of MiB resident for good. A fixed threshold keeps resident memory near
+    what the service holds, at the cost of fresh pages for each large message. An
+    explicit MALLOC_MMAP_THRESHOLD_ in the environment wins; without glibc this does
+    nothing.
+    """
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+
+
 def _write_port_file(path: str, port: int) -> None:
     """Writes the port atomically, so a reader never sees a partial file."""
     target = pathlib.Path(path)
@@ -176,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             max_iterations=args.max_iterations,
             max_matrix_size=args.max_matrix_size,
             max_blocks=args.max_blocks,
+            max_blocks_per_run=args.max_blocks_per_run,
+            max_runs=args.max_runs,
+            max_blocks_per_request=args.max_blocks_per_request,
+            max_run_id_length=args.max_run_id_length,
             threads_per_worker=args.threads_per_worker,
             job_timeout_s=args.job_timeout_s,
         )
@@ -217,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    _release_large_buffers()
     try:
         running = serve(
             config, host=args.host, port=args.port, token=token, credentials=credentials
@@ -228,7 +296,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.port_file:
             _write_port_file(args.port_file, running.port)
         while not stop.wait(0.5):
-            pass
+            if args.parent_pid and os.getppid() != args.parent_pid:
+                # Our parent died (a trainer killed with SIGKILL, say): we were
+                # reparented. Nobody is left to use or stop us.
+                logger.warning("parent process %d has ended: shutting down", args.parent_pid)
+                break
     finally:
         running.stop(args.grace_s)
     return 0

@@ -4,11 +4,15 @@ Two independent protections, each optional. The shared token (`read_token`) says
 may use the service; TLS (`server_credentials` on the service, `TlsConfig` and
 `open_channel` on its clients) encrypts the channel and proves the service's
 identity, and with a client CA also the client's.
+
+Between clients holding the token, a run's roots are readable only with its run_id,
+so the service never shows a run_id: its status and logs name a run by `run_digest`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import pathlib
 from collections.abc import Sequence
@@ -16,6 +20,22 @@ from collections.abc import Sequence
 import grpc
 
 TOKEN_ENV = "PRECOND_SERVICE_TOKEN"
+
+
+def run_digest(run_id: str) -> str:
+    """The name under which the service shows a run: 12 hex digits of SHA-256(run_id).
+
+    It tells runs apart without revealing their run_ids (from which it cannot be
+    computed back); a run_id that can be guessed is as readable as the digest lets
+    one confirm a guess, so give runs that must stay private an unguessable run_id.
+
+    Args:
+        run_id: The run.
+
+    Returns:
+        The first 12 hex digits of the SHA-256 of its UTF-8 bytes.
+    """
+    return hashlib.sha256(run_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 
 def read_token(token_file: str | None) -> str | None:

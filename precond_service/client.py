@@ -203,6 +203,10 @@ class PreconditionerClient:
         self._lock = threading.Lock()
         self._wake_pusher = threading.Condition(self._lock)
         self._closing = threading.Event()
+        # Cut the pull thread's wait short (`pull_now`, or the push thread got
+        # through after failures), and the push thread's backoff (a pull got through).
+        self._wake_puller = threading.Event()
+        self._wake_retry = threading.Event()
         self._pending: dict[str, StatisticsBlock] = {}
         self._last_sent: dict[str, StatisticsBlock] = {}
         # Replaced, never mutated, so that `latest` needs no lock.
@@ -323,6 +327,10 @@ class PreconditionerClient:
                 last_error=self._last_error,
             )
 
+    def pull_now(self) -> None:
+        """Asks the pull thread to pull at once instead of at its next interval; returns at once."""
+        self._wake_puller.set()
+
     def drop_run(self, timeout_s: float = 10.0) -> int:
         """Asks the service to forget this run; blocks, so call it outside the training loop.
 
@@ -361,6 +369,8 @@ class PreconditionerClient:
                 return
             self._closed = True
             self._closing.set()
+            self._wake_puller.set()
+            self._wake_retry.set()
             self._wake_pusher.notify_all()
             calls = list(self._calls)
         for call in calls:
@@ -389,10 +399,13 @@ class PreconditionerClient:
                     return
                 blocks, self._pending = list(self._pending.values()), {}
             if self._push_once(push_call, blocks):
+                if failures:  # the service is back: the pull thread need not wait either
+                    self._wake_puller.set()
                 failures = 0
             else:
                 failures += 1
-                self._closing.wait(self._backoff(failures))
+                self._wake_retry.clear()
+                self._wake_retry.wait(self._backoff(failures))
 
     def _push_once(
         self, push_call: grpc.StreamUnaryMultiCallable, blocks: list[StatisticsBlock]
@@ -508,12 +521,15 @@ class PreconditionerClient:
     def _pull_loop(self, stub: pb_grpc.PreconditionerServiceStub) -> None:
         failures = 0
         while not self._closing.is_set():
+            self._wake_puller.clear()
             if self._pull_once(stub):
+                if failures:  # the service is back: retry a failed push now
+                    self._wake_retry.set()
                 failures = 0
-                self._closing.wait(self._pull_interval_s)
+                self._wake_puller.wait(self._pull_interval_s)
             else:
                 failures += 1
-                self._closing.wait(max(self._pull_interval_s, self._backoff(failures)))
+                self._wake_puller.wait(max(self._pull_interval_s, self._backoff(failures)))
 
     def _pull_once(self, stub: pb_grpc.PreconditionerServiceStub) -> bool:
         """Fetches roots newer than the cache; returns whether the RPC succeeded."""

@@ -37,6 +37,7 @@ from multiprocessing import connection
 
 import numpy as np
 
+from precond_service.auth import run_digest
 from precond_service.scheduler import Job
 
 logger = logging.getLogger(__name__)
@@ -358,7 +359,9 @@ class WorkerPool:
         try:
             self._on_result(result)
         except Exception:  # A bug there must not stop the dispatcher.
-            logger.exception("on_result failed for %s/%s", result.job.run_id, result.job.key)
+            logger.exception(
+                "on_result failed for run %s key %r", run_digest(result.job.run_id), result.job.key
+            )
 
     def _kill_overdue(self) -> None:
         if not self._job_timeout_s:
@@ -384,7 +387,11 @@ class WorkerPool:
         if worker.job is not None:
             reason = f"{reason} (exit code {exit_code}) while computing"
             logger.warning(
-                "%s %s/%s step %d", reason, worker.job.run_id, worker.job.key, worker.job.step
+                "%s run %s key %r step %d",
+                reason,
+                run_digest(worker.job.run_id),
+                worker.job.key,
+                worker.job.step,
             )
             self._report(JobResult(job=worker.job, ok=False, reason=reason))
         else:

@@ -79,21 +79,39 @@ class Job:
 class Scheduler:
     """Thread-safe newest-only queue of statistics, served stalest first."""
 
-    def __init__(self, max_blocks: int) -> None:
+    def __init__(
+        self,
+        max_blocks: int,
+        *,
+        max_blocks_per_run: int | None = None,
+        max_runs: int | None = None,
+    ) -> None:
         """Creates an empty scheduler.
 
         Args:
             max_blocks: Most (run_id, key) pairs held over all runs; a statistic for
                 a new key beyond that is rejected.
+            max_blocks_per_run: Most keys held for one run; None: max_blocks.
+            max_runs: Most runs held; a statistic for a new run beyond that is
+                rejected. None: no limit besides max_blocks.
 
         Raises:
-            ValueError: If max_blocks < 1.
+            ValueError: If a limit is below 1.
         """
-        if max_blocks < 1:
-            raise ValueError(f"max_blocks must be >= 1, got {max_blocks}")
+        for name, value in (
+            ("max_blocks", max_blocks),
+            ("max_blocks_per_run", max_blocks_per_run),
+            ("max_runs", max_runs),
+        ):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         self._max_blocks = max_blocks
+        self._max_blocks_per_run = max_blocks_per_run or max_blocks
+        self._max_runs = max_runs
         self._lock = threading.Lock()
-        self._blocks: dict[tuple[str, str], _BlockState] = {}
+        # run_id -> key -> state; a run is here while it holds a key.
+        self._runs: dict[str, dict[str, _BlockState]] = {}
+        self._block_count = 0
         self._pending: dict[tuple[str, str], _BlockState] = {}
         self._sequence = itertools.count()
 
@@ -109,18 +127,19 @@ class Scheduler:
         Raises:
             StaleError: If its step is older than the newest step pending, being
                 computed or published for its key.
-            CapacityError: If its key is new and the scheduler is full.
+            CapacityError: If its key is new and the scheduler, its run, or the
+                number of runs is at its limit.
         """
         ident = (job.run_id, job.key)
         with self._lock:
-            state = self._blocks.get(ident)
+            run = self._runs.get(job.run_id)
+            state = None if run is None else run.get(job.key)
             if state is None:
-                if len(self._blocks) >= self._max_blocks:
-                    raise CapacityError(
-                        f"the service already holds max_blocks={self._max_blocks} blocks; drop "
-                        "finished runs (DropRun) or start it with a larger --max_blocks"
-                    )
-                state = self._blocks[ident] = _BlockState()
+                self._check_room(run)
+                if run is None:
+                    run = self._runs[job.run_id] = {}
+                state = run[job.key] = _BlockState()
+                self._block_count += 1
             newest = state.newest_step()
             if newest is not None and job.step < newest:
                 raise StaleError(
@@ -172,7 +191,7 @@ class Scheduler:
             case its root must not be published.
         """
         with self._lock:
-            state = self._blocks.get((job.run_id, job.key))
+            state = self._runs.get(job.run_id, {}).get(job.key)
             if state is not job.state:
                 return False
             if state.computing_step == job.step:
@@ -191,25 +210,50 @@ class Scheduler:
             How many keys the run had.
         """
         with self._lock:
-            idents = [ident for ident in self._blocks if ident[0] == run_id]
-            for ident in idents:
-                del self._blocks[ident]
-                self._pending.pop(ident, None)
-            return len(idents)
+            run = self._runs.pop(run_id, {})
+            for key in run:
+                self._pending.pop((run_id, key), None)
+            self._block_count -= len(run)
+            return len(run)
 
     def queue_depth(self, run_id: str | None = None) -> int:
         """Returns how many keys have a pending statistic (in one run, or in all)."""
         with self._lock:
             if run_id is None:
                 return len(self._pending)
-            return sum(1 for ident in self._pending if ident[0] == run_id)
+            run = self._runs.get(run_id, {})
+            return sum(1 for state in run.values() if state.pending is not None)
 
     def blocks_known(self, run_id: str | None = None) -> int:
         """Returns how many keys are held (in one run, or in all)."""
         with self._lock:
             if run_id is None:
-                return len(self._blocks)
-            return sum(1 for ident in self._blocks if ident[0] == run_id)
+                return self._block_count
+            return len(self._runs.get(run_id, {}))
+
+    def runs_known(self) -> int:
+        """Returns how many runs hold at least one key."""
+        with self._lock:
+            return len(self._runs)
+
+    def _check_room(self, run: dict[str, _BlockState] | None) -> None:
+        """Raises CapacityError unless a new key fits (in `run`, or a new run if None)."""
+        if self._block_count >= self._max_blocks:
+            raise CapacityError(
+                f"the service already holds max_blocks={self._max_blocks} blocks; drop "
+                "finished runs (DropRun) or start it with a larger --max_blocks"
+            )
+        if run is None and self._max_runs is not None and len(self._runs) >= self._max_runs:
+            raise CapacityError(
+                f"the service already holds max_runs={self._max_runs} runs, and this is a new "
+                "one; drop finished runs (DropRun) or start it with a larger --max_runs"
+            )
+        if run is not None and len(run) >= self._max_blocks_per_run:
+            raise CapacityError(
+                f"this run already holds max_blocks_per_run={self._max_blocks_per_run} blocks, "
+                "and this key is a new one (its existing keys still update); use fewer blocks "
+                "or start the service with a larger --max_blocks_per_run"
+            )
 
     @staticmethod
     def _describe(state: _BlockState, step: int) -> str:

@@ -11,10 +11,17 @@ shared secret against accidents and strangers; without TLS credentials (see
 `auth.server_credentials`) the channel is not encrypted and the token travels in
 the clear, so serve a host other than loopback over TLS, or reach it through an SSH
 tunnel or a private network.
+
+Hostile or broken requests fail alone and leave the service serving: bytes that do
+not parse, or a bad run_id or known_steps, fail the RPC with INVALID_ARGUMENT; a
+request beyond `max_blocks_per_request` (checked on the wire before parsing, see
+`wire.parse_request`, and over all messages of a push) with RESOURCE_EXHAUSTED; a bad
+block is rejected alone, with its reason, in the push's reply.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hmac
 import logging
@@ -25,7 +32,7 @@ from concurrent import futures
 from typing import TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from precond_service import wire
@@ -58,9 +65,22 @@ class PreconditionerServicer(pb_grpc.PreconditionerServiceServicer):
     def PushStatistics(  # noqa: N802  (gRPC's method name)
         self, request_iterator: Iterator[pb.PushStatisticsRequest], context: grpc.ServicerContext
     ) -> pb.PushStatisticsReply:
-        """Validates and queues every block of every message of the stream."""
+        """Validates and queues every block of every message of the stream.
+
+        A stream past `max_blocks_per_request` blocks fails RESOURCE_EXHAUSTED; the
+        blocks of its earlier messages stay accepted.
+        """
         reply = pb.PushStatisticsReply(incarnation=self._service.incarnation)
+        limit = self._service.config.max_blocks_per_request
+        blocks = 0
         for request in _read_ahead(request_iterator):
+            blocks += len(request.blocks)
+            if blocks > limit:
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"this push carries more than max_blocks_per_request={limit} blocks; send "
+                    "each key at most once per push",
+                )
             accepted, rejections = self._service.push(request.run_id, request.blocks)
             reply.accepted += accepted
             reply.rejected.extend(
@@ -75,8 +95,10 @@ class PreconditionerServicer(pb_grpc.PreconditionerServiceServicer):
 
         Yields serialized Preconditioner messages (see `wire.encode_preconditioner`).
         """
+        with _errors_as_status(context):
+            roots = self._service.preconditioners(request.run_id, request.known_steps)
         context.send_initial_metadata((("precond-incarnation", self._service.incarnation),))
-        for root in self._service.preconditioners(request.run_id, request.known_steps):
+        for root in roots:
             header = pb.Preconditioner(
                 key=root.key,
                 stats_step=root.stats_step,
@@ -93,7 +115,8 @@ class PreconditionerServicer(pb_grpc.PreconditionerServiceServicer):
         self, request: pb.StatusRequest, context: grpc.ServicerContext
     ) -> pb.ServiceStatus:
         """Returns the service's figures."""
-        status = dataclasses.asdict(self._service.status(request.run_id))
+        with _errors_as_status(context):
+            status = dataclasses.asdict(self._service.status(request.run_id))
         runs = [pb.RunStatus(**run) for run in status.pop("runs")]
         return pb.ServiceStatus(runs=runs, **status)
 
@@ -101,10 +124,24 @@ class PreconditionerServicer(pb_grpc.PreconditionerServiceServicer):
         self, request: pb.DropRunRequest, context: grpc.ServicerContext
     ) -> pb.DropRunReply:
         """Releases everything held for a run."""
-        if not request.run_id:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "DropRun needs a run_id")
-        released = self._service.drop_run(request.run_id)
+        with _errors_as_status(context):
+            released = self._service.drop_run(request.run_id)
         return pb.DropRunReply(dropped=released > 0, blocks_released=released)
+
+
+@contextlib.contextmanager
+def _errors_as_status(context: grpc.ServicerContext) -> Iterator[None]:
+    """Turns a request the service refuses into an RPC status with its reason.
+
+    wire.RequestTooLargeError aborts with RESOURCE_EXHAUSTED, any other ValueError
+    with INVALID_ARGUMENT.
+    """
+    try:
+        yield
+    except wire.RequestTooLargeError as e:
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+    except ValueError as e:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
 
 def _read_ahead(items: Iterator[T], depth: int = 1) -> Iterator[T]:
@@ -155,33 +192,38 @@ def _read_ahead(items: Iterator[T], depth: int = 1) -> Iterator[T]:
         stop.set()
 
 
-class _Malformed:
-    """Stands for request bytes that did not parse; the handler turns it into an error."""
+class _Refused:
+    """Stands for request bytes that were not parsed; the handler turns it into an error."""
 
-    def __init__(self, type_name: str, error: Exception) -> None:
-        self.message = f"request is not a valid {type_name}: {error}"
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        self.code = code
+        self.message = message
 
 
-def _lenient_parser(message_type: type[Message]) -> Callable[[bytes], Message | _Malformed]:
-    """Returns a deserializer that never raises.
+def _lenient_parser(
+    message_type: type[Message], max_entries: int
+) -> Callable[[bytes], Message | _Refused]:
+    """Returns a deserializer that never raises (see `wire.parse_request`).
 
     gRPC's own handling of a deserializer exception answers INTERNAL and, in a
     client stream, can leave the call half-open so that `server.stop` never
-    returns; a parse failure reported by the handler is an ordinary INVALID_ARGUMENT.
+    returns; a refusal reported by the handler is an ordinary error status.
     """
 
-    def parse(data: bytes) -> Message | _Malformed:
+    def parse(data: bytes) -> Message | _Refused:
         try:
-            return message_type.FromString(data)
-        except DecodeError as e:
-            return _Malformed(message_type.DESCRIPTOR.full_name, e)
+            return wire.parse_request(message_type, data, max_entries=max_entries)
+        except wire.RequestTooLargeError as e:
+            return _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except ValueError as e:
+            return _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     return parse
 
 
-def _checked(request: Message | _Malformed, context: grpc.ServicerContext) -> Message:
-    if isinstance(request, _Malformed):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+def _checked(request: Message | _Refused, context: grpc.ServicerContext) -> Message:
+    if isinstance(request, _Refused):
+        context.abort(request.code, request.message)
     return request
 
 
@@ -194,29 +236,38 @@ def _serializer(message_type: type[Message]) -> Callable[[Message | bytes], byte
     return serialize
 
 
-def _add_servicer(servicer: PreconditionerServicer, server: grpc.Server) -> None:
-    """Registers the servicer like the generated `add_..._to_server`, parsing leniently."""
-    methods = {  # name: (handler kind, request type, reply type)
+def _add_servicer(servicer: PreconditionerServicer, server: grpc.Server, max_entries: int) -> None:
+    """Registers the servicer like the generated `add_..._to_server`, parsing leniently.
+
+    Args:
+        servicer: The servicer.
+        server: The server.
+        max_entries: Most blocks or known_steps entries in one request message; the
+            other requests have none.
+    """
+    methods = {  # name: (handler kind, request type, reply type, entries allowed)
         "PushStatistics": (
             grpc.stream_unary_rpc_method_handler,
             pb.PushStatisticsRequest,
             pb.PushStatisticsReply,
+            max_entries,
         ),
         "GetPreconditioners": (
             grpc.unary_stream_rpc_method_handler,
             pb.GetPreconditionersRequest,
             pb.Preconditioner,
+            max_entries,
         ),
-        "GetStatus": (grpc.unary_unary_rpc_method_handler, pb.StatusRequest, pb.ServiceStatus),
-        "DropRun": (grpc.unary_unary_rpc_method_handler, pb.DropRunRequest, pb.DropRunReply),
+        "GetStatus": (grpc.unary_unary_rpc_method_handler, pb.StatusRequest, pb.ServiceStatus, 0),
+        "DropRun": (grpc.unary_unary_rpc_method_handler, pb.DropRunRequest, pb.DropRunReply, 0),
     }
     handlers = {}
-    for name, (kind, request_type, reply_type) in methods.items():
+    for name, (kind, request_type, reply_type, entries) in methods.items():
         method = getattr(servicer, name)
         if kind is grpc.stream_unary_rpc_method_handler:
 
             def handle(
-                requests: Iterator[Message | _Malformed],
+                requests: Iterator[Message | _Refused],
                 context: grpc.ServicerContext,
                 method: Callable = method,
             ) -> object:
@@ -225,7 +276,7 @@ def _add_servicer(servicer: PreconditionerServicer, server: grpc.Server) -> None
         else:
 
             def handle(
-                request: Message | _Malformed,
+                request: Message | _Refused,
                 context: grpc.ServicerContext,
                 method: Callable = method,
             ) -> object:
@@ -233,7 +284,7 @@ def _add_servicer(servicer: PreconditionerServicer, server: grpc.Server) -> None
 
         handlers[name] = kind(
             handle,
-            request_deserializer=_lenient_parser(request_type),
+            request_deserializer=_lenient_parser(request_type, entries),
             response_serializer=_serializer(reply_type),
         )
     server.add_generic_rpc_handlers(
@@ -326,7 +377,7 @@ def build_server(
         options=options,
         maximum_concurrent_rpcs=_MAX_CONCURRENT_RPCS,
     )
-    _add_servicer(PreconditionerServicer(service), server)
+    _add_servicer(PreconditionerServicer(service), server, service.config.max_blocks_per_request)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", wire.SERVICE_NAME):

@@ -5,6 +5,11 @@ worker pool (float64 roots in W processes) and the versioned store (newest root 
 key), and keeps the counters that `GetStatus` reports. The gRPC servicer in
 `server.py` only translates messages to and from calls on it, so everything here can
 be tested without a network.
+
+Memory is bounded whatever clients send: keys, runs and so roots and per-run figures
+by the `max_*` limits of `ServiceConfig`; rejections and failed roots are counted,
+never kept, and logged at most once per `_LOG_INTERVAL_S` each; runs are named in the
+status and the logs by `auth.run_digest`, never by run_id.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 
 from precond_service import validation
+from precond_service.auth import run_digest
 from precond_service.pool import JobResult, SolverOptions, WorkerPool
 from precond_service.roots import METHODS
 from precond_service.scheduler import Job, Outcome, Scheduler
@@ -24,6 +30,13 @@ from precond_service.store import PublishedRoot, VersionedStore
 from protos import precond_service_pb2 as pb
 
 logger = logging.getLogger(__name__)
+
+# Rejected blocks, and roots not published, are logged in one line per this many
+# seconds at most, with a count.
+_LOG_INTERVAL_S = 10.0
+
+# Characters of a client-supplied key or reason that go into a log line.
+_LOGGED_CHARACTERS = 200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +53,13 @@ class ServiceConfig:
         max_matrix_size: Largest matrix side n accepted; it also sets the gRPC
             message size limit (n * n * 8 bytes + 1 MiB).
         max_blocks: Most (run_id, key) pairs held over all runs; bounds memory.
+        max_blocks_per_run: Most keys held for one run; a statistic for a new key
+            beyond it is rejected, the run's existing keys still update.
+        max_runs: Most runs held; a statistic for a new run beyond it is rejected.
+        max_blocks_per_request: Most blocks in one PushStatistics call (all its
+            messages) and most known_steps entries in one GetPreconditioners call;
+            at least max_blocks_per_run, as a client pushes every key of its run at once.
+        max_run_id_length: Most characters of a run_id.
         threads_per_worker: BLAS threads in each worker.
         job_timeout_s: A root taking longer is failed and its worker replaced; 0
             means no limit.
@@ -52,6 +72,12 @@ class ServiceConfig:
     max_iterations: int = 100
     max_matrix_size: int = 4096
     max_blocks: int = 65536
+    # A big WMT Transformer has 1-3 thousand blocks.
+    max_blocks_per_run: int = 16384
+    max_runs: int = 256
+    max_blocks_per_request: int = 32768
+    # Trainers name a run "host:/absolute/workdir" by default.
+    max_run_id_length: int = 4096
     threads_per_worker: int = 1
     job_timeout_s: float = 0.0
 
@@ -70,6 +96,15 @@ class ServiceConfig:
             raise ValueError(f"max_matrix_size must be >= 1, got {self.max_matrix_size}")
         if self.max_blocks < 1:
             raise ValueError(f"max_blocks must be >= 1, got {self.max_blocks}")
+        for name in ("max_blocks_per_run", "max_runs", "max_run_id_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} (--{name}) must be >= 1, got {getattr(self, name)}")
+        if self.max_blocks_per_request < self.max_blocks_per_run:
+            raise ValueError(
+                "max_blocks_per_request (--max_blocks_per_request) must be >= "
+                f"max_blocks_per_run={self.max_blocks_per_run}, as a client pushes every key of "
+                f"its run in one call; got {self.max_blocks_per_request}"
+            )
         if self.threads_per_worker < 1:
             raise ValueError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
         if not self.job_timeout_s >= 0:
@@ -80,7 +115,7 @@ class ServiceConfig:
 class RunStatus:
     """Figures for one run; field names match the `RunStatus` message."""
 
-    run_id: str
+    run_digest: str
     blocks_known: int = 0
     blocks_published: int = 0
     pending: int = 0
@@ -129,6 +164,27 @@ class Rejection:
     reason: str
 
 
+class _Throttle:
+    """Counts events; says when to log them, at most once per interval."""
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._unlogged = 0
+        self._next_log = 0.0
+
+    def add(self, count: int = 1) -> int:
+        """Counts `count` events; returns how many to log now (0: not yet)."""
+        now = time.monotonic()
+        with self._lock:
+            self._unlogged += count
+            if now < self._next_log:
+                return 0
+            self._next_log = now + self._interval_s
+            count, self._unlogged = self._unlogged, 0
+            return count
+
+
 @dataclasses.dataclass
 class _Totals:
     received: int = 0
@@ -155,8 +211,15 @@ class RootService:
         self._started = time.monotonic()
         self._lock = threading.Lock()
         self._totals = _Totals()
+        # run_id -> its figures; a run is here once a block of it was accepted.
         self._runs: dict[str, RunStatus] = {}
-        self._scheduler = Scheduler(config.max_blocks)
+        self._rejections_to_log = _Throttle(_LOG_INTERVAL_S)
+        self._failures_to_log = _Throttle(_LOG_INTERVAL_S)
+        self._scheduler = Scheduler(
+            config.max_blocks,
+            max_blocks_per_run=config.max_blocks_per_run,
+            max_runs=config.max_runs,
+        )
         self._store = VersionedStore()
         self._pool = WorkerPool(
             config.workers,
@@ -199,34 +262,49 @@ class RootService:
             blocks: The statistics as received.
 
         Returns:
-            (number accepted, rejections with reasons).
+            (number accepted, rejections with reasons). A rejection names its key
+            as received, cut to `validation.MAX_KEY_LENGTH` characters.
         """
         accepted, rejections, queued = 0, [], False
+        try:
+            validation.check_run_id(run_id, max_length=self.config.max_run_id_length)
+            run_error = ""
+        except ValueError as e:
+            run_error = str(e)
         for message in blocks:
             try:
-                if not run_id:
-                    raise ValueError("empty run_id: every push names its run")
+                if run_error:
+                    raise ValueError(run_error)
                 block = validation.decode_block(
                     message, max_matrix_size=self.config.max_matrix_size
                 )
                 job = Job(run_id, block.key, block.step, block.exponent, block.matrix)
-                outcome = self._scheduler.submit(job)
+                with self._lock:  # With the count, so that a DropRun cannot come between.
+                    outcome = self._scheduler.submit(job)
+                    self._count(
+                        run_id,
+                        block.step,
+                        accepted=1,
+                        coalesced=int(outcome is Outcome.COALESCED),
+                    )
             except ValueError as e:
-                rejections.append(Rejection(message.key, message.step, str(e)))
-                self._count(run_id, message.step, rejected=1)
+                key = message.key[: validation.MAX_KEY_LENGTH]
+                rejections.append(Rejection(key, message.step, str(e)))
+                with self._lock:
+                    self._count(run_id, message.step, rejected=1)
                 continue
             accepted += 1
             queued = queued or outcome is not Outcome.DUPLICATE
-            self._count(run_id, block.step, accepted=1, coalesced=int(outcome is Outcome.COALESCED))
         if queued:
             self._pool.notify()
-        if rejections:
+        count = self._rejections_to_log.add(len(rejections)) if rejections else 0
+        if count:
             logger.info(
-                "run %r: rejected %d block(s), first: %s: %s",
-                run_id,
-                len(rejections),
-                rejections[0].key,
-                rejections[0].reason,
+                "rejected %d block(s) since the last report; latest: run %s key %r: %s",
+                count,
+                run_digest(run_id),
+                rejections[-1].key[:_LOGGED_CHARACTERS],
+                rejections[-1].reason[:_LOGGED_CHARACTERS],
             )
         return accepted, rejections
 
@@ -240,7 +318,14 @@ class RootService:
         Returns:
             Roots with a larger stats_step than `known_steps` says (all for keys it
             does not list).
+
+        Raises:
+            wire.RequestTooLargeError: If known_steps has more than
+                `max_blocks_per_request` entries.
+            ValueError: If the run_id or a key of known_steps is empty or too long.
         """
+        validation.check_run_id(run_id, max_length=self.config.max_run_id_length)
+        validation.check_known_steps(known_steps, max_entries=self.config.max_blocks_per_request)
         return self._store.newer_than(run_id, known_steps)
 
     def drop_run(self, run_id: str) -> int:
@@ -251,13 +336,17 @@ class RootService:
 
         Returns:
             How many blocks (keys) were released.
+
+        Raises:
+            ValueError: If the run_id is empty or too long.
         """
+        validation.check_run_id(run_id, max_length=self.config.max_run_id_length)
         with self._lock:
             released = self._scheduler.drop_run(run_id)
             self._store.drop_run(run_id)
             self._runs.pop(run_id, None)
         if released:
-            logger.info("dropped run %r: released %d blocks", run_id, released)
+            logger.info("dropped run %s: released %d blocks", run_digest(run_id), released)
         return released
 
     def status(self, run_id: str = "") -> ServiceStatus:
@@ -267,20 +356,25 @@ class RootService:
             run_id: When set, only this run is listed in `runs`.
 
         Returns:
-            The status.
+            The status; runs are named by their digest, sorted by it.
+
+        Raises:
+            ValueError: If the run_id is longer than `max_run_id_length`.
         """
+        if run_id:
+            validation.check_run_id(run_id, max_length=self.config.max_run_id_length)
         with self._lock:
             totals = dataclasses.replace(self._totals)
             runs = [
-                dataclasses.replace(r)
-                for r in self._runs.values()
-                if not run_id or r.run_id == run_id
+                (held_id, dataclasses.replace(r))
+                for held_id, r in self._runs.items()
+                if not run_id or held_id == run_id
             ]
-        for run in runs:
-            steps = self._store.steps(run.run_id)
-            run.blocks_known = self._scheduler.blocks_known(run.run_id)
+        for held_id, run in runs:
+            steps = self._store.steps(held_id)
+            run.blocks_known = self._scheduler.blocks_known(held_id)
             run.blocks_published = len(steps)
-            run.pending = self._scheduler.queue_depth(run.run_id)
+            run.pending = self._scheduler.queue_depth(held_id)
             run.max_staleness_steps = max(
                 (run.latest_step - step for step in steps.values()), default=0
             )
@@ -301,7 +395,7 @@ class RootService:
             failed=totals.failed,
             method=self.config.method,
             max_matrix_size=self.config.max_matrix_size,
-            runs=sorted(runs, key=lambda r: r.run_id),
+            runs=sorted((run for _, run in runs), key=lambda r: r.run_digest),
             worker_pids=self._pool.pids(),
             mean_compute_seconds=(
                 totals.compute_seconds / totals.computed if totals.computed else 0.0
@@ -311,21 +405,24 @@ class RootService:
     def _count(
         self, run_id: str, step: int, *, accepted: int = 0, rejected: int = 0, coalesced: int = 0
     ) -> None:
-        """Adds to the totals and, for a run with accepted blocks, to its figures."""
-        with self._lock:
-            for counters in (self._totals, self._runs.get(run_id)):
-                if counters is None:
-                    if not accepted:
-                        continue  # Runs exist once something was accepted for them.
-                    counters = self._runs[run_id] = RunStatus(run_id=run_id)
-                counters.received += 1
-                counters.accepted += accepted
-                counters.rejected += rejected
-                counters.coalesced += coalesced
-            run = self._runs.get(run_id)
-            if run is not None:
+        """Adds to the totals and, for a run with accepted blocks, to its figures.
+
+        The caller holds the lock.
+        """
+        for counters in (self._totals, self._runs.get(run_id)):
+            if counters is None:
+                if not accepted:
+                    continue  # Runs exist once something was accepted for them.
+                counters = self._runs[run_id] = RunStatus(run_digest=run_digest(run_id))
+            counters.received += 1
+            counters.accepted += accepted
+            counters.rejected += rejected
+            counters.coalesced += coalesced
+        run = self._runs.get(run_id)
+        if run is not None:
+            if accepted:  # A rejected block's step may be anything.
                 run.latest_step = max(run.latest_step, step)
-                run.last_push_unix_time = time.time()
+            run.last_push_unix_time = time.time()
 
     def _on_result(self, result: JobResult) -> None:
         """Publishes a computed root, or counts and logs the failure (dispatcher thread)."""
@@ -360,10 +457,14 @@ class RootService:
             for counters in (self._totals, run):
                 if counters is not None:
                     counters.failed += 1
-        logger.warning(
-            "run %r key %r step %d: root not published, the previous one stays: %s",
-            job.run_id,
-            job.key,
-            job.step,
-            result.reason,
-        )
+        count = self._failures_to_log.add()
+        if count:
+            logger.warning(
+                "%d root(s) not published since the last report, the previous ones stay; "
+                "latest: run %s key %r step %d: %s",
+                count,
+                run_digest(job.run_id),
+                job.key,
+                job.step,
+                result.reason[:_LOGGED_CHARACTERS],
+            )

@@ -1,7 +1,9 @@
 """Prints a running service's status: `python -m precond_service.status --address=HOST:PORT`.
 
 A table by default, or the `ServiceStatus` message as JSON with `--json`. Exits 1 if
-the service cannot be reached. `--tls_ca` (with `--tls_cert` and `--tls_key` for a
+the service cannot be reached. Runs are shown by digest (`auth.run_digest`), never by
+run_id, which is what grants access to a run's roots; `--run_id=ID` lists only that
+run and prints its digest. `--tls_ca` (with `--tls_cert` and `--tls_key` for a
 service that requires client certificates) talks to a TLS service.
 """
 
@@ -15,12 +17,12 @@ from typing import Any
 import grpc
 from google.protobuf import message as proto_message
 
-from precond_service.auth import TOKEN_ENV, TlsConfig, open_channel, read_token
+from precond_service.auth import TOKEN_ENV, TlsConfig, open_channel, read_token, run_digest
 from protos import precond_service_pb2 as pb
 from protos import precond_service_pb2_grpc as pb_grpc
 
 _RUN_COLUMNS = (
-    ("run_id", "run"),
+    ("run_digest", "run (sha256)"),
     ("blocks_known", "blocks"),
     ("blocks_published", "with root"),
     ("pending", "pending"),
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--address", required=True, help="host:port of the service")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--run_id", default="", help="list only this run")
+    parser.add_argument("--run_id", default="", help="list only this run (shown by digest)")
     parser.add_argument("--token_file", help=f"file holding the token (or set ${TOKEN_ENV})")
     parser.add_argument("--tls_ca", help="PEM CA of a TLS service's certificate")
     parser.add_argument("--tls_cert", help="PEM client certificate, if the service requires one")
@@ -170,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(to_dict(status), indent=2, sort_keys=True))
     else:
         print(format_table(status))
+        if args.run_id:
+            print(f"(--run_id has digest {run_digest(args.run_id)})")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""What the server checks in a received block before it queues it.
+"""What the server checks in a received block, or a request's run_id and known_steps.
 
 Every check raises `ValueError` with the reason the client gets back in
 `PushStatisticsReply.rejected`; a bad block never reaches a worker, and never
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -80,8 +81,11 @@ def decode_block(message: pb.BlockStatistics, *, max_matrix_size: int) -> ValidB
         raise ValueError(f"exponent must be >= 1, got {message.exponent}")
     if not message.HasField("statistics"):
         raise ValueError("no statistics tensor")
+    rank = len(message.statistics.shape)
+    if rank != 2:  # The rank alone: a hostile shape may have millions of dimensions.
+        raise ValueError(f"statistics must be a square n x n matrix, got {rank} dimensions")
     shape = list(message.statistics.shape)
-    if len(shape) != 2 or shape[0] != shape[1] or shape[0] < 1:
+    if shape[0] != shape[1] or shape[0] < 1:
         raise ValueError(f"statistics must be a square n x n matrix with n >= 1, got shape {shape}")
     if shape[0] > max_matrix_size:
         raise ValueError(
@@ -112,3 +116,46 @@ def _sampled_asymmetry(matrix: np.ndarray) -> float:
         rows = np.random.default_rng().choice(n, size=SYMMETRY_SAMPLE, replace=False)
     difference = matrix[rows, :] - matrix[:, rows].T
     return float(np.abs(difference).max())
+
+
+def check_run_id(run_id: str, *, max_length: int) -> None:
+    """Checks the run_id of a push, pull or DropRun.
+
+    Args:
+        run_id: As received.
+        max_length: Most characters accepted (`ServiceConfig.max_run_id_length`).
+
+    Raises:
+        ValueError: If it is empty or longer than `max_length`.
+    """
+    if not run_id:
+        raise ValueError("empty run_id: every request names its run")
+    if len(run_id) > max_length:
+        raise ValueError(
+            f"run_id has {len(run_id)} characters, more than max_run_id_length={max_length}; "
+            "use a shorter run_id or start the service with a larger --max_run_id_length"
+        )
+
+
+def check_known_steps(known_steps: Mapping[str, int], *, max_entries: int) -> None:
+    """Checks the known_steps map of a GetPreconditioners request.
+
+    Args:
+        known_steps: key -> stats_step the client holds.
+        max_entries: Most entries accepted (`ServiceConfig.max_blocks_per_request`).
+
+    Raises:
+        wire.RequestTooLargeError: If it has more than `max_entries` entries.
+        ValueError: If a key is longer than any block key can be.
+    """
+    if len(known_steps) > max_entries:
+        raise wire.RequestTooLargeError(
+            f"known_steps has {len(known_steps)} entries, more than max_blocks_per_request="
+            f"{max_entries}; a client lists at most one per key of its run"
+        )
+    for key in known_steps:
+        if len(key) > MAX_KEY_LENGTH:
+            raise ValueError(
+                f"known_steps has a key of {len(key)} characters, more than {MAX_KEY_LENGTH}: "
+                "no block has such a key"
+            )

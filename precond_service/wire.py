@@ -11,6 +11,12 @@ the server and client both derive their limits from the largest matrix side they
 accept (4096 by default: 128 MiB + 1 MiB). A client packs small blocks together into
 messages of at most `PUSH_BATCH_BYTES` of tensor data, and sends a large block alone.
 
+Requests are parsed by `parse_request`, which walks the wire format first and refuses a
+message whose repeated fields (blocks, known_steps entries, shape dimensions) hold more
+elements than the service accepts: protobuf turns a few bytes per element into tens of
+bytes of objects, so a 129 MiB message of tiny entries would otherwise cost gigabytes
+before any check could run.
+
 Large messages are serialized by `encode_push_request` and `encode_preconditioner`,
 which write the protobuf wire format themselves around the tensor bytes: the result
 parses as the same message, but costs one copy of the matrix instead of the several
@@ -22,9 +28,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
-from google.protobuf.message import Message
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 
 from precond_service.blocks import PreconditionerBlock, StatisticsBlock
 from protos import precond_service_pb2 as pb
@@ -42,6 +50,29 @@ _DTYPES = {
     pb.FLOAT32: np.dtype("<f4"),
     pb.FLOAT64: np.dtype("<f8"),
 }
+
+# Most dimensions of a decoded tensor (NumPy allows 64; the service uses 2).
+MAX_RANK = 32
+
+# Wire elements (fields, packed values) one request may hold per block or known_steps
+# entry it is allowed: a block as the client encodes it has 10 (itself, key, step,
+# exponent, statistics, shape with its 2 values, dtype, data), an entry 3.
+_ELEMENTS_PER_ENTRY = 16
+
+# Wire elements allowed besides the entries (run_id and the like).
+_ELEMENTS_SLACK = 64
+
+# Protobuf wire types (https://protobuf.dev/programming-guides/encoding/).
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+
+# Bytes that continue a varint; deleting them leaves one byte per packed value.
+_VARINT_CONTINUATION = bytes(range(128, 256))
+
+M = TypeVar("M", bound=Message)
+
+
+class RequestTooLargeError(ValueError):
+    """A request holds more blocks or entries than the service accepts in one request."""
 
 
 def max_message_bytes(max_matrix_size: int) -> int:
@@ -94,8 +125,8 @@ def tensor_to_array(tensor: pb.Tensor) -> np.ndarray:
         An array of the message's shape and dtype (not copied).
 
     Raises:
-        ValueError: If the dtype is unknown, a dimension is negative, or the byte
-            length does not match the shape.
+        ValueError: If the dtype is unknown, the rank is above MAX_RANK, a dimension
+            is negative, or the byte length does not match the shape.
     """
     dtype = _DTYPES.get(tensor.dtype)
     if dtype is None:
@@ -103,6 +134,8 @@ def tensor_to_array(tensor: pb.Tensor) -> np.ndarray:
             f"unknown tensor dtype {tensor.dtype}; use FLOAT32 ({pb.FLOAT32}) or "
             f"FLOAT64 ({pb.FLOAT64})"
         )
+    if len(tensor.shape) > MAX_RANK:
+        raise ValueError(f"tensor has {len(tensor.shape)} dimensions, more than {MAX_RANK}")
     shape = tuple(int(d) for d in tensor.shape)
     if any(d < 0 for d in shape):
         raise ValueError(f"tensor shape {list(shape)} has a negative dimension")
@@ -114,6 +147,108 @@ def tensor_to_array(tensor: pb.Tensor) -> np.ndarray:
             f"{dtype.name} needs {expected}"
         )
     return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def parse_request(message_type: type[M], data: bytes, *, max_entries: int) -> M:
+    """Parses a request, refusing one too large to parse before parsing it.
+
+    The wire format is walked first (without building objects) and the elements of
+    the message and its known sub-messages are counted: fields, and values of packed
+    fields. More than `max_entries * 16 + 64` (room for `max_entries` blocks or
+    known_steps entries as clients encode them) is refused, as is a group (wire types
+    3 and 4), which no precond.v1 message has.
+
+    Args:
+        message_type: The request's message class.
+        data: The serialized request.
+        max_entries: Most blocks (or known_steps entries) the request may carry.
+
+    Returns:
+        The parsed message.
+
+    Raises:
+        RequestTooLargeError: If it holds more elements than that.
+        ValueError: If the bytes are not a valid message of that type.
+    """
+    name = message_type.DESCRIPTOR.full_name
+    budget = max_entries * _ELEMENTS_PER_ENTRY + _ELEMENTS_SLACK
+    try:
+        elements = _count_elements(memoryview(data), message_type.DESCRIPTOR, budget)
+        if elements > budget:
+            raise RequestTooLargeError(
+                f"{name} holds more than {budget} fields and values, room for "
+                f"{max_entries} blocks or known_steps entries; send fewer in one request"
+            )
+        return message_type.FromString(data)
+    except RequestTooLargeError:
+        raise
+    except (ValueError, DecodeError) as e:
+        raise ValueError(f"request is not a valid {name}: {e}") from e
+
+
+def _count_elements(data: memoryview, descriptor: Descriptor, budget: int) -> int:
+    """Counts the wire elements of a message and its known sub-messages.
+
+    Stops as soon as the count passes `budget`, so the work is bounded by it.
+
+    Returns:
+        The count, or a number above `budget` once it is exceeded.
+
+    Raises:
+        ValueError: If the bytes are not a sequence of well-formed fields.
+    """
+    count, position, end = 0, 0, len(data)
+    while position < end:
+        count += 1
+        if count > budget:
+            return count
+        tag = data[position]
+        if tag < 0x80:  # One-byte tags (fields 1 to 15) are all this schema has.
+            position += 1
+        else:
+            tag, position = _read_varint(data, position)
+        wire_type, field_number = tag & 7, tag >> 3
+        if wire_type == _VARINT:
+            _, position = _read_varint(data, position)
+        elif wire_type == _I64:
+            position += 8
+        elif wire_type == _I32:
+            position += 4
+        elif wire_type == _LEN:
+            length, position = _read_varint(data, position)
+            payload = data[position : position + length]
+            position += length
+            field = descriptor.fields_by_number.get(field_number)
+            if field is None or position > end:
+                continue
+            if field.message_type is not None:
+                count += _count_elements(payload, field.message_type, budget - count)
+            elif field.type not in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES):
+                # Packed numbers: one value per byte that ends a varint (of 10 bytes at most).
+                if len(payload) > 10 * (budget - count):
+                    return budget + 1
+                count += len(payload.tobytes().translate(None, _VARINT_CONTINUATION))
+        else:
+            raise ValueError(f"field {field_number} has wire type {wire_type}, unused here")
+    if position > end:
+        raise ValueError("truncated: a field runs past the end of the message")
+    return count
+
+
+def _read_varint(data: memoryview, position: int) -> tuple[int, int]:
+    """Returns (value, position after it) of the varint at `position`."""
+    value, shift = 0, 0
+    while True:
+        if position >= len(data):
+            raise ValueError("truncated: a varint runs past the end of the message")
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
+        if shift >= 70:
+            raise ValueError("a varint is longer than 10 bytes")
 
 
 def statistics_to_message(block: StatisticsBlock) -> pb.BlockStatistics:

@@ -63,6 +63,8 @@ class RunSpec:
         num_steps: Step budget.
         eval_every: Steps between the recorded points of the curve.
         seed: Seed of initialisation, data order and dropout.
+        delay_steps: Async Shampoo's `precond.delay_steps` (0: roots installed on
+            arrival; D: exactly D steps after their statistics).
     """
 
     optimizer: str
@@ -72,6 +74,7 @@ class RunSpec:
     num_steps: int = 600
     eval_every: int = 50
     seed: int = 0
+    delay_steps: int = 0
 
     @property
     def label(self) -> str:
@@ -84,6 +87,7 @@ class RunSpec:
         return (
             f"{self.label}_lr{self.learning_rate:.3g}_N{self.update_steps}"
             f"_steps{self.num_steps}_every{self.eval_every}_seed{self.seed}"
+            + (f"_D{self.delay_steps}" if self.delay_steps else "")
         )
 
 
@@ -182,6 +186,8 @@ def bench_config(spec: RunSpec, files: dict[str, str], vocab_path: str):
     config.optimizer.shampoo.start_preconditioning_step = 50
     config.precond.mode = spec.mode
     config.precond.update_steps = spec.update_steps
+    config.precond.delay_steps = spec.delay_steps
+    config.train.deterministic = bool(spec.delay_steps)
 
     train = config.train
     train.num_steps = spec.num_steps
@@ -245,6 +251,8 @@ def run(spec: RunSpec, files: dict[str, str], vocab_path: str, workdir: str) -> 
         "points": points,
         "diverged": diverged,
     }
+    if bridge is not None:
+        result["delay_wait_seconds"] = bridge.wait_seconds
     if points and diverged is None:
         result["mean_step_seconds"] = points[-1]["wall_s"] / (points[-1]["step"] - 1)
     return result
@@ -273,7 +281,10 @@ def cached_run(spec: RunSpec, args: argparse.Namespace, test: bool = False) -> d
     run_dir = Path(args.work_dir) / "runs" / spec.name
     out = run_dir / "result.json"
     result = json.loads(out.read_text()) if out.is_file() else {}
-    if result.get("spec") != dataclasses.asdict(spec):
+    # Runs cached before a field existed hold its default.
+    defaults = dataclasses.asdict(RunSpec("", "", 0.0))
+    stored = {**defaults, **result["spec"]} if "spec" in result else None
+    if stored != dataclasses.asdict(spec):
         _child(spec, args, "train", run_dir)
         result = json.loads(out.read_text())
     else:

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from precond_service.auth import run_digest
 from precond_service.blocks import StatisticsBlock
 from precond_service.client import PreconditionerClient, wait_for_serving
 from precond_service.status import fetch_status
@@ -225,10 +226,11 @@ def test_status_module_prints_table_and_json(start_service) -> None:
         )
 
     table = status_cli(server.address).stdout
-    assert server.service.incarnation in table and "run-x" in table
-    assert "1/1 alive" in table
+    # Runs are shown by digest: a run_id is what grants access to a run's roots.
+    assert server.service.incarnation in table and run_digest("run-x") in table
+    assert "1/1 alive" in table and "run-x" not in table
     as_json = json.loads(status_cli(server.address, "--json").stdout)
-    assert as_json["published"] == 1 and as_json["runs"][0]["run_id"] == "run-x"
+    assert as_json["published"] == 1 and as_json["runs"][0]["run_digest"] == run_digest("run-x")
     assert as_json["runs"][0]["latest_step"] == 4
     failed = status_cli(f"127.0.0.1:{free_port()}", "--timeout_s=0.5")
     assert failed.returncode == 1 and "could not get the status" in failed.stderr

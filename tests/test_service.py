@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
 import time
+import uuid
 
 import grpc
 import numpy as np
@@ -13,8 +15,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from precond_service import wire
+from precond_service.auth import run_digest
 from precond_service.blocks import StatisticsBlock
 from precond_service.client import PreconditionerClient
+from precond_service.status import main as status_main
 from protos import precond_service_pb2 as pb
 from tests.conftest import eigh_inverse_root, random_statistic, wait_until
 
@@ -113,7 +117,7 @@ def test_roots_of_several_blocks_and_runs_match_eigh(start_service, stub_for) ->
     assert not pull(stub, "run-a", {key: 7 for key in cases})
     overall = status(stub)
     assert (overall.published, overall.failed, overall.workers_alive) == (8, 0, 2)
-    assert [r.run_id for r in overall.runs] == ["run-a", "run-b"]
+    assert [r.run_digest for r in overall.runs] == sorted(map(run_digest, ["run-a", "run-b"]))
     assert all(r.blocks_published == 4 and r.max_staleness_steps == 0 for r in overall.runs)
 
 
@@ -352,7 +356,7 @@ def test_drop_run_releases_everything(start_service, stub_for) -> None:
     reply = stub.DropRun(pb.DropRunRequest(run_id="run"))
     assert reply.dropped and reply.blocks_released == 3
     assert pull(stub, "run") == {}
-    assert [r.run_id for r in status(stub).runs] == ["keep"]
+    assert [r.run_digest for r in status(stub).runs] == [run_digest("keep")]
     assert not stub.DropRun(pb.DropRunRequest(run_id="run")).dropped
     push(stub, "run", StatisticsBlock("k0", 1, 2, np.eye(4)))  # Step 1 is new again.
     pull_until(stub, "run", {"k0": 1})
@@ -428,3 +432,44 @@ def test_subtly_asymmetric_statistic_is_never_published(start_service, stub_for)
     assert pull(stub, "run") == {}
     reply = push(stub, "run", StatisticsBlock("x", 1, 2, np.triu(random_statistic(200, seed=2))))
     assert reply.accepted == 0 and "symmetric" in reply.rejected[0].reason
+
+
+def test_a_run_is_readable_only_with_its_run_id_and_status_hides_run_ids(
+    start_service, stub_for, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="precond_service")
+    server = start_service(workers=1)
+    stub = stub_for(server.address)
+    matrices = {
+        f"run-{name}-{uuid.uuid4().hex}": random_statistic(8, i) for i, name in enumerate("ab")
+    }
+    run_a, run_b = matrices
+    for run_id, matrix in matrices.items():
+        push(stub, run_id, StatisticsBlock("shared/key", 1, 2, matrix))
+    for run_id, matrix in matrices.items():
+        roots = pull_until(stub, run_id, {"shared/key": 1})
+        assert list(roots) == ["shared/key"]
+        expected = eigh_inverse_root(matrix, 2, RIDGE)
+        assert_close_root(wire.tensor_to_array(roots["shared/key"].root), expected)
+    for wrong in (run_a[:-1], run_a + "x", run_a.upper(), run_digest(run_a), "run-a"):
+        assert pull(stub, wrong) == {}, wrong
+
+    assert push(stub, run_a, StatisticsBlock("bad", 1, 0, np.eye(2))).rejected  # Logged.
+    digests = sorted(map(run_digest, matrices))
+    overall = status(stub)
+    assert [r.run_digest for r in overall.runs] == digests
+    assert [r.run_digest for r in status(stub, run_b).runs] == [run_digest(run_b)]
+    outputs = [overall.SerializeToString().decode("utf-8", "replace")]
+    assert status_main([f"--address={server.address}"]) == 0
+    outputs.append(capsys.readouterr().out)
+    assert status_main([f"--address={server.address}", "--json"]) == 0
+    outputs.append(capsys.readouterr().out)
+    assert status_main([f"--address={server.address}", f"--run_id={run_a}"]) == 0
+    outputs.append(capsys.readouterr().out)
+    assert stub.DropRun(pb.DropRunRequest(run_id=run_b)).dropped
+    outputs.append(caplog.text)
+    for output in outputs:
+        assert all(run_id not in output for run_id in matrices), output
+    assert all(d in outputs[1] and d in outputs[2] for d in digests)
+    assert run_digest(run_a) in outputs[3] and run_digest(run_b) not in outputs[3]
+    assert run_digest(run_a) in caplog.text and run_digest(run_b) in caplog.text

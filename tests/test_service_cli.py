@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+from precond_service.__main__ import main as service_main
 from precond_service.blocks import StatisticsBlock
 from precond_service.client import PreconditionerClient, wait_for_serving
 from precond_service.status import fetch_status
@@ -90,6 +91,25 @@ def test_service_process_rejects_bad_flags() -> None:
         timeout=60,
     )
     assert result.returncode == 1 and "workers must be >= 1, got 0" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--max_blocks_per_run=0", "max_blocks_per_run (--max_blocks_per_run) must be >= 1, got 0"),
+        ("--max_runs=-3", "max_runs (--max_runs) must be >= 1, got -3"),
+        ("--max_run_id_length=0", "max_run_id_length (--max_run_id_length) must be >= 1, got 0"),
+        (
+            "--max_blocks_per_request=100",
+            "max_blocks_per_request (--max_blocks_per_request) must be >= max_blocks_per_run=16384",
+        ),
+    ],
+)
+def test_service_rejects_caps_out_of_range(
+    flag: str, message: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert service_main([flag]) == 1
+    assert message in caplog.text
 
 
 def _alive(pid: int) -> bool:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import time
+
 import numpy as np
 import pytest
 
 from precond_service import validation, wire
+from precond_service.auth import run_digest
 from precond_service.blocks import StatisticsBlock
 from precond_service.scheduler import CapacityError, Job, Outcome, Scheduler, StaleError
+from precond_service.service import RootService, ServiceConfig
 from precond_service.store import PublishedRoot, VersionedStore
 from protos import precond_service_pb2 as pb
 
@@ -199,3 +205,143 @@ class TestEncoders:
         parsed = pb.Preconditioner.FromString(wire.encode_preconditioner(header, root))
         assert parsed == expected
         np.testing.assert_array_equal(wire.message_to_preconditioner(parsed).root, root)
+
+
+class TestCapacity:
+    def test_run_and_per_run_caps_refuse_new_keys_only(self) -> None:
+        scheduler = Scheduler(max_blocks=100, max_blocks_per_run=2, max_runs=2)
+        scheduler.submit(_job("a", 1))
+        scheduler.submit(_job("b", 1))
+        with pytest.raises(CapacityError, match="max_blocks_per_run=2") as error:
+            scheduler.submit(_job("c", 1))
+        assert "--max_blocks_per_run" in str(error.value)
+        assert scheduler.submit(_job("a", 2)) is Outcome.COALESCED  # Existing keys update.
+        scheduler.submit(_job("a", 1, run_id="other"))
+        with pytest.raises(CapacityError, match="max_runs=2") as error:
+            scheduler.submit(_job("a", 1, run_id="third"))
+        assert "--max_runs" in str(error.value)
+        assert scheduler.blocks_known() == 3 and scheduler.runs_known() == 2
+        assert scheduler.drop_run("run") == 2
+        assert scheduler.submit(_job("a", 1, run_id="third")) is Outcome.QUEUED
+        assert (scheduler.blocks_known(), scheduler.runs_known()) == (2, 2)
+        assert (scheduler.queue_depth("third"), scheduler.blocks_known("third")) == (1, 1)
+
+    @pytest.mark.parametrize(
+        ("fields", "message"),
+        [
+            ({"max_blocks_per_run": 0}, "max_blocks_per_run (--max_blocks_per_run) must be >= 1"),
+            ({"max_runs": -1}, "max_runs (--max_runs) must be >= 1, got -1"),
+            ({"max_run_id_length": 0}, "max_run_id_length (--max_run_id_length) must be >= 1"),
+            (
+                {"max_blocks_per_run": 100, "max_blocks_per_request": 99},
+                "--max_blocks_per_request) must be >= max_blocks_per_run=100",
+            ),
+        ],
+    )
+    def test_config_names_the_flag_and_its_range(self, fields: dict, message: str) -> None:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ServiceConfig(**fields)
+
+    def test_defaults_fit_a_big_transformer(self) -> None:
+        config = ServiceConfig()
+        assert config.max_blocks_per_run >= 3000 and config.max_blocks >= config.max_blocks_per_run
+        assert config.max_blocks_per_request >= config.max_blocks_per_run
+        assert config.max_run_id_length >= 4096
+
+
+class TestRequestChecks:
+    def test_run_id_must_be_given_and_short(self) -> None:
+        validation.check_run_id("r" * 10, max_length=10)
+        with pytest.raises(ValueError, match="empty run_id"):
+            validation.check_run_id("", max_length=10)
+        with pytest.raises(ValueError, match="11 characters, more than max_run_id_length=10"):
+            validation.check_run_id("r" * 11, max_length=10)
+
+    def test_known_steps_are_bounded(self) -> None:
+        validation.check_known_steps({"a": 1, "b": 2}, max_entries=2)
+        with pytest.raises(wire.RequestTooLargeError, match="3 entries, more than"):
+            validation.check_known_steps({"a": 1, "b": 2, "c": 3}, max_entries=2)
+        with pytest.raises(ValueError, match="key of 1025 characters"):
+            validation.check_known_steps({"k" * 1025: 1}, max_entries=2)
+
+    def test_wrong_rank_is_rejected_without_listing_the_shape(self) -> None:
+        tensor = pb.Tensor(shape=[1] * 100_000, dtype=pb.FLOAT64, data=b"\0" * 8)
+        with pytest.raises(ValueError, match="got 100000 dimensions") as error:
+            validation.decode_block(_block(statistics=tensor), max_matrix_size=8)
+        assert len(str(error.value)) < 200
+        with pytest.raises(ValueError, match="100000 dimensions, more than 32"):
+            wire.tensor_to_array(tensor)
+
+    def test_run_digest_is_short_stable_and_hides_the_run_id(self) -> None:
+        digest = run_digest("host:/runs/secret-run")
+        assert re.fullmatch("[0-9a-f]{12}", digest)
+        assert digest == run_digest("host:/runs/secret-run") != run_digest("host:/runs/other")
+        assert "secret" not in digest
+
+
+class TestParseRequest:
+    def test_parses_what_clients_send(self) -> None:
+        blocks = [StatisticsBlock(f"k{i}", i, 4, np.eye(3, dtype=np.float32)) for i in range(50)]
+        data = wire.encode_push_request("run", blocks)
+        parsed = wire.parse_request(pb.PushStatisticsRequest, data, max_entries=50)
+        assert parsed == pb.PushStatisticsRequest.FromString(data)
+        pull = pb.GetPreconditionersRequest(run_id="r", known_steps={f"k{i}": i for i in range(50)})
+        parsed = wire.parse_request(
+            pb.GetPreconditionersRequest, pull.SerializeToString(), max_entries=50
+        )
+        assert parsed == pull
+
+    def test_refuses_too_many_entries_before_parsing(self) -> None:
+        many = pb.PushStatisticsRequest(run_id="r", blocks=[pb.BlockStatistics(key="k")] * 20_000)
+        with pytest.raises(wire.RequestTooLargeError, match="room for 100 blocks"):
+            wire.parse_request(pb.PushStatisticsRequest, many.SerializeToString(), max_entries=100)
+        pull = pb.GetPreconditionersRequest(known_steps={f"k{i}": i for i in range(20_000)})
+        with pytest.raises(wire.RequestTooLargeError):
+            wire.parse_request(
+                pb.GetPreconditionersRequest, pull.SerializeToString(), max_entries=100
+            )
+        # A shape of ten million dimensions is refused by its length, without counting.
+        bomb = pb.PushStatisticsRequest(
+            blocks=[pb.BlockStatistics(key="k", statistics=pb.Tensor(shape=[1] * 10_000_000))]
+        ).SerializeToString()
+        start = time.perf_counter()
+        with pytest.raises(wire.RequestTooLargeError):
+            wire.parse_request(pb.PushStatisticsRequest, bomb, max_entries=100)
+        assert time.perf_counter() - start < 0.5
+        # Unknown fields count too: a flood of them is no cheaper.
+        unknown = b"\x78\x01" * 10_000  # Field 15, varint 1.
+        with pytest.raises(wire.RequestTooLargeError):
+            wire.parse_request(pb.DropRunRequest, unknown, max_entries=0)
+
+    @pytest.mark.parametrize(
+        ("data", "reason"),
+        [
+            (b"\xff\xff\xff\xff not a protobuf", "not a valid precond.v1.PushStatisticsRequest"),
+            (pb.PushStatisticsRequest(run_id="run").SerializeToString()[:-1], "truncated"),
+            (b"\x0b\x0c", "wire type 3"),  # A group, which proto3 messages never have.
+            (b"\x12\x05\x0a\x02k", "truncated"),  # A block whose key runs past its end.
+            (b"\x08" + b"\xff" * 11, "longer than 10 bytes"),
+        ],
+    )
+    def test_malformed_bytes_raise_value_error(self, data: bytes, reason: str) -> None:
+        with pytest.raises(ValueError, match=reason) as error:
+            wire.parse_request(pb.PushStatisticsRequest, data, max_entries=10)
+        assert not isinstance(error.value, wire.RequestTooLargeError)
+
+
+def test_rejections_are_logged_once_per_interval_with_a_count_and_no_run_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="precond_service")
+    service = RootService(ServiceConfig())  # Not started: rejections need no worker.
+    try:
+        bad = pb.BlockStatistics(key="k" * 100_000, step=1, exponent=2)
+        for _ in range(100):
+            accepted, (rejection,) = service.push("secret-run", [bad])
+            assert accepted == 0 and len(rejection.key) == validation.MAX_KEY_LENGTH
+        assert service.status().rejected == 100
+    finally:
+        service.stop()
+    (line,) = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert line.startswith("rejected 1 block(s)") and run_digest("secret-run") in line
+    assert "secret-run" not in line and len(line) < 600

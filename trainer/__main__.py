@@ -11,6 +11,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 import logging  # noqa: E402
+import sys  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -50,6 +51,12 @@ def main(argv: list[str]) -> None:
         + (f", test BLEU {result.test_bleu:.2f}" if result.test_bleu is not None else "")
         + f" (results in {os.path.join(_WORKDIR.value, 'results.json')})"
     )
+    # Everything is written. Tearing down the input pipeline's threads held up the
+    # interpreter's exit by 3-43 s (measured), so leave without it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":

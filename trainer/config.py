@@ -51,6 +51,15 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.jit_compile = False
     # Loss above this (or non-finite) stops the run with a message.
     config.train.max_loss = 1e4
+    # A step whose gradients hold NaN or infinity is skipped (weights, optimizer
+    # state and statistics untouched) and counted; this many skipped in a row
+    # stops the run with a message. With float16 loss scaling the scale is
+    # lowered instead, which may take several skipped steps.
+    config.train.max_consecutive_skipped_steps = 25
+    # Deterministic TensorFlow ops (tf.config.experimental.enable_op_determinism):
+    # the same command gives the same weights, also across a kill and resume in
+    # precond.mode="sync" or with precond.delay_steps. Slower on a GPU.
+    config.train.deterministic = False
 
     config.data = ml_collections.ConfigDict()
     # Where the sentence pairs come from: "wmt14" (TensorFlow Datasets),
@@ -164,7 +173,15 @@ def default_config() -> ml_collections.ConfigDict:
     config.precond.workers = 1
     # Further flags for a service the trainer starts, space-separated.
     config.precond.service_flags = ""
-    # Run id at the service; "" derives one from the workdir.
+    # Reproducible async mode: 0 installs roots as soon as they arrive; D > 0
+    # installs the root computed from the statistics of step t exactly at step
+    # t + D, waiting for it if it has not arrived (1 <= D <= update_steps).
+    config.precond.delay_steps = 0
+    # With delay_steps, how long the trainer waits for a root before it stops
+    # with an error (the service is down, or could not compute the root).
+    config.precond.delay_timeout_s = 600.0
+    # Run id at the service, also the key to the run's preconditioners; "" makes a
+    # random one, kept in the workdir so that a resumed run uses it again.
     config.precond.run_id = ""
     # Seconds between the client's pulls of new preconditioners.
     config.precond.pull_interval_s = 1.0
@@ -228,8 +245,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "precond.workers",
     ):
         _check_min(config, field, 1)
-    for field in ("train.eval_every_steps", "optimizer.warmup_steps", "data.eval_bleu_examples"):
+    for field in (
+        "train.eval_every_steps",
+        "optimizer.warmup_steps",
+        "data.eval_bleu_examples",
+        "train.max_consecutive_skipped_steps",
+        "precond.delay_steps",
+    ):
         _check_min(config, field, 0)
+    if config.precond.delay_timeout_s <= 0:
+        raise ValueError(
+            f"config.precond.delay_timeout_s must be > 0, got {config.precond.delay_timeout_s!r}"
+        )
     if config.model.d_model % config.model.num_heads:
         raise ValueError(
             "config.model.d_model must be divisible by config.model.num_heads, got "
@@ -273,6 +300,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "config.precond.tls_ca_file needs config.precond.address: the service the "
             'trainer starts itself (address "") is plaintext on loopback'
         )
+    if precond.delay_steps:
+        if precond.mode != "async":
+            raise ValueError(
+                'config.precond.delay_steps applies to config.precond.mode="async" only, got '
+                f"mode {precond.mode!r}; set delay_steps=0"
+            )
+        if precond.delay_steps > precond.update_steps:
+            raise ValueError(
+                "config.precond.delay_steps must be between 1 and config.precond.update_steps "
+                f"({precond.update_steps}), got {precond.delay_steps}: a later push would "
+                "replace the statistics whose root is awaited"
+            )
+        if config.train.checkpoint_every_steps % precond.update_steps:
+            raise ValueError(
+                "config.train.checkpoint_every_steps must be a multiple of "
+                f"config.precond.update_steps ({precond.update_steps}) with "
+                f"config.precond.delay_steps, got {config.train.checkpoint_every_steps}: a "
+                "checkpoint between a push and its install could not resume exactly"
+            )
     if config.optimizer.name != "shampoo" and config.precond.mode != "off":
         raise ValueError(
             f'config.precond.mode must be "off" for config.optimizer.name='

@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import logging
 import math
 import os
+import re
+import secrets
 import shlex
+import shutil
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -34,7 +38,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from precond_service.auth import TlsConfig, read_token
+from precond_service.auth import TlsConfig, read_token, run_digest
 from precond_service.client import PreconditionerClient
 from trainer import config as config_lib
 from trainer import evaluation
@@ -43,11 +47,17 @@ from trainer.data import tokenizer as tokenizer_lib
 from trainer.model import bleu, transformer
 from trainer.optimizers import Shampoo
 from trainer.optimizers.service_bridge import ServicePreconditioning, staleness
+from trainer.optimizers.shampoo import run_then_true
 from trainer.service_process import local_service
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
+# Checkpoints that could not be read are moved here, out of the way of resumes.
+CORRUPT_DIR = "corrupt"
+# What reading or restoring a damaged checkpoint raises (the reader raises
+# IndexError for a file cut short, DataLossError for a bad checksum).
+_UNREADABLE_CHECKPOINT = (tf.errors.OpError, ValueError, IndexError, AssertionError)
 
 
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
@@ -116,12 +126,30 @@ def make_optimizer(config: ml_collections.ConfigDict) -> keras.optimizers.Optimi
     )
 
 
+RUN_ID_FILE = "run_id"
+
+
 def run_id_for(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """The run's name at the service: `precond.run_id`, or one derived from the workdir."""
+    """The run's name at the service, which is also the key to its preconditioners.
+
+    `precond.run_id` if set; otherwise a random one made at the run's first start
+    and kept in `workdir/run_id` (readable by the owner only), so that a resumed
+    run uses it again and nobody can guess it to read the run's roots.
+    """
     if config.precond.run_id:
         return config.precond.run_id
-    path = os.path.abspath(workdir)
-    return f"{os.uname().nodename}:{path}"
+    path = os.path.join(workdir, RUN_ID_FILE)
+    with contextlib.suppress(FileNotFoundError):
+        with open(path) as f:
+            run_id = f.read().strip()
+        if run_id:
+            return run_id
+    run_id = f"{os.uname().nodename}-{secrets.token_hex(16)}"
+    tmp = f"{path}.tmp"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(run_id + "\n")
+    os.replace(tmp, path)
+    return run_id
 
 
 def service_token(config: ml_collections.ConfigDict) -> str | None:
@@ -212,7 +240,7 @@ class TrainResult:
     """What a finished run reports (also written to `workdir/results.json`)."""
 
     step: int
-    train_loss: float
+    train_loss: float | None
     dev_loss: float
     dev_bleu: float
     test_loss: float | None
@@ -236,6 +264,8 @@ class Trainer:
         os.makedirs(workdir, exist_ok=True)
         write_config(config, workdir)
         keras.utils.set_random_seed(config.seed)
+        if config.train.deterministic:
+            tf.config.experimental.enable_op_determinism()
         if config.train.mixed_precision:
             keras.mixed_precision.set_global_policy(config.train.mixed_precision)
 
@@ -269,9 +299,26 @@ class Trainer:
         # Batches trained on. The optimizer's own `iterations` lags behind it when
         # float16 loss scaling skips a step with non-finite gradients.
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-        self.checkpoint = tf.train.Checkpoint(
-            model=self.model, optimizer=self.step_optimizer, iterator=self.iterator, step=self.step
+        # Steps skipped for non-finite gradients: in all, and in a row now.
+        self.skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped")
+        self.consecutive_skipped = tf.Variable(
+            0, dtype=tf.int64, trainable=False, name="consecutive_skipped"
         )
+        # Dropout's random-number state is not among the model's weights; without it
+        # a resumed run would draw the dropout masks of its first steps again.
+        weights = {id(v) for v in self.model.weights}
+        seeds = {v.path.replace("/", "."): v for v in self.model.variables if id(v) not in weights}
+        self.checkpoint = tf.train.Checkpoint(
+            model=self.model,
+            seeds=seeds,
+            optimizer=self.step_optimizer,
+            iterator=self.iterator,
+            step=self.step,
+            skipped_steps=self.skipped_steps,
+            consecutive_skipped=self.consecutive_skipped,
+        )
+        # An unreadable `checkpoint` state file (cut short by a crash) is ignored
+        # with a warning by the manager; `_restore` finds checkpoints by their files.
         self.manager = tf.train.CheckpointManager(
             self.checkpoint,
             os.path.join(workdir, CHECKPOINT_DIR),
@@ -287,14 +334,53 @@ class Trainer:
     # ------------------------------------------------------------ building
 
     def _restore(self) -> int:
-        latest = self.manager.latest_checkpoint
-        if not latest:
-            log.info("no checkpoint in %s: starting from step 0", self.manager.directory)
-            return 0
-        self.checkpoint.restore(latest).assert_existing_objects_matched()
-        step = int(self.step.numpy())
-        log.info("resumed from %s at step %d", latest, step)
-        return step
+        """Restores the newest readable checkpoint; returns its step (0 if none).
+
+        Each checkpoint is read in full (every tensor's checksum is verified) before
+        anything is restored from it; one that fails, such as a checkpoint cut short
+        by a crash or damaged on disk, is moved to `checkpoints/corrupt/` with a
+        warning and the previous one is tried.
+        """
+        directory = self.manager.directory
+        partly_restored = False
+        damaged = 0
+        for path in _checkpoints_newest_first(directory):
+            try:
+                _read_all_tensors(path)
+                partly_restored = True
+                self.checkpoint.restore(path).assert_existing_objects_matched()
+            except _UNREADABLE_CHECKPOINT as e:
+                log.warning(
+                    "checkpoint %s is corrupt or incomplete (%s: %s); moving it to %s/ and "
+                    "trying the previous one",
+                    path,
+                    type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "",
+                    CORRUPT_DIR,
+                )
+                _set_aside(directory, glob.glob(glob.escape(path) + ".*"))
+                damaged += 1
+                continue
+            step = int(self.step.numpy())
+            log.info("resumed from %s at step %d", path, step)
+            return step
+        if partly_restored:
+            # A failed restore may have set some variables; an older checkpoint
+            # would have overwritten them all, but there is none left.
+            raise RuntimeError(
+                f"no checkpoint in {directory} could be restored (see the warnings; they are "
+                f"in {os.path.join(directory, CORRUPT_DIR)}); start in a new workdir"
+            )
+        if damaged:
+            log.warning(
+                "no checkpoint could be restored from %s (the damaged ones are in %s/): "
+                "starting from step 0",
+                directory,
+                CORRUPT_DIR,
+            )
+        else:
+            log.info("no checkpoint in %s: starting from step 0", directory)
+        return 0
 
     def _make_loop_fn(self):
         model, optimizer = self.model, self.step_optimizer
@@ -312,6 +398,7 @@ class Trainer:
                 loss = loss_sum / tf.maximum(weight_sum, 1.0)
                 scaled = optimizer.scale_loss(loss) if scale_loss else loss
             grads = tape.gradient(scaled, variables)
+            finite = all_finite(grads)
             # With loss scaling the gradients stay scaled (the optimizer unscales
             # them); only the scalars of the norm and the clip are adjusted.
             scale = optimizer.dynamic_scale if scale_loss else 1.0
@@ -320,13 +407,30 @@ class Trainer:
                 grads, _ = tf.clip_by_global_norm(
                     grads, clip_norm * scale, use_norm=grad_norm * scale
                 )
-            optimizer.apply_gradients(zip(grads, variables))
+            if scale_loss:
+                # The loss-scale optimizer skips a non-finite step itself and
+                # lowers its scale; skipping it here would keep the scale too high.
+                optimizer.apply_gradients(zip(grads, variables))
+            else:
+                # A non-finite step changes nothing: no weight, no optimizer
+                # variable, no Shampoo statistic, not the optimizer's iterations.
+                tf.cond(
+                    finite,
+                    lambda: run_then_true(lambda: optimizer.apply_gradients(zip(grads, variables))),
+                    lambda: tf.constant(False),
+                )
+            skipped = 1 - tf.cast(finite, tf.int64)
+            self.skipped_steps.assign_add(skipped)
+            self.consecutive_skipped.assign((self.consecutive_skipped + 1) * skipped)
+            kept = tf.cast(finite, tf.float32)
             tokens = tf.reduce_sum(tf.cast(batch["inputs"] > 0, tf.float32)) + weight_sum
+            # Sums over the steps that were applied (a skipped step's loss may be NaN).
             return {
-                "loss_sum": loss_sum,
-                "weight_sum": weight_sum,
+                "loss_sum": tf.where(finite, tf.cast(loss_sum, tf.float32), 0.0),
+                "weight_sum": weight_sum * kept,
                 "tokens": tokens,
-                "grad_norm_sum": grad_norm,
+                "grad_norm_sum": tf.where(finite, grad_norm, 0.0),
+                "skipped": tf.cast(skipped, tf.float32),
             }
 
         step_fn = tf.function(train_step, jit_compile=bool(self.config.train.jit_compile))
@@ -335,7 +439,7 @@ class Trainer:
         def loop(iterator: Iterator, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
             totals = {
                 name: tf.constant(0.0)
-                for name in ("loss_sum", "weight_sum", "tokens", "grad_norm_sum")
+                for name in ("loss_sum", "weight_sum", "tokens", "grad_norm_sum", "skipped")
             }
             for _ in tf.range(num_steps):
                 values = step_fn(next(iterator))
@@ -382,6 +486,7 @@ class Trainer:
                 flags.append(f"--token_file={precond.token_file}")
             address = stack.enter_context(local_service(workers=precond.workers, extra_args=flags))
         run_id = run_id_for(self.config, self.workdir)
+        run_name = run_digest(run_id)
         client = PreconditionerClient(
             address, run_id, token=token, tls=tls, pull_interval_s=precond.pull_interval_s
         )
@@ -390,13 +495,26 @@ class Trainer:
             # computed from steps after our checkpoint: start the run afresh.
             released = client.drop_run()
             if released:
-                log.info("service released %d blocks of an earlier run %r", released, run_id)
+                log.info("service released %d blocks of an earlier run %s", released, run_name)
         except Exception as e:  # noqa: BLE001 - the service may be down; training goes on.
-            log.warning("could not reset run %r at %s (%s); continuing", run_id, address, e)
+            log.warning("could not reset run %s at %s (%s); continuing", run_name, address, e)
         client.start()
         stack.callback(client.close)
-        log.info("asynchronous preconditioning: service %s, run %r", address, run_id)
-        return ServicePreconditioning(self.optimizer, client, precond.update_steps)
+        log.info(
+            "asynchronous preconditioning: service %s, run %s (sha256 prefix of its run_id)%s",
+            address,
+            run_name,
+            f"; roots installed exactly {precond.delay_steps} steps after their statistics"
+            if precond.delay_steps
+            else "",
+        )
+        return ServicePreconditioning(
+            self.optimizer,
+            client,
+            precond.update_steps,
+            delay_steps=precond.delay_steps,
+            delay_timeout_s=precond.delay_timeout_s,
+        )
 
     def _next_loop_length(self, step: int, until: int) -> int:
         """Steps until the next event (push, summary, checkpoint, eval, `until`), capped."""
@@ -409,6 +527,10 @@ class Trainer:
         length = min(train.steps_per_loop, until - step)
         for period in periods:
             length = min(length, period - step % period)
+        delay = self.config.precond.delay_steps if self.config.precond.mode == "async" else 0
+        if delay:  # also end at the steps where delayed roots are installed
+            update = self.config.precond.update_steps
+            length = min(length, (delay - step) % update or update)
         return length
 
     def train(self, bridge: ServicePreconditioning | None, until_step: int | None = None) -> None:
@@ -434,7 +556,7 @@ class Trainer:
             sum(int(np.prod(v.shape)) for v in self.model.trainable_variables),
         )
         if bridge is not None:
-            bridge.after_steps()
+            bridge.after_steps(step)
         report = LoopMetrics()
         summary = LoopMetrics()
         last_report = time.monotonic()
@@ -448,19 +570,20 @@ class Trainer:
             self.train_seconds += seconds
             report.add(values, length, seconds)
             summary.add(values, length, seconds)
-            loss = float(values["loss_sum"]) / max(float(values["weight_sum"]), 1.0)
-            self.last_train_loss = loss
-            if not math.isfinite(loss) or loss > train.max_loss:
-                raise FloatingPointError(
-                    f"training loss is {loss} at step {step} (limit config.train.max_loss="
-                    f"{train.max_loss}): lower config.optimizer.learning_rate, lengthen "
-                    "config.optimizer.warmup_steps or set config.optimizer.clip_norm"
-                )
+            self._check_skipped(step, int(values["skipped"]))
+            if values["weight_sum"] > 0:  # at least one step was applied
+                loss = float(values["loss_sum"]) / float(values["weight_sum"])
+                self.last_train_loss = loss
+                if not math.isfinite(loss) or loss > train.max_loss:
+                    raise FloatingPointError(
+                        f"training loss is {loss} at step {step} (limit config.train.max_loss="
+                        f"{train.max_loss}): {_WHAT_TO_TRY}"
+                    )
 
             now = time.monotonic()
             if now - last_report >= train.log_every_s or step >= until:
                 remaining = (train.num_steps - step) * (train_seconds / (step - start_step))
-                self._log_progress(step, report, remaining)
+                self._log_progress(step, report, remaining, bridge)
                 report = LoopMetrics()
                 last_report = now
             if step % train.summary_every_steps == 0 or step >= train.num_steps:
@@ -472,6 +595,26 @@ class Trainer:
             if train.eval_every_steps and step % train.eval_every_steps == 0:
                 if step < train.num_steps:  # the final evaluation follows the loop
                     self._evaluate("dev", step)
+
+    def _check_skipped(self, step: int, skipped: int) -> None:
+        """Reports steps skipped for non-finite gradients; stops after too many in a row."""
+        if not skipped:
+            return
+        in_a_row = int(self.consecutive_skipped.numpy())
+        log.warning(
+            "step %d: skipped %d step(s) with NaN or infinite gradients (%d in a row, %d in all)",
+            step,
+            skipped,
+            in_a_row,
+            int(self.skipped_steps.numpy()),
+        )
+        limit = self.config.train.max_consecutive_skipped_steps
+        if in_a_row > limit:
+            raise FloatingPointError(
+                f"gradients were NaN or infinite in the last {in_a_row} steps, up to step "
+                f"{step} (limit config.train.max_consecutive_skipped_steps={limit}): "
+                f"{_WHAT_TO_TRY}"
+            )
 
     def run_steps(
         self, bridge: ServicePreconditioning | None, num_steps: int
@@ -487,14 +630,15 @@ class Trainer:
             num_steps: Steps to run, >= 1.
 
         Returns:
-            The loop's sums (loss_sum, weight_sum, tokens, grad_norm_sum) and the
+            The loop's sums (loss_sum, weight_sum, tokens, grad_norm_sum over the
+            applied steps; skipped: steps skipped for non-finite gradients) and the
             seconds the inner loop and the service work took.
         """
         began = time.perf_counter()
         values = self._loop_fn(self.iterator, tf.constant(num_steps, tf.int64))
         values = {name: value.numpy() for name, value in values.items()}
         self.step.assign_add(num_steps)
-        installed = bridge.after_steps() if bridge is not None else 0
+        installed = bridge.after_steps(int(self.step.numpy())) if bridge is not None else 0
         if installed:
             log.debug("step %d: installed %d new preconditioners", int(self.step), installed)
         return values, time.perf_counter() - began
@@ -512,8 +656,19 @@ class Trainer:
             f" ({held.fraction_preconditioned:.0%} of blocks)"
         )
 
-    def _log_progress(self, step: int, metrics: LoopMetrics, remaining_s: float) -> None:
+    def _log_progress(
+        self,
+        step: int,
+        metrics: LoopMetrics,
+        remaining_s: float,
+        bridge: ServicePreconditioning | None = None,
+    ) -> None:
         lr = float(self.optimizer.learning_rate.numpy())
+        service = ""
+        if bridge is not None:
+            status = bridge.client.status()
+            if not status.connected and status.last_error is not None:
+                service = " | service unreachable"
         log.info(
             "step %d/%d | loss %.4f | %.0f tok/s | %.1f ms/step | lr %.2e | ETA %s%s",
             step,
@@ -523,7 +678,7 @@ class Trainer:
             1000 * metrics.step_time,
             lr,
             _format_duration(remaining_s),
-            self._staleness_text(),
+            self._staleness_text() + service,
         )
 
     def _write_train_summaries(
@@ -535,6 +690,7 @@ class Trainer:
             tf.summary.scalar("train/grad_norm", metrics.grad_norm)
             tf.summary.scalar("train/tokens_per_second", metrics.tokens_per_second)
             tf.summary.scalar("train/step_time_ms", 1000 * metrics.step_time)
+            tf.summary.scalar("train/skipped_steps", int(self.skipped_steps.numpy()))
             if isinstance(self.optimizer, Shampoo) and self.config.precond.mode != "off":
                 held = staleness(self.optimizer)
                 tf.summary.scalar("precond/fraction_preconditioned", held.fraction_preconditioned)
@@ -555,6 +711,9 @@ class Trainer:
                     tf.summary.scalar("precond/pull_latency_ms", 1000 * status.last_pull_latency_s)
                 tf.summary.scalar("precond/service_restarts_seen", status.restarts_seen)
                 tf.summary.scalar("precond/push_failures", status.push_failures)
+                tf.summary.scalar("precond/connected", float(status.connected))
+                if bridge.delay_steps:
+                    tf.summary.scalar("precond/delay_wait_seconds", bridge.wait_seconds)
         self.summary_writer.flush()
 
     def _evaluate(self, split: str, step: int, max_bleu_examples: int | None = None):
@@ -591,7 +750,8 @@ class Trainer:
             test = self._evaluate("test", step, max_bleu_examples=0)
         result = TrainResult(
             step=step,
-            train_loss=self.last_train_loss,
+            # None when this process trained no step (resumed at the last one).
+            train_loss=self.last_train_loss if math.isfinite(self.last_train_loss) else None,
             dev_loss=dev.loss,
             dev_bleu=dev.bleu,
             test_loss=None if test is None else test.loss,
@@ -602,6 +762,50 @@ class Trainer:
         with open(os.path.join(self.workdir, "results.json"), "w") as f:
             json.dump(dataclasses.asdict(result), f, indent=2)
         return result
+
+
+_WHAT_TO_TRY = (
+    "lower config.optimizer.learning_rate, lengthen config.optimizer.warmup_steps or set "
+    "config.optimizer.clip_norm"
+)
+
+
+def all_finite(tensors: list) -> tf.Tensor:
+    """Whether every value of `tensors` (dense or IndexedSlices; None skipped) is finite."""
+    checks = []
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        values = tensor.values if isinstance(tensor, tf.IndexedSlices) else tensor
+        checks.append(tf.reduce_all(tf.math.is_finite(values)))
+    return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
+
+
+def _checkpoints_newest_first(directory: str) -> list[str]:
+    """Checkpoint prefixes (`.../ckpt-N`) that have an index file, largest N first."""
+    numbered = []
+    for index in glob.glob(os.path.join(glob.escape(directory), "ckpt-*.index")):
+        match = re.fullmatch(r"ckpt-(\d+)\.index", os.path.basename(index))
+        if match:
+            numbered.append((int(match.group(1)), index[: -len(".index")]))
+    return [path for _, path in sorted(numbered, reverse=True)]
+
+
+def _read_all_tensors(path: str) -> None:
+    """Reads the tensors of a checkpoint, which verifies their checksums; raises if one fails."""
+    reader = tf.train.load_checkpoint(path)
+    for name, dtype in reader.get_variable_to_dtype_map().items():
+        if dtype != tf.variant:  # the input iterator's state; read by the restore itself
+            reader.get_tensor(name)
+
+
+def _set_aside(directory: str, paths: list[str]) -> None:
+    """Moves `paths` into `directory/corrupt/` (kept for inspection, out of the way)."""
+    target = os.path.join(directory, CORRUPT_DIR)
+    os.makedirs(target, exist_ok=True)
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.move(path, os.path.join(target, os.path.basename(path)))
 
 
 def _format_duration(seconds: float) -> str:

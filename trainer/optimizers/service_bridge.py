@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import keras
 import numpy as np
@@ -49,21 +50,49 @@ def staleness(optimizer: Shampoo) -> Staleness:
     return Staleness(float(ages.min()), float(ages.mean()), float(ages.max()), fraction)
 
 
+@dataclasses.dataclass(frozen=True)
+class _AwaitedPush:
+    """Statistics pushed at `step` whose roots are due at `due_step` (delay mode)."""
+
+    step: int
+    stats_step: int
+    due_step: int
+    keys: frozenset[str]
+
+
 class ServicePreconditioning:
     """Pushes statistics every `update_steps` steps and installs newer roots.
+
+    By default roots are installed as soon as they arrive, so which step first
+    uses a root depends on timing. With `delay_steps` = D > 0 the run is
+    repeatable: statistics are pushed at every multiple t of `update_steps`, and
+    their roots are installed at step t + D exactly, neither earlier nor later
+    (the host waits for them there if they have not arrived).
 
     Args:
         optimizer: A built Shampoo optimizer with `precondition_mode="async"`
             (`optimizer.build(model.trainable_variables)`).
         client: A started `PreconditionerClient`.
         update_steps: Steps between statistics pushes (N).
+        delay_steps: 0, or D with 1 <= D <= N for the repeatable mode.
+        delay_timeout_s: Longest wait for due roots in the repeatable mode.
+        poll_s: Seconds between looks at the client while waiting.
 
     Raises:
-        ValueError: The optimizer is not in async mode, or update_steps < 1.
+        ValueError: The optimizer is not in async mode, or update_steps < 1, or
+            delay_steps is outside [0, update_steps].
         RuntimeError: The optimizer is not built yet.
     """
 
-    def __init__(self, optimizer: Shampoo, client: PreconditionerClient, update_steps: int):
+    def __init__(
+        self,
+        optimizer: Shampoo,
+        client: PreconditionerClient,
+        update_steps: int,
+        delay_steps: int = 0,
+        delay_timeout_s: float = 600.0,
+        poll_s: float = 0.01,
+    ):
         if optimizer.precondition_mode != "async":
             raise ValueError(
                 "ServicePreconditioning needs Shampoo(precondition_mode='async'), "
@@ -71,19 +100,43 @@ class ServicePreconditioning:
             )
         if not isinstance(update_steps, int) or update_steps < 1:
             raise ValueError(f"update_steps must be a positive integer, got {update_steps!r}")
+        if not isinstance(delay_steps, int) or not 0 <= delay_steps <= update_steps:
+            raise ValueError(
+                f"delay_steps must be an integer in [0, update_steps={update_steps}], "
+                f"got {delay_steps!r}"
+            )
         self.optimizer = optimizer
         self.client = client
         self.update_steps = update_steps
+        self.delay_steps = delay_steps
+        self.delay_timeout_s = delay_timeout_s
+        self._poll_s = poll_s
         self._keys = frozenset(optimizer.preconditioner_stats_steps())
         # key -> stats_step already offered to the optimizer, so that a batch with
         # nothing new reads no optimizer variable. The optimizer still decides what
         # is newer than what it holds (after a checkpoint restore, for example).
         self._offered: dict[str, int] = {}
         self._last_push_step: int | None = None
+        self._awaited: _AwaitedPush | None = None
+        # Seconds spent waiting for due roots (delay mode), in all.
+        self.wait_seconds = 0.0
 
-    def after_steps(self) -> int:
-        """Host work between inner loops; returns how many roots were installed."""
-        step = int(self.optimizer.iterations.numpy())
+    def after_steps(self, step: int | None = None) -> int:
+        """Host work between inner loops; returns how many roots were installed.
+
+        Args:
+            step: The training step now. Defaults to the optimizer's iterations;
+                the trainer passes its own count of batches, which runs ahead of
+                the optimizer's when non-finite steps were skipped.
+
+        Raises:
+            TimeoutError: In delay mode, the due roots did not arrive within
+                `delay_timeout_s`.
+        """
+        if step is None:
+            step = int(self.optimizer.iterations.numpy())
+        if self.delay_steps:
+            return self._after_steps_delayed(step)
         due = self._last_push_step is None or step - self._last_push_step >= self.update_steps
         if due and step > 0:
             self.client.push(self.optimizer.statistics_snapshot())
@@ -97,6 +150,79 @@ class ServicePreconditioning:
             return 0
         self._offered.update((block.key, block.stats_step) for block in fresh)
         return self.optimizer.assign_preconditioners(fresh)
+
+    def _after_steps_delayed(self, step: int) -> int:
+        installed = 0
+        awaited = self._awaited
+        if awaited is not None and step >= awaited.due_step:
+            if step > awaited.due_step:
+                log.warning(
+                    "step %d: roots of step %d were due at step %d; installing them late",
+                    step,
+                    awaited.step,
+                    awaited.due_step,
+                )
+            installed = self.optimizer.assign_preconditioners(self._wait_for(awaited))
+            self._awaited = None
+        if step > 0 and step % self.update_steps == 0 and self._last_push_step != step:
+            snapshot = self.optimizer.statistics_snapshot()
+            self._last_push_step = step
+            if snapshot:
+                self.client.push(snapshot)
+                self._awaited = _AwaitedPush(
+                    step=step,
+                    stats_step=snapshot[0].step,
+                    due_step=step + self.delay_steps,
+                    keys=frozenset(block.key for block in snapshot),
+                )
+        return installed
+
+    def _wait_for(self, awaited: _AwaitedPush) -> list:
+        """Waits until the client holds the roots of `awaited`; returns them."""
+        began = time.monotonic()
+        next_report = began + 10.0
+        next_pull = began
+        while True:
+            latest = self.client.latest()
+            arrived = [
+                latest[key]
+                for key in awaited.keys
+                if key in latest and latest[key].stats_step >= awaited.stats_step
+            ]
+            now = time.monotonic()
+            if len(arrived) == len(awaited.keys):
+                self.wait_seconds += now - began
+                newer = [b.key for b in arrived if b.stats_step != awaited.stats_step]
+                if newer:  # Cannot happen while delay_steps <= update_steps.
+                    raise RuntimeError(f"roots newer than step {awaited.stats_step}: {newer[:3]}")
+                return arrived
+            if now - began > self.delay_timeout_s:
+                self.wait_seconds += now - began
+                status = self.client.status()
+                raise TimeoutError(
+                    f"precond.delay_steps={self.delay_steps}: {len(arrived)} of "
+                    f"{len(awaited.keys)} roots of step {awaited.step} arrived within "
+                    f"precond.delay_timeout_s={self.delay_timeout_s:g} s (service "
+                    f"{self.client.address}, connected={status.connected}, last error: "
+                    f"{status.last_error}). The service may be down, or may have failed to "
+                    "compute a root (see its log); resume from the last checkpoint once it "
+                    "is back, or set precond.delay_steps=0"
+                )
+            if now >= next_pull:  # rather than wait for the client's pull interval
+                self.client.pull_now()
+                next_pull = now + 0.1
+            if now >= next_report:
+                log.warning(
+                    "waiting %.0f s for roots of step %d (%d of %d arrived; service %s %s)",
+                    now - began,
+                    awaited.step,
+                    len(arrived),
+                    len(awaited.keys),
+                    self.client.address,
+                    "connected" if self.client.status().connected else "unreachable",
+                )
+                next_report = now + 10.0
+            time.sleep(self._poll_s)
 
 
 class ShampooServiceCallback(keras.callbacks.Callback):

@@ -381,7 +381,7 @@ class Shampoo(keras.optimizers.Optimizer):
         else:
             tf.cond(
                 tf.equal(step % self.statistics_compute_steps, 0),
-                lambda: _run_then_true(update),
+                lambda: run_then_true(update),
                 lambda: tf.constant(False),
             )
 
@@ -612,7 +612,7 @@ def _blas_controller() -> threadpoolctl.ThreadpoolController:
     return threadpoolctl.ThreadpoolController()
 
 
-def _run_then_true(fn) -> tf.Tensor:
+def run_then_true(fn) -> tf.Tensor:
     """Runs `fn` for its assignments; `tf.cond` needs both branches to return alike."""
     fn()
     return tf.constant(True)

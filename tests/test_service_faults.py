@@ -1,0 +1,425 @@
+"""Faults of the preconditioner service under a real trainer, with real processes and signals.
+
+First the supervisor of the trainer's own service child (`ServiceChild`): a killed
+child comes back on the same port, a child that crashes at start is retried with
+growing delays, and the end of the block is never taken for a crash. Then a real
+`trainer.train.Trainer` on a tiny numbers task in async mode against a service that
+is killed and restarted, absent from the start, or stopped (SIGSTOP) for a while:
+training never stops or raises, the roots in use grow stale while the service is
+gone, and fresh roots are installed again once it is back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+
+from precond_service.client import wait_for_serving
+from tests.conftest import free_port, subprocess_env, wait_until
+from trainer import train
+from trainer.config import default_config
+from trainer.optimizers.service_bridge import ServicePreconditioning, Staleness, staleness
+from trainer.service_process import ServiceChild
+
+# A chunk of training between two looks at the staleness: one inner loop.
+CHUNK = 4
+# Statistics are pushed every UPDATE steps; with roots back within a chunk the
+# freshest root is at most a chunk and a push period old.
+UPDATE = 2
+FRESH = CHUNK + UPDATE
+# Longest wall time of one chunk of training, whatever the service does: the
+# steady state is well under a second on a loaded 2-core machine. A hang on the
+# service (an RPC deadline, a blocking call) would take 10 s or more.
+CHUNK_LIMIT_S = 5.0
+
+
+# ---------------------------------------------------------------- processes
+
+
+def descendants(pid: int) -> list[int]:
+    """Process ids of the children of `pid`, their children, and so on (from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def service_children() -> list[int]:
+    """Pids of `python -m precond_service` processes this test process started."""
+    pids = []
+    for pid in descendants(os.getpid()):
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"precond_service" in argv:
+                pids.append(pid)
+    return pids
+
+
+def signal_tree(pid: int, signum: int) -> None:
+    """Sends `signum` to a process and all its descendants (a service and its workers)."""
+    for target in [pid, *descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target, signum)
+
+
+@pytest.fixture
+def start_service(tmp_path) -> Iterator[Callable[[int], subprocess.Popen]]:
+    """Starts `python -m precond_service` on a given port (`start_service(port)`), SERVING.
+
+    Every service started is continued (SIGCONT), terminated and waited for afterwards.
+    """
+    processes: list[subprocess.Popen] = []
+
+    def start(port: int) -> subprocess.Popen:
+        with open(tmp_path / "service.log", "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "precond_service", f"--port={port}", "--workers=1"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=subprocess_env(),
+            )
+        processes.append(process)
+        assert wait_for_serving(f"127.0.0.1:{port}", 60), (tmp_path / "service.log").read_text()
+        return process
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            signal_tree(process.pid, signal.SIGCONT)
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+# ---------------------------------------------------------------- the supervisor
+
+
+def test_killed_child_is_restarted_on_the_same_port_with_its_log_appended(caplog):
+    caplog.set_level(logging.INFO, logger="trainer.service_process")
+    with ServiceChild(workers=1, restart_delay_s=0.2) as child:
+        address, first_pid = child.address, child.pid
+        os.kill(first_pid, signal.SIGKILL)
+        assert wait_until(lambda: child.restarts == 1, 30)
+        assert child.pid != first_pid
+        assert wait_for_serving(address, 60)
+        assert child.address == address
+        log_text = Path(child.log_path).read_text()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert f"(pid {first_pid})" in warnings[0]
+    assert "exited with status -9 (SIGKILL)" in warnings[0]
+    # Both incarnations wrote to the one log, with a marker between them.
+    assert log_text.count("listening on") == 2, log_text
+    assert "--- restart 1: previous child exited with status -9 (SIGKILL) ---" in log_text
+    assert child.restarts == 1
+
+
+def test_stopping_at_block_end_is_not_taken_for_a_crash(caplog):
+    caplog.set_level(logging.INFO, logger="trainer.service_process")
+    child = ServiceChild(workers=1, restart_delay_s=0.1)
+    with child:
+        address, process = child.address, child._process
+        monitor = child._monitor
+    assert process.returncode == 0  # a graceful shutdown on SIGTERM
+    assert not monitor.is_alive()
+    assert child.restarts == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    time.sleep(0.5)  # time a restart would have needed to start
+    assert service_children() == []
+    assert not wait_for_serving(address, 1.0)
+
+
+def test_child_crashing_at_start_is_retried_with_growing_delays_then_recovers(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="trainer.service_process")
+    token_file = tmp_path / "token"
+    token_file.write_text("secret\n")
+    with ServiceChild(
+        workers=1,
+        extra_args=[f"--token_file={token_file}"],
+        restart_delay_s=0.1,
+        max_restart_delay_s=0.4,
+    ) as child:
+        # Without its token file every restart exits at once ("could not start").
+        token_file.unlink()
+        os.kill(child.pid, signal.SIGKILL)
+        assert wait_until(lambda: child.restarts >= 5, 60)
+        token_file.write_text("secret\n")
+        # Readable again: the next restart serves on the same port.
+        assert wait_for_serving(child.address, 60)
+        restarts = child.restarts
+    delays = [
+        float(r.getMessage().rsplit(" in ", 1)[1].split()[0])
+        for r in caplog.records
+        if "restarting it on the same port" in r.getMessage()
+    ]
+    # 0.1 s after the kill, then doubling with each exit soon after a start, up to 0.4 s.
+    assert delays[:5] == [0.1, 0.2, 0.4, 0.4, 0.4], delays
+    assert len(delays) == restarts
+    assert sum("exited with status 1 " in r.getMessage() for r in caplog.records) >= 4
+
+
+def test_stopped_child_is_still_stopped_promptly():
+    with ServiceChild(workers=1, stop_timeout_s=20) as child:
+        signal_tree(child.pid, signal.SIGSTOP)
+        process = child._process
+        began = time.monotonic()
+    # SIGTERM alone would wait for a SIGCONT until the 20 s timeout and a SIGKILL.
+    assert time.monotonic() - began < 10
+    assert process.returncode == 0
+
+
+# ---------------------------------------------------------------- a real trainer
+
+
+@pytest.fixture(scope="module")
+def vocab_path(tmp_path_factory) -> str:
+    """One SentencePiece model shared by the module's trainers (trained by the first)."""
+    return str(tmp_path_factory.mktemp("vocab") / "spm.model")
+
+
+def fault_config(
+    vocab_path: str, address: str = "", num_steps: int = 100_000
+) -> ml_collections.ConfigDict:
+    """A tiny Transformer on the numbers task, async Shampoo pushing every 2 steps."""
+    config = default_config()
+    config.data.update(
+        source="numbers",
+        numbers_train_size=2000,
+        numbers_eval_size=20,
+        numbers_max=99_999,
+        vocab_path=vocab_path,
+        vocab_size=150,
+        vocab_train_sentences=4000,
+        max_length=32,
+        max_eval_length=40,
+        tokens_per_batch=256,
+        shuffle_buffer=500,
+        eval_batch_size=10,
+        eval_bleu_examples=4,
+    )
+    config.model.update(
+        num_layers=1, d_model=32, num_heads=2, d_ff=64, dropout=0.0, attention_dropout=0.0
+    )
+    config.model.max_length = 64
+    config.decode.update(beam_size=1, max_extra_length=8)
+    config.train.update(
+        num_steps=num_steps,
+        steps_per_loop=CHUNK,
+        summary_every_steps=CHUNK,
+        checkpoint_every_steps=1000,
+        eval_every_steps=0,
+        log_every_s=0.0,
+    )
+    config.optimizer.update(learning_rate=1e-3, warmup_steps=2)
+    config.optimizer.shampoo.update(start_preconditioning_step=2, block_size=32)
+    config.precond.update(mode="async", address=address, update_steps=UPDATE, pull_interval_s=0.1)
+    return config
+
+
+class Run:
+    """Trains in chunks of one inner loop, recording wall time and staleness after each."""
+
+    def __init__(self, trainer: train.Trainer, bridge: ServicePreconditioning) -> None:
+        self.trainer = trainer
+        self.bridge = bridge
+        self.seconds: list[float] = []
+        self.staleness: list[Staleness] = []
+
+    @property
+    def step(self) -> int:
+        return int(self.trainer.step.numpy())
+
+    def chunk(self) -> Staleness:
+        """Trains CHUNK steps; returns the staleness after them."""
+        began = time.monotonic()
+        self.trainer.train(self.bridge, until_step=self.step + CHUNK)
+        self.seconds.append(time.monotonic() - began)
+        held = staleness(self.trainer.optimizer)
+        self.staleness.append(held)
+        return held
+
+    def until(
+        self, predicate: Callable[[Staleness], bool], timeout_s: float = 60.0
+    ) -> list[Staleness]:
+        """Trains chunks until `predicate(staleness)` holds; returns the staleness seen."""
+        seen = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            seen.append(self.chunk())
+            if predicate(seen[-1]):
+                return seen
+        raise AssertionError(
+            f"not reached within {timeout_s:.0f} s (at step {self.step}); staleness seen: "
+            f"{seen[-5:]}; client: {self.bridge.client.status()}"
+        )
+
+    def warm_up(self) -> None:
+        """Trains until every block holds a fresh root (the first chunk traces the loop)."""
+        self.until(fresh, 120)
+
+
+def fresh(held: Staleness) -> bool:
+    """Every block holds a root, none older than a chunk and a push period."""
+    return held.fraction_preconditioned == 1.0 and held.max <= FRESH
+
+
+@pytest.mark.parametrize("restarter", ["supervisor", "test"])
+def test_service_killed_mid_training_then_restarted(
+    tmp_path, vocab_path, start_service, caplog, restarter
+):
+    caplog.set_level(logging.INFO)
+    if restarter == "supervisor":  # the trainer's own child, restarted by local_service
+        config = fault_config(vocab_path)
+    else:  # a service at precond.address, restarted by the test on its port
+        port = free_port()
+        service = start_service(port)
+        config = fault_config(vocab_path, address=f"127.0.0.1:{port}")
+    trainer = train.Trainer(config, str(tmp_path / "work"))
+    with trainer.preconditioning() as bridge:
+        run = Run(trainer, bridge)
+        run.warm_up()
+        if restarter == "supervisor":
+            [pid] = service_children()
+        else:
+            pid = service.pid
+        assert bridge.client.status().restarts_seen == 0
+        killed_at = run.step
+        os.kill(pid, signal.SIGKILL)
+
+        if restarter == "supervisor":
+            # Down until the supervisor's restart serves: no root newer than the kill.
+            down = run.until(lambda s: s.min < run.step - killed_at)[:-1]
+        else:
+            down = [run.chunk() for _ in range(8)]
+            start_service(port)
+        assert len(down) >= 2, "the service came back before a chunk of training ended"
+        # Nothing new arrives while it is down: the freshest root ages with every step.
+        mins = [s.min for s in down]
+        assert mins == sorted(mins) and mins[-1] - mins[0] == CHUNK * (len(down) - 1)
+        assert down[-1].min >= CHUNK * len(down)
+        peak = max(s.max for s in down)
+
+        # Back: the client notices the new incarnation, pushes again, fresh roots arrive.
+        recovered = run.until(fresh)
+        status = bridge.client.status()
+        assert status.restarts_seen >= 1 and status.connected
+        assert recovered[-1].max < peak
+        trainer.train(bridge, until_step=run.step + CHUNK)
+        closing = time.monotonic()
+    # Closing the client (and stopping the trainer's own child) takes moments.
+    close_s = time.monotonic() - closing
+    assert close_s < 10, close_s
+    assert max(run.seconds[1:]) < CHUNK_LIMIT_S, run.seconds
+    if restarter == "supervisor":
+        restarts = [r for r in caplog.records if "exited with status -9 (SIGKILL)" in r.message]
+        assert len(restarts) == 1
+    print(
+        f"{restarter}: peak staleness {peak:.0f} over {len(down) * CHUNK} steps down; "
+        f"fresh again {len(recovered) * CHUNK} steps after the restart; chunk time "
+        f"median {np.median(run.seconds[1:]):.2f} s, max {max(run.seconds[1:]):.2f} s; "
+        f"closed in {close_s:.2f} s"
+    )
+
+
+def test_service_unreachable_from_the_start_then_started_later(
+    tmp_path, vocab_path, start_service, caplog
+):
+    caplog.set_level(logging.INFO, logger="trainer.train")
+    port = free_port()  # nothing listens there
+    config = fault_config(vocab_path, address=f"127.0.0.1:{port}", num_steps=24)
+    trainer = train.Trainer(config, str(tmp_path / "work"))
+    began = time.monotonic()
+    result = trainer.train_and_evaluate()
+    whole_run_s = time.monotonic() - began
+
+    assert result.step == 24 and np.isfinite(result.dev_loss)
+    assert staleness(trainer.optimizer).fraction_preconditioned == 0.0
+    progress = [r.getMessage() for r in caplog.records if "| loss" in r.getMessage()]
+    assert progress and all("precond: none yet" in line for line in progress)
+    # Tracing the loop, 24 graft-only steps, evaluation: no waits on the service.
+    assert whole_run_s < 120, whole_run_s
+
+    # The same run goes on; a service started on that port later is picked up.
+    config.train.num_steps = 100_000
+    with trainer.preconditioning() as bridge:
+        run = Run(trainer, bridge)
+        assert run.chunk().fraction_preconditioned == 0.0
+        start_service(port)
+        started_at, started_s = run.step, time.monotonic()
+        run.until(fresh)
+        assert bridge.client.status().connected
+        picked_up_after = run.step - started_at
+        picked_up_s = time.monotonic() - started_s
+        closing = time.monotonic()
+    assert time.monotonic() - closing < 5
+    assert max(run.seconds) < CHUNK_LIMIT_S, run.seconds
+    print(
+        f"unreachable: 24 graft-only steps and evaluation in {whole_run_s:.1f} s; fresh roots "
+        f"{picked_up_after} steps ({picked_up_s:.1f} s) after the service started"
+    )
+
+
+def test_service_stopped_for_a_while_then_continued(tmp_path, vocab_path, start_service):
+    port = free_port()
+    service = start_service(port)
+    config = fault_config(vocab_path, address=f"127.0.0.1:{port}")
+    trainer = train.Trainer(config, str(tmp_path / "work"))
+    with trainer.preconditioning() as bridge:
+        run = Run(trainer, bridge)
+        run.warm_up()
+        for _ in range(4):
+            run.chunk()
+        normal_s = float(np.median(run.seconds[-4:]))
+
+        signal_tree(service.pid, signal.SIGSTOP)
+        stopped = [run.chunk() for _ in range(10)]
+        stopped_s = run.seconds[-10:]
+        signal_tree(service.pid, signal.SIGCONT)
+        recovered = run.until(fresh)
+
+        # Stopped again when the run ends: closing the client must not wait for it.
+        signal_tree(service.pid, signal.SIGSTOP)
+        run.chunk()
+        closing = time.monotonic()
+    close_s = time.monotonic() - closing
+    signal_tree(service.pid, signal.SIGCONT)
+
+    # Steps go on at about the normal speed while the service is stopped...
+    assert max(stopped_s) < CHUNK_LIMIT_S, stopped_s
+    assert np.median(stopped_s) < 3 * normal_s + 0.5, (stopped_s, normal_s)
+    # ...on roots that age by a chunk per chunk (one may have been in flight).
+    mins = [s.min for s in stopped[1:]]
+    assert mins == list(range(int(mins[0]), int(mins[0]) + CHUNK * len(mins), CHUNK)), mins
+    assert stopped[-1].max >= CHUNK * 9
+    assert fresh(recovered[-1])
+    assert close_s < 3, close_s
+    print(
+        f"stopped: chunk {np.median(stopped_s):.2f} s (normal {normal_s:.2f} s), peak staleness "
+        f"{stopped[-1].max:.0f}, fresh again {len(recovered) * CHUNK} steps after SIGCONT, "
+        f"trainer closed in {close_s:.2f} s with the service stopped"
+    )
