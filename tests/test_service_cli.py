@@ -122,3 +122,43 @@ def _alive(pid: int) -> bool:
         return pathlib.Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_service_exits_when_its_parent_is_killed(tmp_path: pathlib.Path) -> None:
+    # A stand-in for a trainer: starts the service with --parent_pid, then sleeps.
+    port_file = tmp_path / "port"
+    parent_code = (
+        "import os, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-m', 'precond_service', '--port=0',\n"
+        f"    '--port_file={port_file}', f'--parent_pid={{os.getpid()}}'])\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True, env=subprocess_env()
+    )
+    service_pid = int(parent.stdout.readline())
+    try:
+        assert wait_until(port_file.exists, timeout_s=60)
+        port = int(port_file.read_text())
+        assert wait_for_serving(f"127.0.0.1:{port}", 30)
+        parent.kill()  # SIGKILL: the parent cannot stop its child
+        parent.wait()
+
+        def service_gone() -> bool:
+            try:
+                os.kill(service_pid, 0)
+            except ProcessLookupError:
+                return True
+            # Reparented to init (or a subreaper) and exited: a zombie until reaped.
+            with open(f"/proc/{service_pid}/stat") as f:
+                return f.read().split(") ")[1].startswith("Z")
+
+        assert wait_until(service_gone, timeout_s=20, poll_s=0.1)
+        assert not wait_for_serving(f"127.0.0.1:{port}", 1)
+    finally:
+        parent.kill()
+        try:
+            os.kill(service_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
