@@ -76,7 +76,7 @@ class ServiceConfig:
     max_blocks_per_run: int = 16384
     max_runs: int = 256
     max_blocks_per_request: int = 32768
-    # Trainers name a run "host:/absolute/workdir" by default.
+    # Trainers make "host-<32 hex digits>" run ids; a user-chosen one may be longer.
     max_run_id_length: int = 4096
     threads_per_worker: int = 1
     job_timeout_s: float = 0.0

@@ -23,7 +23,6 @@ Exit status 0 when the chaotic run finished and its dev loss is at most
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -43,6 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from precond_service.client import wait_for_serving  # noqa: E402
+from trainer.service_process import wait_for_port  # noqa: E402
 
 # configs/quickstart.py made smaller: 300 steps train in well under a minute on 2 cores.
 TRAINER_OVERRIDES = {
@@ -133,23 +133,20 @@ class Service:
                     cwd=REPO_ROOT,
                     env=subprocess_env(),
                 )
-            deadline = time.monotonic() + timeout_s
-            while True:
-                if self.process.poll() is not None:
-                    raise RuntimeError(
-                        f"precond_service exited with status {self.process.returncode} at "
-                        f"start; see {self.log_path}"
-                    )
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise RuntimeError(f"precond_service did not start; see {self.log_path}")
+            try:
                 if self.port is None:
-                    with contextlib.suppress(FileNotFoundError, ValueError):
-                        self.port = int(port_file.read_text())
-                    time.sleep(0.05)
-                elif wait_for_serving(self.address, 1.0):
-                    self.starts += 1
-                    return
+                    self.port = wait_for_port(
+                        self.process, str(port_file), timeout_s, str(self.log_path)
+                    )
+                if not wait_for_serving(self.address, timeout_s):
+                    raise RuntimeError(
+                        f"precond_service did not report SERVING within {timeout_s:.0f} s "
+                        f"(exit status {self.process.poll()}); see {self.log_path}"
+                    )
+            except RuntimeError:
+                self.kill()
+                raise
+        self.starts += 1
 
     def kill(self) -> None:
         """SIGKILLs it (its idle workers exit when they see it gone)."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import pathlib
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -16,6 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
+from precond_service.client import wait_for_serving
 from precond_service.server import RunningServer, serve
 from precond_service.service import ServiceConfig
 from protos import precond_service_pb2_grpc as pb_grpc
@@ -39,6 +42,47 @@ def wait_until(
             return True
         time.sleep(poll_s)
     return predicate()
+
+
+def start_service_process(
+    log_path: pathlib.Path, *flags: str, port: int = 0
+) -> tuple[subprocess.Popen, str]:
+    """Starts `python -m precond_service --port=PORT FLAGS` as users do.
+
+    Args:
+        log_path: Its stdout and stderr are appended here (a file: a pipe nobody
+            reads would block the service's logging).
+        *flags: Further flags, e.g. "--workers=2".
+        port: Loopback port; 0 picks a free one (read from a port file).
+
+    Returns:
+        The process and its address, once it reports SERVING; the caller stops it.
+    """
+    port_file = log_path.with_name(f"{log_path.stem}.port")
+    port_file.unlink(missing_ok=True)
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "precond_service",
+                f"--port={port}",
+                f"--port_file={port_file}",
+                *flags,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=subprocess_env(),
+        )
+    try:
+        assert wait_until(port_file.exists, 60), f"no port file; log:\n{log_path.read_text()}"
+        address = f"127.0.0.1:{int(port_file.read_text())}"
+        assert wait_for_serving(address, 60), f"not SERVING; log:\n{log_path.read_text()}"
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return process, address
 
 
 def random_statistic(n: int, seed: int, dtype: type = np.float64) -> np.ndarray:

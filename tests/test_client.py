@@ -21,22 +21,12 @@ from tests.conftest import (
     eigh_inverse_root,
     free_port,
     random_statistic,
+    start_service_process,
     subprocess_env,
     wait_until,
 )
 
 FAST = {"pull_interval_s": 0.02, "backoff_initial_s": 0.02, "backoff_max_s": 0.2}
-
-
-def start_service_process(port: int) -> subprocess.Popen:
-    """Starts `python -m precond_service` on a fixed loopback port; returns once SERVING."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "precond_service", f"--port={port}", "--workers=1"],
-        stderr=subprocess.DEVNULL,
-        env=subprocess_env(),
-    )
-    assert wait_for_serving(f"127.0.0.1:{port}", timeout_s=60)
-    return process
 
 
 class Trainer(threading.Thread):
@@ -65,7 +55,7 @@ class Trainer(threading.Thread):
                 time.sleep(0.001)
 
 
-def test_client_recovers_from_down_killed_and_restarted_service() -> None:
+def test_client_recovers_from_down_killed_and_restarted_service(tmp_path) -> None:
     port = free_port()
     address = f"127.0.0.1:{port}"
     client = PreconditionerClient(address, "run", **FAST)
@@ -78,7 +68,7 @@ def test_client_recovers_from_down_killed_and_restarted_service() -> None:
         assert wait_until(lambda: client.status().push_failures >= 2, 10)
         assert client.latest() == {} and not client.status().connected
 
-        processes.append(start_service_process(port))
+        processes.append(start_service_process(tmp_path / "service.log", port=port)[0])
         assert wait_until(lambda: set(client.latest()) == {"a", "b"}, 30)
         first = client.status()
         assert first.connected and first.incarnation
@@ -89,7 +79,7 @@ def test_client_recovers_from_down_killed_and_restarted_service() -> None:
         held = client.latest()
         assert set(held) == {"a", "b"}  # What arrived stays usable while it is down.
 
-        processes.append(start_service_process(port))
+        processes.append(start_service_process(tmp_path / "service.log", port=port)[0])
         assert wait_until(lambda: client.status().restarts_seen == 1, 30)
         assert client.status().incarnation != first.incarnation
         step_at_restart = trainer.step

@@ -16,7 +16,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 import pytest
 
 from precond_service.client import wait_for_serving
-from tests.conftest import free_port, subprocess_env, wait_until
+from tests.conftest import free_port, start_service_process, wait_until
 from trainer import train
 from trainer.config import default_config
 from trainer.optimizers.service_bridge import ServicePreconditioning, Staleness, staleness
@@ -93,15 +92,8 @@ def start_service(tmp_path) -> Iterator[Callable[[int], subprocess.Popen]]:
     processes: list[subprocess.Popen] = []
 
     def start(port: int) -> subprocess.Popen:
-        with open(tmp_path / "service.log", "ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "precond_service", f"--port={port}", "--workers=1"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=subprocess_env(),
-            )
+        process, _ = start_service_process(tmp_path / "service.log", port=port)
         processes.append(process)
-        assert wait_for_serving(f"127.0.0.1:{port}", 60), (tmp_path / "service.log").read_text()
         return process
 
     yield start

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import pathlib
 import subprocess
-import sys
 from collections.abc import Callable
 
 import grpc
@@ -24,9 +23,14 @@ import pytest
 from precond_service import wire
 from precond_service.auth import run_digest
 from precond_service.blocks import PreconditionerBlock, StatisticsBlock
-from precond_service.client import PreconditionerClient, wait_for_serving
+from precond_service.client import PreconditionerClient
 from protos import precond_service_pb2 as pb
-from tests.conftest import eigh_inverse_root, random_statistic, subprocess_env, wait_until
+from tests.conftest import (
+    eigh_inverse_root,
+    random_statistic,
+    start_service_process,
+    wait_until,
+)
 from tests.test_service import assert_close_root, pull_until, push, serving, status
 
 RIDGE = 1e-6
@@ -373,25 +377,9 @@ REPEAT_RSS_BOUND = 64 << 20
 
 
 def test_barrage_of_hostile_requests_keeps_memory_bounded(tmp_path: pathlib.Path) -> None:
-    port_file, log_file = tmp_path / "port", tmp_path / "service.log"
-    with log_file.open("w") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "precond_service",
-                "--port=0",
-                "--workers=1",
-                f"--port_file={port_file}",
-                "--max_runs=32",
-            ],
-            stderr=log,  # A file: a pipe nobody reads would block the service's logging.
-            env=subprocess_env(),
-        )
+    log_file = tmp_path / "service.log"
+    process, address = start_service_process(log_file, "--workers=1", "--max_runs=32")
     try:
-        assert wait_until(port_file.exists, 60), "no port file"
-        address = f"127.0.0.1:{int(port_file.read_text())}"
-        assert wait_for_serving(address, timeout_s=10)
         options = [("grpc.max_send_message_length", wire.max_message_bytes(4096))]
         with grpc.insecure_channel(address, options=options) as channel:
             calls = raw_calls(channel)

@@ -23,7 +23,6 @@ import multiprocessing
 import pathlib
 import queue
 import subprocess
-import sys
 import time
 import uuid
 
@@ -31,9 +30,9 @@ import numpy as np
 import pytest
 
 from precond_service.blocks import StatisticsBlock
-from precond_service.client import PreconditionerClient, wait_for_serving
+from precond_service.client import PreconditionerClient
 from precond_service.status import fetch_status
-from tests.conftest import subprocess_env, wait_until
+from tests.conftest import start_service_process, wait_until
 
 CLIENTS = 8
 PUSH_INTERVAL_S = 0.2
@@ -218,27 +217,12 @@ def rss_with_children(pid: int) -> int:
 def test_concurrent_clients_get_their_own_roots_without_memory_growth(
     tmp_path: pathlib.Path, duration_s: float
 ) -> None:
-    port_file, log_file = tmp_path / "port", tmp_path / "service.log"
-    with log_file.open("w") as log:
-        service = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "precond_service",
-                "--port=0",
-                "--workers=2",
-                f"--port_file={port_file}",
-            ],
-            stderr=log,
-            env=subprocess_env(),
-        )
+    log_file = tmp_path / "service.log"
+    service, address = start_service_process(log_file, "--workers=2")
     context = multiprocessing.get_context("spawn")
     start, results = context.Event(), context.Queue()
     clients: list[multiprocessing.Process] = []
     try:
-        assert wait_until(port_file.exists, 60), "no port file"
-        address = f"127.0.0.1:{int(port_file.read_text())}"
-        assert wait_for_serving(address, timeout_s=10)
         clients = [
             context.Process(target=run_client, args=(i, address, duration_s, start, results))
             for i in range(CLIENTS)

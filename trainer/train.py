@@ -398,11 +398,13 @@ class Trainer:
                 loss = loss_sum / tf.maximum(weight_sum, 1.0)
                 scaled = optimizer.scale_loss(loss) if scale_loss else loss
             grads = tape.gradient(scaled, variables)
-            finite = all_finite(grads)
             # With loss scaling the gradients stay scaled (the optimizer unscales
             # them); only the scalars of the norm and the clip are adjusted.
             scale = optimizer.dynamic_scale if scale_loss else 1.0
             grad_norm = tf.linalg.global_norm(grads) / scale
+            # The norm is NaN or infinite exactly when a gradient is (or when their
+            # squares overflow, which clipping would turn into NaN anyway).
+            finite = tf.math.is_finite(grad_norm)
             if clip_norm > 0:
                 grads, _ = tf.clip_by_global_norm(
                     grads, clip_norm * scale, use_norm=grad_norm * scale
@@ -768,17 +770,6 @@ _WHAT_TO_TRY = (
     "lower config.optimizer.learning_rate, lengthen config.optimizer.warmup_steps or set "
     "config.optimizer.clip_norm"
 )
-
-
-def all_finite(tensors: list) -> tf.Tensor:
-    """Whether every value of `tensors` (dense or IndexedSlices; None skipped) is finite."""
-    checks = []
-    for tensor in tensors:
-        if tensor is None:
-            continue
-        values = tensor.values if isinstance(tensor, tf.IndexedSlices) else tensor
-        checks.append(tf.reduce_all(tf.math.is_finite(values)))
-    return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
 
 
 def _checkpoints_newest_first(directory: str) -> list[str]:
