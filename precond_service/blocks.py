@@ -16,18 +16,30 @@ import numpy as np
 class StatisticsBlock:
     """One symmetric PSD statistic whose root `statistics^(-1/exponent)` is wanted.
 
+    The root settings travel with the statistic, so that the service computes the
+    same root from it as the optimizer's own sync mode does. None leaves a setting
+    to the service's flag of the same name (for clients that do not care).
+
     Attributes:
         key: Stable name of the block and dimension, the same across runs and
             restarts (for example `"dense/kernel|b0.1|d0"`).
         step: Optimizer step at which the statistic was read.
         exponent: p of the inverse p-th root (2r for a rank-r block, or an override).
         statistics: Square [n, n] float32 or float64 matrix.
+        ridge_epsilon: Ridge added before the root, relative to the largest
+            eigenvalue; in (0, 1).
+        failure_threshold: A root whose final residual is above this (or not
+            finite) is not published; > 0.
+        method: Solver, one of `precond_service.roots.METHODS`.
     """
 
     key: str
     step: int
     exponent: int
     statistics: np.ndarray
+    ridge_epsilon: float | None = None
+    failure_threshold: float | None = None
+    method: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
