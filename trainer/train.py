@@ -558,7 +558,7 @@ class Trainer:
             sum(int(np.prod(v.shape)) for v in self.model.trainable_variables),
         )
         if bridge is not None:
-            bridge.after_steps(step)
+            bridge.after_steps()
         report = LoopMetrics()
         summary = LoopMetrics()
         last_report = time.monotonic()
@@ -640,7 +640,7 @@ class Trainer:
         values = self._loop_fn(self.iterator, tf.constant(num_steps, tf.int64))
         values = {name: value.numpy() for name, value in values.items()}
         self.step.assign_add(num_steps)
-        installed = bridge.after_steps(int(self.step.numpy())) if bridge is not None else 0
+        installed = bridge.after_steps() if bridge is not None else 0
         if installed:
             log.debug("step %d: installed %d new preconditioners", int(self.step), installed)
         return values, time.perf_counter() - began

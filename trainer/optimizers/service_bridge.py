@@ -16,6 +16,7 @@ import keras
 import numpy as np
 
 from precond_service.client import PreconditionerClient
+from precond_service.versions import is_newer
 from trainer.optimizers.shampoo import NO_PRECONDITIONER, Shampoo
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,6 @@ class _AwaitedPush:
     """Statistics pushed at `step` whose roots are due at `due_step` (delay mode)."""
 
     step: int
-    stats_step: int
     due_step: int
     keys: frozenset[str]
 
@@ -121,30 +121,52 @@ class ServicePreconditioning:
         # Seconds spent waiting for due roots (delay mode), in all.
         self.wait_seconds = 0.0
 
-    def after_steps(self, step: int | None = None) -> int:
-        """Host work between inner loops; returns how many roots were installed.
+    @property
+    def step(self) -> int:
+        """The one clock of the seam: the optimizer's count of applied updates.
 
-        Args:
-            step: The training step now. Defaults to the optimizer's iterations;
-                the trainer passes its own count of batches, which runs ahead of
-                the optimizer's when non-finite steps were skipped.
+        Statistics and roots are named by it, pushes are scheduled on it and
+        staleness is measured against it. Steps skipped for non-finite gradients
+        do not advance it.
+        """
+        return int(self.optimizer.iterations.numpy())
+
+    def steps_until_due(self) -> int:
+        """Updates until the next push or (delay mode) install is due; at least 1.
+
+        The trainer ends its inner loops there, so that pushes happen at multiples
+        of `update_steps` and delayed roots are installed at exactly t + D.
+        """
+        step = self.step
+        due = self._next_push_step(step)
+        if self._awaited is not None:
+            due = min(due, self._awaited.due_step)
+        return max(due - step, 1)
+
+    def _next_push_step(self, step: int) -> int:
+        """The update count at which the next push is due (now, if one is overdue)."""
+        if self._last_push_step is None and not self.delay_steps and step > 0:
+            return step  # a resumed run pushes at once: the service may hold nothing
+        last = step if self._last_push_step is None else self._last_push_step
+        return (last // self.update_steps + 1) * self.update_steps
+
+    def after_steps(self) -> int:
+        """Host work between inner loops; returns how many roots were installed.
 
         Raises:
             TimeoutError: In delay mode, the due roots did not arrive within
                 `delay_timeout_s`.
         """
-        if step is None:
-            step = int(self.optimizer.iterations.numpy())
+        step = self.step
         if self.delay_steps:
             return self._after_steps_delayed(step)
-        due = self._last_push_step is None or step - self._last_push_step >= self.update_steps
-        if due and step > 0:
+        if step > 0 and step >= self._next_push_step(step):
             self.client.push(self.optimizer.statistics_snapshot())
             self._last_push_step = step
         fresh = [
             block
             for key, block in self.client.latest().items()
-            if key in self._keys and block.stats_step > self._offered.get(key, NO_PRECONDITIONER)
+            if key in self._keys and is_newer(block.stats_step, self._offered.get(key))
         ]
         if not fresh:
             return 0
@@ -171,7 +193,6 @@ class ServicePreconditioning:
                 self.client.push(snapshot)
                 self._awaited = _AwaitedPush(
                     step=step,
-                    stats_step=snapshot[0].step,
                     due_step=step + self.delay_steps,
                     keys=frozenset(block.key for block in snapshot),
                 )
@@ -187,14 +208,14 @@ class ServicePreconditioning:
             arrived = [
                 latest[key]
                 for key in awaited.keys
-                if key in latest and latest[key].stats_step >= awaited.stats_step
+                if key in latest and not is_newer(awaited.step, latest[key].stats_step)
             ]
             now = time.monotonic()
             if len(arrived) == len(awaited.keys):
                 self.wait_seconds += now - began
-                newer = [b.key for b in arrived if b.stats_step != awaited.stats_step]
+                newer = [b.key for b in arrived if b.stats_step != awaited.step]
                 if newer:  # Cannot happen while delay_steps <= update_steps.
-                    raise RuntimeError(f"roots newer than step {awaited.stats_step}: {newer[:3]}")
+                    raise RuntimeError(f"roots newer than step {awaited.step}: {newer[:3]}")
                 return arrived
             if now - began > self.delay_timeout_s:
                 self.wait_seconds += now - began

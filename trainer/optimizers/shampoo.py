@@ -45,13 +45,14 @@ import threadpoolctl
 
 from precond_service import roots as roots_lib
 from precond_service.blocks import PreconditionerBlock, StatisticsBlock
+from precond_service.versions import NO_VERSION, is_newer
 from trainer.optimizers import blocking
 
 GRAFT_TYPES = ("adagrad", "adam", "sgd", "none")
 PRECONDITION_MODES = ("sync", "async", "off")
 
 # stats_step of a block that has no preconditioner yet.
-NO_PRECONDITIONER = -1
+NO_PRECONDITIONER = NO_VERSION
 
 
 @dataclasses.dataclass
@@ -165,6 +166,10 @@ class Shampoo(keras.optimizers.Optimizer):
             instead of S^(-1/(2r)).
         inverse_failure_threshold: A root whose residual error is above this (or
             not finite) is not used; the block keeps its previous root.
+        root_method: Root solver, "schur_newton" (coupled Newton) or "eigh".
+            This, `matrix_epsilon`, `inverse_failure_threshold` and the exponent
+            travel with every pushed statistic, so that the service computes the
+            root the sync mode would.
         precondition_mode: "sync" computes roots inside the step (host NumPy,
             needs `jit_compile=False`); "async" only uses roots given to
             `assign_preconditioners` (by the preconditioner service); "off"
@@ -191,6 +196,7 @@ class Shampoo(keras.optimizers.Optimizer):
         skip_preconditioning_dim_size_gt: int = 4096,
         exponent_override: int | None = None,
         inverse_failure_threshold: float = 0.1,
+        root_method: str = "schur_newton",
         precondition_mode: str = "sync",
         name: str = "shampoo",
         **kwargs: Any,
@@ -203,6 +209,7 @@ class Shampoo(keras.optimizers.Optimizer):
         _check_unit_interval("beta2", beta2)
         _check_choice("graft_type", graft_type, GRAFT_TYPES)
         _check_choice("precondition_mode", precondition_mode, PRECONDITION_MODES)
+        _check_choice("root_method", root_method, roots_lib.METHODS)
         if graft_type == "adam" and beta2 >= 1.0:
             raise ValueError(
                 "graft_type='adam' needs beta2 < 1 (its second moment decays with beta2), "
@@ -239,6 +246,7 @@ class Shampoo(keras.optimizers.Optimizer):
         self.skip_preconditioning_dim_size_gt = int(skip_preconditioning_dim_size_gt)
         self.exponent_override = None if exponent_override is None else int(exponent_override)
         self.inverse_failure_threshold = float(inverse_failure_threshold)
+        self.root_method = root_method
         self.precondition_mode = precondition_mode
         self._registry = _Registry()
 
@@ -430,6 +438,7 @@ class Shampoo(keras.optimizers.Optimizer):
                     exponent,
                     ridge_epsilon=self.matrix_epsilon,
                     failure_threshold=self.inverse_failure_threshold,
+                    method=self.root_method,
                 )
             ok = np.isfinite(result.errors) & (result.errors <= self.inverse_failure_threshold)
             ok &= np.all(np.isfinite(result.roots), axis=(1, 2))
@@ -488,7 +497,8 @@ class Shampoo(keras.optimizers.Optimizer):
 
         Returns:
             One `StatisticsBlock` per (block, preconditioned dimension), with the
-            current step, the exponent p of the wanted root and a float32 copy.
+            current step (the update count), the root settings (exponent p, ridge,
+            failure threshold, method) and a float32 copy.
         """
         self._check_built("statistics_snapshot")
         step = int(self.iterations.numpy())
@@ -507,6 +517,9 @@ class Shampoo(keras.optimizers.Optimizer):
                                 step=step,
                                 exponent=exponent,
                                 statistics=values[index],
+                                ridge_epsilon=self.matrix_epsilon,
+                                failure_threshold=self.inverse_failure_threshold,
+                                method=self.root_method,
                             )
                         )
         return snapshot
@@ -545,13 +558,13 @@ class Shampoo(keras.optimizers.Optimizer):
             if not np.all(np.isfinite(root)):
                 raise ValueError(f"root for {key!r} has non-finite values")
             updates = pending.setdefault(id(factor), (factor, {}))[1]
-            if index not in updates or stats_step > updates[index][0]:
+            if index not in updates or is_newer(stats_step, updates[index][0]):
                 updates[index] = (int(stats_step), root)
 
         applied = 0
         for factor, updates in pending.values():
             held_steps = factor.stats_step.numpy()
-            fresh = {i: u for i, u in updates.items() if u[0] > held_steps[i]}
+            fresh = {i: u for i, u in updates.items() if is_newer(u[0], held_steps[i])}
             if not fresh:
                 continue
             roots = factor.preconditioner.numpy()
@@ -600,6 +613,7 @@ class Shampoo(keras.optimizers.Optimizer):
                 "skip_preconditioning_dim_size_gt": self.skip_preconditioning_dim_size_gt,
                 "exponent_override": self.exponent_override,
                 "inverse_failure_threshold": self.inverse_failure_threshold,
+                "root_method": self.root_method,
                 "precondition_mode": self.precondition_mode,
             }
         )
