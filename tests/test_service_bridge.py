@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from precond_service import roots
 from precond_service.client import PreconditionerClient
+from tests.conftest import wait_until
 from trainer.optimizers import Shampoo
 from trainer.optimizers.service_bridge import (
     ServicePreconditioning,
@@ -79,6 +80,57 @@ def test_roots_from_the_service_are_installed_and_match_the_solver(client):
     assert s.fraction_preconditioned == 1.0 and s.min == s.max == 0
 
 
+def _one_step_model(precondition_mode, **shampoo_args):
+    """A Dense model with fixed weights and the Shampoo optimizer given, after one step."""
+    x, y = regression(seed=2)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(3, name="dense")])
+    opt = Shampoo(
+        0.01,
+        precondition_mode=precondition_mode,
+        start_preconditioning_step=0,
+        preconditioning_compute_steps=1,
+        **shampoo_args,
+    )
+    opt.build(model.trainable_variables)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(model(x) - y))
+    grads = tape.gradient(loss, model.trainable_variables)
+    opt.apply_gradients(zip(grads, model.trainable_variables))
+    return opt
+
+
+def test_async_roots_use_the_optimizers_own_root_settings_as_sync_does(client):
+    # Settings far from the service's defaults (--ridge_epsilon 1e-6): the statistic
+    # of one step is rank-deficient, so the ridge decides the root.
+    settings = {"matrix_epsilon": 1e-2, "inverse_failure_threshold": 0.5}
+    sync = _one_step_model("sync", **settings)
+    opt = _one_step_model("async", **settings)
+    bridge = ServicePreconditioning(opt, client, update_steps=1)
+    snapshot = {b.key: b for b in opt.statistics_snapshot()}
+    bridge.after_steps()
+    assert wait_until(lambda: bridge.after_steps() >= 0 and _all_held(opt), timeout_s=30)
+
+    # One clock: both modes name the root by the update count its statistic includes.
+    assert (
+        opt.preconditioner_stats_steps()
+        == sync.preconditioner_stats_steps()
+        == {key: 1 for key in snapshot}
+    )
+    for key, block in snapshot.items():
+        assert block.ridge_epsilon == 1e-2 and block.failure_threshold == 0.5
+        held, expected = _held_root(opt, key), _held_root(sync, key)
+        np.testing.assert_allclose(held, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    # The service's own default would have given a different root.
+    key = block_key("dense/kernel", (0, 0), 0)
+    default = roots.inverse_pth_root(snapshot[key].statistics, 4).root
+    assert not np.allclose(default, _held_root(sync, key), rtol=1e-2)
+
+
+def _all_held(opt):
+    return all(s != NO_PRECONDITIONER for s in opt.preconditioner_stats_steps().values())
+
+
 def _held_root(opt, key):
     factor, index = opt._registry.by_key[key]
     return factor.preconditioner.numpy()[index]
@@ -119,3 +171,32 @@ def test_a_service_that_cannot_start_is_reported_with_its_log():
     ):
         with local_service(workers=0):
             pass
+
+
+def test_pushes_follow_the_optimizers_update_count(client):
+    x, y = regression(seed=3)
+    model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(3, name="dense")])
+    opt = Shampoo(0.01, precondition_mode="async")
+    opt.build(model.trainable_variables)
+    bridge = ServicePreconditioning(opt, client, update_steps=3)
+
+    def steps(count):
+        for _ in range(count):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(x) - y))
+            grads = tape.gradient(loss, model.trainable_variables)
+            opt.apply_gradients(zip(grads, model.trainable_variables))
+
+    assert bridge.steps_until_due() == 3
+    steps(2)
+    bridge.after_steps()
+    assert client.status().pushes_sent == 0 and bridge.steps_until_due() == 1
+    steps(1)
+    bridge.after_steps()
+    assert client.status().pushes_sent == 1 and bridge.steps_until_due() == 3
+    steps(2)
+    # A bridge made for a resumed run (update count 5) pushes at once, then at 6.
+    resumed = ServicePreconditioning(opt, client, update_steps=3)
+    assert resumed.step == 5 and resumed.steps_until_due() == 1
+    resumed.after_steps()
+    assert client.status().pushes_sent == 2 and resumed.steps_until_due() == 1

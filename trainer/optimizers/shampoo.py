@@ -418,9 +418,11 @@ class Shampoo(keras.optimizers.Optimizer):
                         factor.preconditioner,
                         tf.where(ok[:, None, None], roots, factor.preconditioner),
                     )
+                    # Named like a pushed statistic: by the update count that
+                    # includes this step's gradient (iterations after the step).
                     self.assign(
                         factor.stats_step,
-                        tf.where(ok, tf.fill(tf.shape(ok), step), factor.stats_step),
+                        tf.where(ok, tf.fill(tf.shape(ok), step + 1), factor.stats_step),
                     )
             return tf.constant(True)
 
