@@ -254,6 +254,83 @@ def test_momentum_and_nesterov_follow_the_moving_average():
         np.testing.assert_allclose(var.numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(8, 5), (7,)], ids=["matrix", "vector"])
+def test_gradient_momentum_with_adam_graft_and_no_roots_is_keras_adam(shape):
+    grads = grads_for(shape, 6)
+    keras_var, var = make_var(shape), make_var(shape)
+    adam = keras.optimizers.Adam(0.01, beta_1=0.9, beta_2=0.99, epsilon=1e-10)
+    opt = Shampoo(
+        0.01,
+        beta1=0.9,
+        beta2=0.99,
+        diagonal_epsilon=1e-10,
+        momentum_type="gradient",
+        graft_type="adam",
+        precondition_mode="off",
+    )
+    for g in grads:
+        adam.apply_gradients([(tf.constant(g), keras_var)])
+        opt.apply_gradients([(tf.constant(g), var)])
+    np.testing.assert_allclose(var.numpy(), keras_var.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_gradient_momentum_preconditions_the_bias_corrected_first_moment():
+    shape = (6, 4)
+    grads = grads_for(shape, 3)
+    var = make_var(shape)
+    opt = plain_shampoo(beta1=0.8, momentum_type="gradient")
+    ref = RefShampoo(shape, 128)
+    expected = var.numpy().astype(np.float64)
+    m = np.zeros(shape)
+    for t, g in enumerate(grads, start=1):
+        opt.apply_gradients([(tf.constant(g), var)])
+        m = 0.8 * m + 0.2 * g
+        ref.direction(g)  # accumulates the statistics of the raw gradient
+        # The roots of those statistics, applied to the first moment instead.
+        left = ref_inverse_root(ref.left[ref.blocks[0]], 4)
+        right = ref_inverse_root(ref.right[ref.blocks[0]], 4)
+        expected -= 0.1 * left @ (m / (1 - 0.8**t)) @ right
+    np.testing.assert_allclose(var.numpy(), expected, rtol=2e-4, atol=2e-4)
+
+
+def test_block_grafting_gives_each_block_its_grafts_norm():
+    shape = (12, 7)
+    var = make_var(shape)
+    opt = plain_shampoo(block_size=5, graft_type="adagrad", graft_scope="block")
+    grad = grads_for(shape, 1)[0]
+    before = var.numpy().astype(np.float64)
+    opt.apply_gradients([(tf.constant(grad), var)])
+    update = (before - var.numpy()) / 0.1
+    shampoo_dir = RefShampoo(shape, 5).direction(grad)
+    graft = adagrad_updates([grad])[0]
+    for (r0, r1), (c0, c1) in ref_blocks(shape, 5):
+        block, want = update[r0:r1, c0:c1], shampoo_dir[r0:r1, c0:c1]
+        np.testing.assert_allclose(
+            np.linalg.norm(block), np.linalg.norm(graft[r0:r1, c0:c1]), rtol=1e-4
+        )
+        cosine = np.sum(block * want) / np.linalg.norm(block) / np.linalg.norm(want)
+        assert cosine == pytest.approx(1.0, abs=1e-5)
+
+
+def test_statistics_beta2_decays_the_statistics_apart_from_the_graft():
+    shape = (5, 3)
+    grads = grads_for(shape, 3)
+    summed = Shampoo(beta2=0.9, statistics_beta2=1.0, precondition_mode="async")
+    tied = Shampoo(beta2=0.9, precondition_mode="async")
+    for opt in (summed, tied):
+        var = make_var(shape)
+        for g in grads:
+            opt.apply_gradients([(tf.constant(g), var)])
+    left = {b.key: b.statistics for b in summed.statistics_snapshot()}
+    decayed = {b.key: b.statistics for b in tied.statistics_snapshot()}
+    (key,) = [k for k in left if k.endswith("d0")]
+    np.testing.assert_allclose(left[key], sum(g @ g.T for g in grads), rtol=1e-5)
+    expected = np.zeros((5, 5))
+    for g in grads:
+        expected = 0.9 * expected + 0.1 * g @ g.T
+    np.testing.assert_allclose(decayed[key], expected, rtol=1e-5)
+
+
 def test_mixed_variables_each_get_their_own_update():
     # Vector (graft only), a matrix (preconditioned), an embedding (one-sided),
     # in an order that puts a graft-only variable between preconditioned ones.
@@ -363,6 +440,13 @@ def test_snapshot_before_build_says_what_to_do():
         ({"graft_type": "adam", "beta2": 1.0}, "graft_type='adam' needs beta2 < 1"),
         ({"matrix_epsilon": 0.0}, "matrix_epsilon must be a positive number, got 0.0"),
         ({"start_preconditioning_step": -1}, "start_preconditioning_step must be a non-negative"),
+        (
+            {"momentum_type": "after"},
+            r"momentum_type must be one of \['update', 'gradient'\], got 'after'",
+        ),
+        ({"graft_scope": "model"}, r"graft_scope must be one of \['layer', 'block'\]"),
+        ({"statistics_beta2": 2.0}, r"statistics_beta2 must be a number in \[0, 1\], got 2.0"),
+        ({"root_method": "svd"}, r"root_method must be one of \['schur_newton', 'eigh'\]"),
     ],
 )
 def test_bad_hyperparameters_name_the_field_and_value(kwargs, message):

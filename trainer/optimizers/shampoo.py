@@ -50,6 +50,12 @@ from trainer.optimizers import blocking
 
 GRAFT_TYPES = ("adagrad", "adam", "sgd", "none")
 PRECONDITION_MODES = ("sync", "async", "off")
+# Where the first moment is taken: "update", an EMA of the grafted update after
+# preconditioning; "gradient", a bias-corrected EMA of the gradient before it (the
+# reference implementations' form: graft-only is then exactly Adam).
+MOMENTUM_TYPES = ("update", "gradient")
+# Over what the Shampoo direction takes the grafting update's norm.
+GRAFT_SCOPES = ("layer", "block")
 
 # stats_step of a block that has no preconditioner yet.
 NO_PRECONDITIONER = NO_VERSION
@@ -145,9 +151,18 @@ class Shampoo(keras.optimizers.Optimizer):
         learning_rate: Float or `keras.optimizers.schedules.LearningRateSchedule`.
         block_size: Largest side of a preconditioned block; larger dimensions
             are split (the last block may be smaller), smaller adjacent ones merged.
-        beta1: Momentum (exponential moving average of the grafted update); 0 disables it.
-        beta2: Decay of the Kronecker statistics; 1.0 sums them as AdaGrad does.
-            Also the second-moment decay of the "adam" graft.
+        beta1: Momentum (an exponential moving average, see `momentum_type`);
+            0 disables it.
+        beta2: Second-moment decay of the "adam" graft, and of the Kronecker
+            statistics unless `statistics_beta2` is given.
+        statistics_beta2: Decay of the Kronecker statistics; 1.0 sums them as
+            AdaGrad does (also with an Adam graft). None: `beta2`.
+        momentum_type: "update" (EMA of the grafted update, after
+            preconditioning) or "gradient" (bias-corrected EMA of the gradient,
+            before preconditioning and grafting; graft-only then equals Adam).
+        graft_scope: "layer" (the Shampoo direction takes the grafting update's
+            norm over all preconditioned blocks of a variable) or "block" (each
+            block its own).
         nesterov: Use Nesterov momentum.
         weight_decay: Decoupled weight decay (Keras base-class semantics).
         matrix_epsilon: Ridge added to every statistic, relative to its largest
@@ -185,6 +200,9 @@ class Shampoo(keras.optimizers.Optimizer):
         block_size: int = 128,
         beta1: float = 0.9,
         beta2: float = 0.999,
+        statistics_beta2: float | None = None,
+        momentum_type: str = "update",
+        graft_scope: str = "layer",
         nesterov: bool = False,
         weight_decay: float | None = None,
         matrix_epsilon: float = 1e-6,
@@ -207,6 +225,10 @@ class Shampoo(keras.optimizers.Optimizer):
         _check_positive_int("block_size", block_size)
         _check_unit_interval("beta1", beta1)
         _check_unit_interval("beta2", beta2)
+        if statistics_beta2 is not None:
+            _check_unit_interval("statistics_beta2", statistics_beta2)
+        _check_choice("momentum_type", momentum_type, MOMENTUM_TYPES)
+        _check_choice("graft_scope", graft_scope, GRAFT_SCOPES)
         _check_choice("graft_type", graft_type, GRAFT_TYPES)
         _check_choice("precondition_mode", precondition_mode, PRECONDITION_MODES)
         _check_choice("root_method", root_method, roots_lib.METHODS)
@@ -236,6 +258,9 @@ class Shampoo(keras.optimizers.Optimizer):
         self.block_size = int(block_size)
         self.beta1 = float(beta1)
         self.beta2 = float(beta2)
+        self.statistics_beta2 = self.beta2 if statistics_beta2 is None else float(statistics_beta2)
+        self.momentum_type = momentum_type
+        self.graft_scope = graft_scope
         self.nesterov = bool(nesterov)
         self.matrix_epsilon = float(matrix_epsilon)
         self.diagonal_epsilon = float(diagonal_epsilon)
@@ -331,57 +356,80 @@ class Shampoo(keras.optimizers.Optimizer):
         step = tf.cast(self.iterations, tf.int64)
         grad = tf.cast(tf.convert_to_tensor(gradient), tf.float32)
 
-        graft = self._graft_update(grad, state, step)
+        gradient_momentum = state.momentum is not None and self.momentum_type == "gradient"
+        # What is preconditioned and grafted: the gradient, or its first moment.
+        direction = self._momentum(grad, state, step) if gradient_momentum else grad
+        graft = self._graft_update(grad, direction, state, step)
         if state.plan.groups:
-            merged_grad = tf.reshape(grad, state.plan.merged_shape)
-            grad_blocks = [blocking.to_blocks(merged_grad, g) for g in state.plan.groups]
-            self._update_statistics(grad_blocks, state, step)
+            # Statistics always come from the raw gradient.
+            self._update_statistics(self._blocks(grad, state), state, step)
             if self.precondition_mode == "sync":
                 self._compute_roots(state, step)
-            update = self._precondition_and_graft(grad_blocks, graft, state, step)
+            blocks = self._blocks(direction, state)
+            update = self._precondition_and_graft(blocks, graft, state, step)
         else:
             update = graft
 
-        if state.momentum is not None:
-            # Momentum as an exponential moving average, so the learning rate keeps
-            # the scale of the grafted update; Nesterov looks one step ahead.
-            momentum = self.beta1 * state.momentum + (1.0 - self.beta1) * update
-            self.assign(state.momentum, momentum)
-            update = (
-                self.beta1 * momentum + (1.0 - self.beta1) * update if self.nesterov else momentum
-            )
+        if state.momentum is not None and not gradient_momentum:
+            update = self._momentum(update, state, step)
 
         lr = tf.cast(learning_rate, tf.float32)
         self.assign_sub(variable, tf.cast(lr * update, variable.dtype))
 
-    def _graft_update(self, grad: tf.Tensor, state: _VariableState, step: tf.Tensor) -> tf.Tensor:
-        """The grafting optimizer's (unscaled by learning rate) update for `grad`."""
+    @staticmethod
+    def _blocks(tensor: tf.Tensor, state: _VariableState) -> list[tf.Tensor]:
+        merged = tf.reshape(tensor, state.plan.merged_shape)
+        return [blocking.to_blocks(merged, group) for group in state.plan.groups]
+
+    def _momentum(self, value: tf.Tensor, state: _VariableState, step: tf.Tensor) -> tf.Tensor:
+        """Stage 5: the EMA of `value` in `state.momentum`, as `momentum_type` says.
+
+        An exponential moving average keeps the scale of what it averages, so the
+        learning rate means the same with and without it. The "gradient" form is
+        bias-corrected (Adam's first moment); Nesterov looks one step ahead.
+        """
+        momentum = self.beta1 * state.momentum + (1.0 - self.beta1) * value
+        self.assign(state.momentum, momentum)
+        if self.nesterov:
+            momentum = self.beta1 * momentum + (1.0 - self.beta1) * value
+        if self.momentum_type == "gradient":
+            momentum /= 1.0 - tf.pow(self.beta1, tf.cast(step + 1, tf.float32))
+        return momentum
+
+    def _graft_update(
+        self, grad: tf.Tensor, direction: tf.Tensor, state: _VariableState, step: tf.Tensor
+    ) -> tf.Tensor:
+        """The grafting optimizer's update of `direction`, its accumulators fed with `grad`.
+
+        `direction` is the gradient itself, or its first moment with
+        `momentum_type="gradient"` (the "adam" graft is then Adam exactly).
+        """
         if self.graft_type == "adagrad":
             accumulator = state.graft + tf.square(grad)
             self.assign(state.graft, accumulator)
-            return grad / (tf.sqrt(accumulator) + self.diagonal_epsilon)
+            return direction / (tf.sqrt(accumulator) + self.diagonal_epsilon)
         if self.graft_type == "adam":
             second_moment = self.beta2 * state.graft + (1.0 - self.beta2) * tf.square(grad)
             self.assign(state.graft, second_moment)
             bias_correction = 1.0 - tf.pow(self.beta2, tf.cast(step + 1, tf.float32))
-            return grad / (tf.sqrt(second_moment / bias_correction) + self.diagonal_epsilon)
-        return grad  # "sgd", and "none" for blocks that have no root yet.
+            return direction / (tf.sqrt(second_moment / bias_correction) + self.diagonal_epsilon)
+        return direction  # "sgd", and "none" for blocks that have no root yet.
 
     def _update_statistics(
         self, grad_blocks: Sequence[tf.Tensor], state: _VariableState, step: tf.Tensor
     ) -> None:
-        """Stage 1: S_i <- beta2 S_i + (1 - beta2) G_(i) G_(i)^T (beta2 = 1: S_i += ...)."""
+        """Stage 1: S_i <- b S_i + (1 - b) G_(i) G_(i)^T, b = statistics_beta2 (1: S_i += ...)."""
 
         def update() -> None:
             for blocks, factors in zip(grad_blocks, state.factors):
                 new = blocking.kronecker_statistics(blocks, state.plan.preconditioned)
                 for factor, gg in zip(factors, new):
-                    if self.beta2 == 1.0:
+                    decay = self.statistics_beta2
+                    if decay == 1.0:
                         self.assign_add(factor.statistics, gg)
                     else:
                         self.assign(
-                            factor.statistics,
-                            self.beta2 * factor.statistics + (1.0 - self.beta2) * gg,
+                            factor.statistics, decay * factor.statistics + (1.0 - decay) * gg
                         )
 
         if self.statistics_compute_steps == 1:
@@ -457,7 +505,7 @@ class Shampoo(keras.optimizers.Optimizer):
         state: _VariableState,
         step: tf.Tensor,
     ) -> tf.Tensor:
-        """Stages 3 and 4: Shampoo direction where roots exist, grafted per layer."""
+        """Stages 3 and 4: Shampoo direction where roots exist, grafted (`graft_scope`)."""
         plan = state.plan
         started = step >= self.start_preconditioning_step
         merged_graft = tf.reshape(graft, plan.merged_shape)
@@ -475,19 +523,39 @@ class Shampoo(keras.optimizers.Optimizer):
             mask = tf.cast(tf.logical_and(ready, started), tf.float32)
             masks.append(tf.reshape(mask, [-1] + [1] * len(group.block_shape)))
 
-        if self.graft_type == "none":
-            scale = tf.constant(1.0)
-        else:
-            # Per layer: Shampoo's direction takes the grafting update's norm over
-            # the blocks that are preconditioned.
-            graft_sq = tf.add_n([tf.reduce_sum(m * tf.square(g)) for m, g in zip(masks, grafts)])
-            shampoo_sq = tf.add_n(
-                [tf.reduce_sum(m * tf.square(d)) for m, d in zip(masks, directions)]
-            )
-            scale = tf.math.divide_no_nan(tf.sqrt(graft_sq), tf.sqrt(shampoo_sq))
-
-        updates = [m * scale * d + (1.0 - m) * g for m, d, g in zip(masks, directions, grafts)]
+        scales = self._graft_scales(directions, grafts, masks)
+        updates = [
+            m * scale * d + (1.0 - m) * g
+            for m, scale, d, g in zip(masks, scales, directions, grafts)
+        ]
         return tf.reshape(blocking.from_blocks(updates, plan), plan.shape)
+
+    def _graft_scales(
+        self,
+        directions: Sequence[tf.Tensor],
+        grafts: Sequence[tf.Tensor],
+        masks: Sequence[tf.Tensor],
+    ) -> list[tf.Tensor]:
+        """Per block group, what the Shampoo direction is multiplied by.
+
+        "Decoupling step size and direction": the direction takes the norm of the
+        grafting update, over the preconditioned blocks of the whole variable
+        (`graft_scope="layer"`) or of each block alone ("block").
+        """
+        if self.graft_type == "none":
+            return [tf.constant(1.0) for _ in directions]
+        if self.graft_scope == "block":
+            scales = []
+            for d, g in zip(directions, grafts):
+                axes = list(range(1, len(d.shape)))  # all but the block index
+                graft_sq = tf.reduce_sum(tf.square(g), axis=axes, keepdims=True)
+                shampoo_sq = tf.reduce_sum(tf.square(d), axis=axes, keepdims=True)
+                scales.append(tf.math.divide_no_nan(tf.sqrt(graft_sq), tf.sqrt(shampoo_sq)))
+            return scales
+        graft_sq = tf.add_n([tf.reduce_sum(m * tf.square(g)) for m, g in zip(masks, grafts)])
+        shampoo_sq = tf.add_n([tf.reduce_sum(m * tf.square(d)) for m, d in zip(masks, directions)])
+        scale = tf.math.divide_no_nan(tf.sqrt(graft_sq), tf.sqrt(shampoo_sq))
+        return [scale for _ in directions]
 
     # ------------------------------------------------------- asynchronous seam
 
@@ -605,6 +673,9 @@ class Shampoo(keras.optimizers.Optimizer):
                 "block_size": self.block_size,
                 "beta1": self.beta1,
                 "beta2": self.beta2,
+                "statistics_beta2": self.statistics_beta2,
+                "momentum_type": self.momentum_type,
+                "graft_scope": self.graft_scope,
                 "nesterov": self.nesterov,
                 "matrix_epsilon": self.matrix_epsilon,
                 "diagonal_epsilon": self.diagonal_epsilon,
