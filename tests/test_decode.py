@@ -337,7 +337,10 @@ def test_decoding_in_tf_function_with_unknown_shapes(copy_model):
 
         output = translate(tf.constant(inputs)).numpy()
         assert output.shape == (5, inputs.shape[1] + 3)
-        np.testing.assert_array_equal(output[:, : inputs.shape[1]], inputs)
+        # The same tokens as eager decoding. (Whether the trained copy model copies
+        # every token is a training outcome that a CPU's rounding can flip.)
+        eager = translate_batch(copy_model, tf.constant(inputs), decode_config).numpy()
+        np.testing.assert_array_equal(output, eager)
 
 
 def test_decode_length_adds_the_extra_length_up_to_the_model_limit():

@@ -1,5 +1,9 @@
 """Shampoo for TensorFlow 2 / Keras 3, with a seam for asynchronous preconditioners.
 
+(Over 400 lines: one Keras optimizer class, whose arguments and the five stages of its
+step read best in one place; its keyed state and the seam's host work are in
+shampoo_state.py.)
+
 Shampoo (Gupta, Koren, Singer 2018; Anil et al. 2020, "Scalable Second Order
 Optimization for Deep Learning") keeps, for every block G of a weight and every
 preconditioned dimension i of it, a Kronecker-factor statistic
@@ -41,99 +45,23 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
-import threadpoolctl
 
-from precond_service import roots as roots_lib
 from precond_service.blocks import PreconditionerBlock, StatisticsBlock
-from precond_service.versions import NO_VERSION, is_newer
 from trainer.optimizers import blocking
-
-GRAFT_TYPES = ("adagrad", "adam", "sgd", "none")
-PRECONDITION_MODES = ("sync", "async", "off")
-# Where the first moment is taken: "update", an EMA of the grafted update after
-# preconditioning; "gradient", a bias-corrected EMA of the gradient before it (the
-# reference implementations' form: graft-only is then exactly Adam).
-MOMENTUM_TYPES = ("update", "gradient")
-# Over what the Shampoo direction takes the grafting update's norm.
-GRAFT_SCOPES = ("layer", "block")
-
-# stats_step of a block that has no preconditioner yet.
-NO_PRECONDITIONER = NO_VERSION
-
-
-@dataclasses.dataclass
-class _Factor:
-    """Statistic, root and root's stats_step of one dimension of one block group."""
-
-    dim: int
-    statistics: keras.Variable  # [num_blocks, b, b]
-    preconditioner: keras.Variable  # [num_blocks, b, b]
-    stats_step: keras.Variable  # [num_blocks] int64, NO_PRECONDITIONER if none
-
-
-@dataclasses.dataclass
-class _VariableState:
-    """Everything Shampoo keeps for one model variable."""
-
-    path: str
-    plan: blocking.BlockPlan
-    factors: list[list[_Factor]]  # per plan group, per preconditioned dim
-    graft: keras.Variable | None  # AdaGrad / Adam second-moment accumulator
-    momentum: keras.Variable | None
-
-
-class _Registry:
-    """Plain (untracked) holder of the per-variable state and the key index.
-
-    Keras tracks the optimizer's variables itself; keeping this structure out of
-    TensorFlow's automatic tracking avoids a second, differently named path to
-    the same variables in checkpoints.
-    """
-
-    def __init__(self) -> None:
-        self.by_variable: dict[Any, _VariableState] = {}
-        # Block key -> (factor, index of the block in the factor's batch).
-        self.by_key: dict[str, tuple[_Factor, int]] = {}
-
-
-def block_key(path: str, coords: Sequence[int], dim: int) -> str:
-    """The stable key of one block's factor: key path, block coordinates, dimension.
-
-    Args:
-        path: The variable's path as `key_paths` gives it.
-        coords: The block's coordinates in the variable's block grid.
-        dim: The merged dimension the factor preconditions.
-    """
-    return f"{path}|b{'.'.join(str(c) for c in coords)}|d{dim}"
-
-
-def key_paths(variables: Sequence[keras.Variable]) -> list[str]:
-    """The path each variable's block keys start with.
-
-    The variable's path, less the first component when every variable shares it:
-    that is the model's name, which Keras makes unique per process ("sequential",
-    then "sequential_1" for a rebuilt model), so keeping it would change the keys.
-    """
-    paths = [getattr(v, "path", None) or v.name for v in variables]
-    roots = {path.split("/", 1)[0] for path in paths}
-    if len(roots) == 1 and all("/" in path for path in paths):
-        return [path.split("/", 1)[1] for path in paths]
-    return paths
-
-
-def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_unit_interval(name: str, value: Any) -> None:
-    if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+from trainer.optimizers.shampoo_state import (  # noqa: F401 (re-exported names)
+    GRAFT_SCOPES,
+    GRAFT_TYPES,
+    MOMENTUM_TYPES,
+    NO_PRECONDITIONER,
+    PRECONDITION_MODES,
+    Factor,
+    Registry,
+    VariableState,
+    block_key,
+    check_arguments,
+    host_roots,
+    key_paths,
+)
 
 
 @keras.saving.register_keras_serializable(package="trainer")
@@ -222,39 +150,25 @@ class Shampoo(keras.optimizers.Optimizer):
         super().__init__(
             learning_rate=learning_rate, weight_decay=weight_decay, name=name, **kwargs
         )
-        _check_positive_int("block_size", block_size)
-        _check_unit_interval("beta1", beta1)
-        _check_unit_interval("beta2", beta2)
-        if statistics_beta2 is not None:
-            _check_unit_interval("statistics_beta2", statistics_beta2)
-        _check_choice("momentum_type", momentum_type, MOMENTUM_TYPES)
-        _check_choice("graft_scope", graft_scope, GRAFT_SCOPES)
-        _check_choice("graft_type", graft_type, GRAFT_TYPES)
-        _check_choice("precondition_mode", precondition_mode, PRECONDITION_MODES)
-        _check_choice("root_method", root_method, roots_lib.METHODS)
-        if graft_type == "adam" and beta2 >= 1.0:
-            raise ValueError(
-                "graft_type='adam' needs beta2 < 1 (its second moment decays with beta2), "
-                f"got beta2={beta2}; use graft_type='adagrad' for sums"
-            )
-        if not isinstance(start_preconditioning_step, int) or start_preconditioning_step < 0:
-            raise ValueError(
-                "start_preconditioning_step must be a non-negative integer, "
-                f"got {start_preconditioning_step!r}"
-            )
-        _check_positive_int("statistics_compute_steps", statistics_compute_steps)
-        _check_positive_int("preconditioning_compute_steps", preconditioning_compute_steps)
-        _check_positive_int("skip_preconditioning_dim_size_gt", skip_preconditioning_dim_size_gt)
-        if exponent_override is not None:
-            _check_positive_int("exponent_override", exponent_override)
-        for field, value in (
-            ("matrix_epsilon", matrix_epsilon),
-            ("diagonal_epsilon", diagonal_epsilon),
-            ("inverse_failure_threshold", inverse_failure_threshold),
-        ):
-            if not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"{field} must be a positive number, got {value!r}")
-
+        check_arguments(
+            block_size=block_size,
+            beta1=beta1,
+            beta2=beta2,
+            statistics_beta2=statistics_beta2,
+            momentum_type=momentum_type,
+            graft_scope=graft_scope,
+            graft_type=graft_type,
+            precondition_mode=precondition_mode,
+            root_method=root_method,
+            start_preconditioning_step=start_preconditioning_step,
+            statistics_compute_steps=statistics_compute_steps,
+            preconditioning_compute_steps=preconditioning_compute_steps,
+            skip_preconditioning_dim_size_gt=skip_preconditioning_dim_size_gt,
+            exponent_override=exponent_override,
+            matrix_epsilon=matrix_epsilon,
+            diagonal_epsilon=diagonal_epsilon,
+            inverse_failure_threshold=inverse_failure_threshold,
+        )
         self.block_size = int(block_size)
         self.beta1 = float(beta1)
         self.beta2 = float(beta2)
@@ -273,7 +187,7 @@ class Shampoo(keras.optimizers.Optimizer):
         self.inverse_failure_threshold = float(inverse_failure_threshold)
         self.root_method = root_method
         self.precondition_mode = precondition_mode
-        self._registry = _Registry()
+        self._registry = Registry()
 
     # ------------------------------------------------------------------ build
 
@@ -282,22 +196,10 @@ class Shampoo(keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(var_list)
-        paths = key_paths(var_list)
-        for variable, path in zip(var_list, paths):
-            state = self._build_variable(variable, path)
-            self._registry.by_variable[self._var_key(variable)] = state
-            for group, factors in zip(state.plan.groups, state.factors):
-                for factor in factors:
-                    for index, coords in enumerate(group.coords):
-                        key = block_key(state.path, coords, factor.dim)
-                        if key in self._registry.by_key:
-                            raise ValueError(
-                                f"two variables share the path {state.path!r}; give the "
-                                "layers distinct names so that block keys are unique"
-                            )
-                        self._registry.by_key[key] = (factor, index)
+        for variable, path in zip(var_list, key_paths(var_list)):
+            self._registry.add(self._var_key(variable), self._build_variable(variable, path))
 
-    def _build_variable(self, variable: keras.Variable, path: str) -> _VariableState:
+    def _build_variable(self, variable: keras.Variable, path: str) -> VariableState:
         plan = blocking.make_plan(
             variable.shape, self.block_size, self.skip_preconditioning_dim_size_gt
         )
@@ -315,7 +217,7 @@ class Shampoo(keras.optimizers.Optimizer):
                 side = group.block_shape[dim]
                 shape = (group.num_blocks, side, side)
                 group_factors.append(
-                    _Factor(
+                    Factor(
                         dim=dim,
                         statistics=self.add_variable(
                             shape, "zeros", "float32", name=f"{slot}_stat_g{g}_d{dim}"
@@ -340,7 +242,7 @@ class Shampoo(keras.optimizers.Optimizer):
             momentum = self.add_variable(
                 variable.shape, "zeros", "float32", name=f"{slot}_momentum"
             )
-        return _VariableState(path, plan, factors, graft, momentum)
+        return VariableState(path, plan, self.exponent(plan), factors, graft, momentum)
 
     def exponent(self, plan: blocking.BlockPlan) -> int:
         """p of the inverse p-th root used for a variable with `plan`."""
@@ -377,11 +279,11 @@ class Shampoo(keras.optimizers.Optimizer):
         self.assign_sub(variable, tf.cast(lr * update, variable.dtype))
 
     @staticmethod
-    def _blocks(tensor: tf.Tensor, state: _VariableState) -> list[tf.Tensor]:
+    def _blocks(tensor: tf.Tensor, state: VariableState) -> list[tf.Tensor]:
         merged = tf.reshape(tensor, state.plan.merged_shape)
         return [blocking.to_blocks(merged, group) for group in state.plan.groups]
 
-    def _momentum(self, value: tf.Tensor, state: _VariableState, step: tf.Tensor) -> tf.Tensor:
+    def _momentum(self, value: tf.Tensor, state: VariableState, step: tf.Tensor) -> tf.Tensor:
         """Stage 5: the EMA of `value` in `state.momentum`, as `momentum_type` says.
 
         An exponential moving average keeps the scale of what it averages, so the
@@ -397,7 +299,7 @@ class Shampoo(keras.optimizers.Optimizer):
         return momentum
 
     def _graft_update(
-        self, grad: tf.Tensor, direction: tf.Tensor, state: _VariableState, step: tf.Tensor
+        self, grad: tf.Tensor, direction: tf.Tensor, state: VariableState, step: tf.Tensor
     ) -> tf.Tensor:
         """The grafting optimizer's update of `direction`, its accumulators fed with `grad`.
 
@@ -416,7 +318,7 @@ class Shampoo(keras.optimizers.Optimizer):
         return direction  # "sgd", and "none" for blocks that have no root yet.
 
     def _update_statistics(
-        self, grad_blocks: Sequence[tf.Tensor], state: _VariableState, step: tf.Tensor
+        self, grad_blocks: Sequence[tf.Tensor], state: VariableState, step: tf.Tensor
     ) -> None:
         """Stage 1: S_i <- b S_i + (1 - b) G_(i) G_(i)^T, b = statistics_beta2 (1: S_i += ...)."""
 
@@ -441,9 +343,9 @@ class Shampoo(keras.optimizers.Optimizer):
                 lambda: tf.constant(False),
             )
 
-    def _compute_roots(self, state: _VariableState, step: tf.Tensor) -> None:
+    def _compute_roots(self, state: VariableState, step: tf.Tensor) -> None:
         """Stage 2 (sync mode): float64 inverse roots on the host, kept only if good."""
-        exponent = self.exponent(state.plan)
+        exponent = state.exponent
         due = tf.logical_and(
             step >= self.start_preconditioning_step,
             tf.equal(
@@ -455,7 +357,13 @@ class Shampoo(keras.optimizers.Optimizer):
             for factors in state.factors:
                 for factor in factors:
                     roots, ok = tf.numpy_function(
-                        self._host_roots(exponent),
+                        functools.partial(
+                            host_roots,
+                            exponent=exponent,
+                            ridge_epsilon=self.matrix_epsilon,
+                            failure_threshold=self.inverse_failure_threshold,
+                            method=self.root_method,
+                        ),
                         [factor.statistics],
                         [tf.float32, tf.bool],
                         stateful=False,
@@ -476,33 +384,11 @@ class Shampoo(keras.optimizers.Optimizer):
 
         tf.cond(due, compute, lambda: tf.constant(False))
 
-    def _host_roots(self, exponent: int):
-        """A NumPy function: [k, n, n] float32 statistics -> (roots float32, ok bool)."""
-
-        def host_roots(statistics: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            # One BLAS thread: OpenBLAS threads spinning beside TensorFlow's own
-            # pools slowed whole training steps down about 7x (measured).
-            with _blas_controller().limit(limits=1, user_api="blas"):
-                result = roots_lib.batched_inverse_pth_root(
-                    statistics,
-                    exponent,
-                    ridge_epsilon=self.matrix_epsilon,
-                    failure_threshold=self.inverse_failure_threshold,
-                    method=self.root_method,
-                )
-            ok = np.isfinite(result.errors) & (result.errors <= self.inverse_failure_threshold)
-            ok &= np.all(np.isfinite(result.roots), axis=(1, 2))
-            # An all-zero statistic carries no information yet: keep graft-only.
-            ok &= np.any(statistics != 0, axis=(1, 2))
-            return result.roots.astype(np.float32), ok
-
-        return host_roots
-
     def _precondition_and_graft(
         self,
         grad_blocks: Sequence[tf.Tensor],
         graft: tf.Tensor,
-        state: _VariableState,
+        state: VariableState,
         step: tf.Tensor,
     ) -> tf.Tensor:
         """Stages 3 and 4: Shampoo direction where roots exist, grafted (`graft_scope`)."""
@@ -571,28 +457,12 @@ class Shampoo(keras.optimizers.Optimizer):
             failure threshold, method) and a float32 copy.
         """
         self._check_built("statistics_snapshot")
-        step = int(self.iterations.numpy())
-        snapshot = []
-        for state in self._registry.by_variable.values():
-            exponent = self.exponent(state.plan)
-            for group, factors in zip(state.plan.groups, state.factors):
-                for factor in factors:
-                    values = factor.statistics.numpy()
-                    for index, coords in enumerate(group.coords):
-                        if not values[index].any():
-                            continue
-                        snapshot.append(
-                            StatisticsBlock(
-                                key=block_key(state.path, coords, factor.dim),
-                                step=step,
-                                exponent=exponent,
-                                statistics=values[index],
-                                ridge_epsilon=self.matrix_epsilon,
-                                failure_threshold=self.inverse_failure_threshold,
-                                method=self.root_method,
-                            )
-                        )
-        return snapshot
+        return self._registry.snapshot(
+            int(self.iterations.numpy()),
+            ridge_epsilon=self.matrix_epsilon,
+            failure_threshold=self.inverse_failure_threshold,
+            method=self.root_method,
+        )
 
     def assign_preconditioners(
         self, entries: Iterable[PreconditionerBlock | tuple[str, int, np.ndarray]]
@@ -612,50 +482,12 @@ class Shampoo(keras.optimizers.Optimizer):
             ValueError: A root of the wrong shape or with non-finite values.
         """
         self._check_built("assign_preconditioners")
-        pending: dict[int, tuple[_Factor, dict[int, tuple[int, np.ndarray]]]] = {}
-        for entry in entries:
-            if isinstance(entry, PreconditionerBlock):
-                key, stats_step, root = entry.key, entry.stats_step, entry.root
-            else:
-                key, stats_step, root = entry
-            if key not in self._registry.by_key:
-                raise KeyError(f"no Shampoo block has the key {key!r}")
-            factor, index = self._registry.by_key[key]
-            expected = tuple(factor.preconditioner.shape[1:])
-            root = np.asarray(root)
-            if root.shape != expected:
-                raise ValueError(f"root for {key!r} has shape {root.shape}, expected {expected}")
-            if not np.all(np.isfinite(root)):
-                raise ValueError(f"root for {key!r} has non-finite values")
-            updates = pending.setdefault(id(factor), (factor, {}))[1]
-            if index not in updates or is_newer(stats_step, updates[index][0]):
-                updates[index] = (int(stats_step), root)
-
-        applied = 0
-        for factor, updates in pending.values():
-            held_steps = factor.stats_step.numpy()
-            fresh = {i: u for i, u in updates.items() if is_newer(u[0], held_steps[i])}
-            if not fresh:
-                continue
-            roots = factor.preconditioner.numpy()
-            for index, (stats_step, root) in fresh.items():
-                roots[index] = root
-                held_steps[index] = stats_step
-            factor.preconditioner.assign(roots)
-            factor.stats_step.assign(held_steps)
-            applied += len(fresh)
-        return applied
+        return self._registry.install(entries)
 
     def preconditioner_stats_steps(self) -> dict[str, int]:
         """Key -> stats_step of the root each block uses (NO_PRECONDITIONER if none)."""
         self._check_built("preconditioner_stats_steps")
-        held: dict[int, np.ndarray] = {}
-        steps = {}
-        for key, (factor, index) in self._registry.by_key.items():
-            if id(factor) not in held:
-                held[id(factor)] = factor.stats_step.numpy()
-            steps[key] = int(held[id(factor)][index])
-        return steps
+        return self._registry.held_steps()
 
     def _check_built(self, what: str) -> None:
         if not self.built:
@@ -691,12 +523,6 @@ class Shampoo(keras.optimizers.Optimizer):
             }
         )
         return config
-
-
-@functools.cache
-def _blas_controller() -> threadpoolctl.ThreadpoolController:
-    """The process's BLAS thread pools, inspected once."""
-    return threadpoolctl.ThreadpoolController()
 
 
 def run_then_true(fn) -> tf.Tensor:
