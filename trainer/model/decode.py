@@ -14,6 +14,7 @@ first axis ([B * beam_size, ...]) and repeats every tensor of the memory beam_si
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import ml_collections
@@ -187,46 +188,13 @@ def beam_search(
         searching = ~tf.reduce_all(state["finished_flags"])
         return tf.logical_and(state["position"] < max_decode_length, searching)
 
-    def step(state):
-        position = state["position"]
-        logits, cache = model.decode_step(
-            tf.reshape(state["alive_tokens"], [-1]), position, state["cache"], memory
-        )
-        log_probs = tf.nn.log_softmax(_forbid_padding(logits))
-        log_probs = tf.reshape(log_probs, [batch_size, k, vocab_size])
-        candidates = state["alive_log_probs"][:, :, None] + log_probs
-        top_log_probs, top_indices = tf.math.top_k(tf.reshape(candidates, [batch_size, -1]), 2 * k)
-        top_beams = top_indices // vocab_size
-        top_tokens = top_indices % vocab_size
-        top_seqs = _gather_beams(state["alive_seqs"], top_beams)
-        top_seqs = _write_column(top_seqs, position, top_tokens)
-        ends = tf.equal(top_tokens, EOS_ID)
-
-        # Finished: EOS extensions ranked within the K best, in rows still searching.
-        row_searching = ~tf.reduce_all(state["finished_flags"], axis=1, keepdims=True)
-        within_beam = tf.range(2 * k)[None, :] < k
-        finishes = ends & within_beam & row_searching & (top_log_probs > _DEAD)
-        scores = top_log_probs / gnmt_length_penalty(position + 1, length_penalty)
-        scores = tf.where(finishes, scores, _DEAD)
-        # Scores of unfinished slots are -inf, so top_k keeps finished ones first.
-        merged_scores = tf.concat([state["finished_scores"], scores], axis=1)
-        finished_scores, keep = tf.math.top_k(merged_scores, k)
-        merged_flags = tf.concat([state["finished_flags"], finishes], axis=1)
-        merged_seqs = tf.concat([state["finished_seqs"], top_seqs], axis=1)
-
-        # Alive: the K best extensions that do not end in EOS.
-        alive_log_probs, alive = tf.math.top_k(tf.where(ends, _DEAD, top_log_probs), k)
-        source_beams = _gather_beams(top_beams, alive)
-        return {
-            "position": position + 1,
-            "alive_seqs": _gather_beams(top_seqs, alive),
-            "alive_log_probs": alive_log_probs,
-            "alive_tokens": _gather_beams(top_tokens, alive),
-            "cache": tf.nest.map_structure(lambda t: _gather_flat_beams(t, source_beams, k), cache),
-            "finished_seqs": _gather_beams(merged_seqs, keep),
-            "finished_scores": finished_scores,
-            "finished_flags": _gather_beams(merged_flags, keep),
-        }
+    step = functools.partial(
+        _beam_step,
+        model=model,
+        memory=memory,
+        shape=(batch_size, k, vocab_size),
+        length_penalty=length_penalty,
+    )
 
     # The loop variables are a one-element list, as while_loop passes them positionally.
     (final,) = tf.while_loop(not_done, lambda state: [step(state)], [initial_state])
@@ -259,3 +227,62 @@ def translate_batch(
         length_penalty=decode_config.length_penalty,
         max_decode_length=length,
     )
+
+
+def _beam_step(
+    state: dict[str, Any],
+    *,
+    model: Any,
+    memory: Any,
+    shape: tuple[Any, int, int],
+    length_penalty: float,
+) -> dict[str, Any]:
+    """One position of `beam_search`: extend, collect finished hypotheses, keep K alive.
+
+    Args:
+        state: The loop state (see `beam_search`'s initial state).
+        model: The model.
+        memory: Its decoder memory, repeated K times per row.
+        shape: (batch size, K, vocabulary size).
+        length_penalty: GNMT alpha.
+    """
+    batch_size, k, vocab_size = shape
+    position = state["position"]
+    logits, cache = model.decode_step(
+        tf.reshape(state["alive_tokens"], [-1]), position, state["cache"], memory
+    )
+    log_probs = tf.nn.log_softmax(_forbid_padding(logits))
+    log_probs = tf.reshape(log_probs, [batch_size, k, vocab_size])
+    candidates = state["alive_log_probs"][:, :, None] + log_probs
+    top_log_probs, top_indices = tf.math.top_k(tf.reshape(candidates, [batch_size, -1]), 2 * k)
+    top_beams = top_indices // vocab_size
+    top_tokens = top_indices % vocab_size
+    top_seqs = _gather_beams(state["alive_seqs"], top_beams)
+    top_seqs = _write_column(top_seqs, position, top_tokens)
+    ends = tf.equal(top_tokens, EOS_ID)
+
+    # Finished: EOS extensions ranked within the K best, in rows still searching.
+    row_searching = ~tf.reduce_all(state["finished_flags"], axis=1, keepdims=True)
+    within_beam = tf.range(2 * k)[None, :] < k
+    finishes = ends & within_beam & row_searching & (top_log_probs > _DEAD)
+    scores = top_log_probs / gnmt_length_penalty(position + 1, length_penalty)
+    scores = tf.where(finishes, scores, _DEAD)
+    # Scores of unfinished slots are -inf, so top_k keeps finished ones first.
+    merged_scores = tf.concat([state["finished_scores"], scores], axis=1)
+    finished_scores, keep = tf.math.top_k(merged_scores, k)
+    merged_flags = tf.concat([state["finished_flags"], finishes], axis=1)
+    merged_seqs = tf.concat([state["finished_seqs"], top_seqs], axis=1)
+
+    # Alive: the K best extensions that do not end in EOS.
+    alive_log_probs, alive = tf.math.top_k(tf.where(ends, _DEAD, top_log_probs), k)
+    source_beams = _gather_beams(top_beams, alive)
+    return {
+        "position": position + 1,
+        "alive_seqs": _gather_beams(top_seqs, alive),
+        "alive_log_probs": alive_log_probs,
+        "alive_tokens": _gather_beams(top_tokens, alive),
+        "cache": tf.nest.map_structure(lambda t: _gather_flat_beams(t, source_beams, k), cache),
+        "finished_seqs": _gather_beams(merged_seqs, keep),
+        "finished_scores": finished_scores,
+        "finished_flags": _gather_beams(merged_flags, keep),
+    }
