@@ -190,13 +190,42 @@ def test_pushes_follow_the_optimizers_update_count(client):
     assert bridge.steps_until_due() == 3
     steps(2)
     bridge.after_steps()
-    assert client.status().pushes_sent == 0 and bridge.steps_until_due() == 1
+    assert bridge.pushes == 0 and bridge.steps_until_due() == 1
     steps(1)
     bridge.after_steps()
-    assert client.status().pushes_sent == 1 and bridge.steps_until_due() == 3
+    assert bridge.pushes == 1 and bridge.steps_until_due() == 3
     steps(2)
     # A bridge made for a resumed run (update count 5) pushes at once, then at 6.
     resumed = ServicePreconditioning(opt, client, update_steps=3)
     assert resumed.step == 5 and resumed.steps_until_due() == 1
     resumed.after_steps()
-    assert client.status().pushes_sent == 2 and resumed.steps_until_due() == 1
+    assert resumed.pushes == 1 and resumed.steps_until_due() == 1
+    assert bridge.wait_pushed() and resumed.wait_pushed()
+    assert wait_until(lambda: client.status().pushes_sent == 2, timeout_s=30)
+
+
+def test_adaptive_cadence_pushes_again_once_the_last_push_is_published(client):
+    x, y = regression(seed=4)
+    model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(3, name="dense")])
+    opt = Shampoo(0.01, precondition_mode="async")
+    opt.build(model.trainable_variables)
+    bridge = ServicePreconditioning(opt, client, update_steps=100, cadence="adaptive")
+
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(x) - y))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+
+    for expected_pushes in (1, 2, 3):
+        step()
+        bridge.after_steps()
+        assert bridge.pushes == expected_pushes
+        bridge.after_steps()  # same update count: never pushed twice
+        assert bridge.pushes == expected_pushes
+        # Once every root of that push is in, the next update pushes again.
+        assert wait_until(lambda: bridge._last_push_published(), timeout_s=30)
+        assert bridge.after_steps() >= 0 and _all_held(opt)
+    assert staleness(opt).max <= 1
+    with pytest.raises(ValueError, match="cadence must be one of"):
+        ServicePreconditioning(opt, client, update_steps=4, cadence="sometimes")

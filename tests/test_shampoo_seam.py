@@ -184,3 +184,20 @@ def test_model_fit_beats_tuned_adam_and_adagrad_on_ill_conditioned_regression():
         best[name] = min(losses)
     # Measured: Shampoo's best is about half the better first-order loss.
     assert best["shampoo"] < 0.75 * min(best["adam"], best["adagrad"]), best
+
+
+def test_statistics_read_before_more_steps_keep_the_values_they_were_read_with():
+    shape = (6, 4)
+    var = make_var(shape)
+    opt = Shampoo(beta2=0.9, precondition_mode="async")
+    grads = grads_for(shape, 3)
+    opt.apply_gradients([(tf.constant(grads[0]), var)])
+    expected = {b.key: b.statistics.copy() for b in opt.statistics_snapshot()}
+    read = opt.read_statistics()
+    for g in grads[1:]:  # updates the statistics in place after the read
+        opt.apply_gradients([(tf.constant(g), var)])
+    blocks = read.blocks()
+    assert {b.key for b in blocks} == set(expected) and {b.step for b in blocks} == {1}
+    for block in blocks:
+        np.testing.assert_array_equal(block.statistics, expected[block.key])
+    assert not np.array_equal(opt.statistics_snapshot()[0].statistics, blocks[0].statistics)

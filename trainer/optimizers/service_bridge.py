@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 
 import keras
@@ -18,6 +19,7 @@ import numpy as np
 from precond_service.client import PreconditionerClient
 from precond_service.versions import is_newer
 from trainer.optimizers.shampoo import NO_PRECONDITIONER, Shampoo
+from trainer.optimizers.shampoo_state import StatisticsSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,76 @@ def staleness(optimizer: Shampoo) -> Staleness:
     return Staleness(float(ages.min()), float(ages.mean()), float(ages.max()), fraction)
 
 
+# When pushes happen: every `update_steps` updates ("fixed"), or as soon as the
+# service has published the roots of the previous push, and at the latest after
+# `update_steps` updates ("adaptive"), so that staleness follows its throughput.
+CADENCES = ("fixed", "adaptive")
+
+
+class _Pusher:
+    """Converts read statistics to blocks and hands them to the client, on its own thread.
+
+    The training thread only reads the statistics (`Shampoo.read_statistics`); the
+    copy out of the variables' buffers, the per-block loop and the push happen here.
+    Newest only: a snapshot not yet taken up is replaced by a newer one.
+    """
+
+    def __init__(self, client: PreconditionerClient) -> None:
+        self._client = client
+        self._cond = threading.Condition()
+        self._pending: StatisticsSnapshot | None = None
+        self._busy = False
+        self._closed = False
+        self._error: BaseException | None = None
+        # (step, keys) of the last snapshot handed to the client.
+        self.last_pushed: tuple[int, frozenset[str]] | None = None
+        self._thread = threading.Thread(target=self._run, name="precond-snapshot", daemon=True)
+        self._thread.start()
+
+    def submit(self, snapshot: StatisticsSnapshot) -> None:
+        """Queues `snapshot` for pushing; returns at once. Raises an earlier failure."""
+        with self._cond:
+            if self._error is not None:
+                raise RuntimeError("pushing statistics failed") from self._error
+            self._pending = snapshot
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout_s: float = 30.0) -> bool:
+        """Waits until every submitted snapshot was handed to the client."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self._pending is None and not self._busy, timeout=timeout_s
+            )
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending is not None or self._closed)
+                if self._closed:
+                    return
+                snapshot, self._pending, self._busy = self._pending, None, True
+            try:
+                blocks = snapshot.blocks()
+                self._client.push(blocks)
+                pushed = (snapshot.step, frozenset(block.key for block in blocks))
+            except BaseException as e:  # noqa: BLE001 - reported on the training thread
+                log.exception("could not push the statistics of step %d", snapshot.step)
+                pushed, error = None, e
+            else:
+                error = None
+            with self._cond:
+                self._busy = False
+                self._error = self._error or error
+                self.last_pushed = pushed or self.last_pushed
+                self._cond.notify_all()
+
+
 @dataclasses.dataclass(frozen=True)
 class _AwaitedPush:
     """Statistics pushed at `step` whose roots are due at `due_step` (delay mode)."""
@@ -64,17 +136,25 @@ class ServicePreconditioning:
     """Pushes statistics every `update_steps` steps and installs newer roots.
 
     By default roots are installed as soon as they arrive, so which step first
-    uses a root depends on timing. With `delay_steps` = D > 0 the run is
-    repeatable: statistics are pushed at every multiple t of `update_steps`, and
-    their roots are installed at step t + D exactly, neither earlier nor later
-    (the host waits for them there if they have not arrived).
+    uses a root depends on timing, and the statistics are converted and pushed
+    on a thread of their own (the training thread only reads them). With
+    `cadence="adaptive"` a push follows as soon as the roots of the previous one
+    are all published (at the latest after `update_steps` updates).
+
+    With `delay_steps` = D > 0 the run is repeatable: statistics are pushed at
+    every multiple t of `update_steps`, and their roots are installed at step
+    t + D exactly, neither earlier nor later (the host waits for them there if
+    they have not arrived).
 
     Args:
         optimizer: A built Shampoo optimizer with `precondition_mode="async"`
             (`optimizer.build(model.trainable_variables)`).
         client: A started `PreconditionerClient`.
-        update_steps: Steps between statistics pushes (N).
+        update_steps: Steps between statistics pushes (N); with the adaptive
+            cadence, the longest interval.
         delay_steps: 0, or D with 1 <= D <= N for the repeatable mode.
+        cadence: "fixed" or "adaptive" (see `CADENCES`); the repeatable mode is
+            "fixed".
         delay_timeout_s: Longest wait for due roots in the repeatable mode.
         poll_s: Seconds between looks at the client while waiting.
 
@@ -92,6 +172,7 @@ class ServicePreconditioning:
         delay_steps: int = 0,
         delay_timeout_s: float = 600.0,
         poll_s: float = 0.01,
+        cadence: str = "fixed",
     ):
         if optimizer.precondition_mode != "async":
             raise ValueError(
@@ -105,7 +186,13 @@ class ServicePreconditioning:
                 f"delay_steps must be an integer in [0, update_steps={update_steps}], "
                 f"got {delay_steps!r}"
             )
+        if cadence not in CADENCES or (cadence == "adaptive" and delay_steps):
+            raise ValueError(
+                f"cadence must be one of {list(CADENCES)} ('fixed' with delay_steps), "
+                f"got {cadence!r}"
+            )
         self.optimizer = optimizer
+        self.cadence = cadence
         self.client = client
         self.update_steps = update_steps
         self.delay_steps = delay_steps
@@ -117,9 +204,15 @@ class ServicePreconditioning:
         # is newer than what it holds (after a checkpoint restore, for example).
         self._offered: dict[str, int] = {}
         self._last_push_step: int | None = None
+        # The update count when the bridge was made (> 0: a resumed run).
+        self._first_step = int(optimizer.iterations.numpy())
         self._awaited: _AwaitedPush | None = None
         # Seconds spent waiting for due roots (delay mode), in all.
         self.wait_seconds = 0.0
+        # Pushes made, and the training thread's seconds spent reading statistics.
+        self.pushes = 0
+        self.read_seconds = 0.0
+        self._pusher = None if delay_steps else _Pusher(client)
 
     @property
     def step(self) -> int:
@@ -145,10 +238,23 @@ class ServicePreconditioning:
 
     def _next_push_step(self, step: int) -> int:
         """The update count at which the next push is due (now, if one is overdue)."""
-        if self._last_push_step is None and not self.delay_steps and step > 0:
+        if self._last_push_step is None and not self.delay_steps and self._first_step > 0:
             return step  # a resumed run pushes at once: the service may hold nothing
-        last = step if self._last_push_step is None else self._last_push_step
+        last = self._first_step if self._last_push_step is None else self._last_push_step
+        if self.cadence == "adaptive":
+            return step if step > last and self._last_push_published() else last + self.update_steps
         return (last // self.update_steps + 1) * self.update_steps
+
+    def _last_push_published(self) -> bool:
+        """Whether the client holds the roots of every block of the last push (if any)."""
+        if self._last_push_step is None:
+            return True
+        pushed = self._pusher.last_pushed if self._pusher is not None else None
+        if pushed is None or pushed[0] != self._last_push_step:
+            return False  # still being converted
+        step, keys = pushed
+        latest = self.client.latest()
+        return all(key in latest and not is_newer(step, latest[key].stats_step) for key in keys)
 
     def after_steps(self) -> int:
         """Host work between inner loops; returns how many roots were installed.
@@ -161,8 +267,11 @@ class ServicePreconditioning:
         if self.delay_steps:
             return self._after_steps_delayed(step)
         if step > 0 and step >= self._next_push_step(step):
-            self.client.push(self.optimizer.statistics_snapshot())
+            began = time.perf_counter()
+            self._pusher.submit(self.optimizer.read_statistics())
+            self.read_seconds += time.perf_counter() - began
             self._last_push_step = step
+            self.pushes += 1
         fresh = [
             block
             for key, block in self.client.latest().items()
@@ -189,6 +298,7 @@ class ServicePreconditioning:
         if step > 0 and step % self.update_steps == 0 and self._last_push_step != step:
             snapshot = self.optimizer.statistics_snapshot()
             self._last_push_step = step
+            self.pushes += 1
             if snapshot:
                 self.client.push(snapshot)
                 self._awaited = _AwaitedPush(
@@ -197,6 +307,21 @@ class ServicePreconditioning:
                     keys=frozenset(block.key for block in snapshot),
                 )
         return installed
+
+    def wait_pushed(self, timeout_s: float = 30.0) -> bool:
+        """Waits until the statistics read so far were handed to the client (tests, exit)."""
+        return self._pusher is None or self._pusher.wait_idle(timeout_s)
+
+    def close(self) -> None:
+        """Stops the push thread (the client is closed by its owner)."""
+        if self._pusher is not None:
+            self._pusher.close()
+
+    def __enter__(self) -> ServicePreconditioning:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def _wait_for(self, awaited: _AwaitedPush) -> list:
         """Waits until the client holds the roots of `awaited`; returns them."""

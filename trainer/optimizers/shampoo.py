@@ -56,6 +56,7 @@ from trainer.optimizers.shampoo_state import (  # noqa: F401 (re-exported names)
     PRECONDITION_MODES,
     Factor,
     Registry,
+    StatisticsSnapshot,
     VariableState,
     block_key,
     check_arguments,
@@ -456,7 +457,15 @@ class Shampoo(keras.optimizers.Optimizer):
             current step (the update count), the root settings (exponent p, ridge,
             failure threshold, method) and a float32 copy.
         """
-        self._check_built("statistics_snapshot")
+        return self.read_statistics().blocks()
+
+    def read_statistics(self) -> StatisticsSnapshot:
+        """The statistics as they are now; `.blocks()` converts them, on any thread.
+
+        Reading is cheap, so the training thread can hand the conversion and the
+        push to another thread (see `ServicePreconditioning`).
+        """
+        self._check_built("read_statistics")
         return self._registry.snapshot(
             int(self.iterations.numpy()),
             ridge_epsilon=self.matrix_epsilon,

@@ -3,9 +3,9 @@
 `Shampoo` (shampoo.py) creates the state and updates it inside the step; this
 module names every block's factor by a stable key, computes the sync mode's roots
 on the host (`host_roots`), and does the host-side work of the asynchronous seam:
-read statistics out (`Registry.snapshot`), put roots computed elsewhere in
-(`Registry.install`, newer ones only, by `precond_service.versions.is_newer`), and
-report what is held.
+read statistics out (`Registry.snapshot`, converted by `StatisticsSnapshot.blocks`),
+put roots computed elsewhere in (`Registry.install`, newer ones only, by
+`precond_service.versions.is_newer`), and report what is held.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 import threadpoolctl
 
 from precond_service import roots as roots_lib
@@ -84,6 +85,41 @@ def key_paths(variables: Sequence[keras.Variable]) -> list[str]:
     return paths
 
 
+@dataclasses.dataclass(frozen=True)
+class StatisticsSnapshot:
+    """The statistics of every factor at one step, read but not yet converted.
+
+    Attributes:
+        step: The update count the statistics include.
+        entries: Per factor: variable key path, block coordinates, dimension,
+            exponent, and the [num_blocks, n, n] statistics tensor.
+        root_settings: ridge_epsilon, failure_threshold, method of every block.
+    """
+
+    step: int
+    entries: list[tuple[str, tuple[tuple[int, ...], ...], int, int, Any]]
+    root_settings: dict[str, Any]
+
+    def blocks(self) -> list[StatisticsBlock]:
+        """One `StatisticsBlock` per non-zero block statistic (zero ones carry nothing yet)."""
+        blocks = []
+        for path, coords_list, dim, exponent, tensor in self.entries:
+            values = np.asarray(tensor)
+            nonzero = values.reshape(len(coords_list), -1).any(axis=1)
+            for index, coords in enumerate(coords_list):
+                if nonzero[index]:
+                    blocks.append(
+                        StatisticsBlock(
+                            key=block_key(path, coords, dim),
+                            step=self.step,
+                            exponent=exponent,
+                            statistics=values[index],
+                            **self.root_settings,
+                        )
+                    )
+        return blocks
+
+
 class Registry:
     """Plain (untracked) holder of the per-variable state and the key index.
 
@@ -115,31 +151,24 @@ class Registry:
                         )
                     self.by_key[key] = (factor, index)
 
-    def snapshot(self, step: int, **root_settings: Any) -> list[StatisticsBlock]:
-        """Every non-zero block statistic as a `StatisticsBlock` of `step`.
+    def snapshot(self, step: int, **root_settings: Any) -> StatisticsSnapshot:
+        """Every factor's statistics as they are now, for `StatisticsSnapshot.blocks`.
+
+        Cheap: it reads each variable once (TensorFlow copies a variable's buffer
+        before a later update writes to it, so the snapshot stays as read). The
+        conversion to blocks can then run on another thread.
 
         Args:
             step: The update count the statistics include.
             **root_settings: ridge_epsilon, failure_threshold, method.
         """
-        blocks = []
-        for state in self.by_variable.values():
-            for group, factors in zip(state.plan.groups, state.factors):
-                for factor in factors:
-                    values = factor.statistics.numpy()
-                    for index, coords in enumerate(group.coords):
-                        if not values[index].any():  # no information yet
-                            continue
-                        blocks.append(
-                            StatisticsBlock(
-                                key=block_key(state.path, coords, factor.dim),
-                                step=step,
-                                exponent=state.exponent,
-                                statistics=values[index],
-                                **root_settings,
-                            )
-                        )
-        return blocks
+        entries = [
+            (state.path, group.coords, factor.dim, state.exponent, tf.identity(factor.statistics))
+            for state in self.by_variable.values()
+            for group, factors in zip(state.plan.groups, state.factors)
+            for factor in factors
+        ]
+        return StatisticsSnapshot(step, entries, root_settings)
 
     def install(self, entries: Iterable[PreconditionerBlock | tuple[str, int, np.ndarray]]) -> int:
         """Assigns the roots in `entries` that are newer than held; returns how many.
