@@ -69,12 +69,11 @@ def parse_cpus(cpus: str) -> frozenset[int]:
     )
     chosen: set[int] = set()
     for part in cpus.split(","):
-        low, _, high = part.strip().partition("-")
-        try:
-            first, last = int(low), int(high or low)
-        except ValueError:
-            raise ValueError(usage) from None
-        if first < 0 or last < first:
+        bounds = part.strip().split("-")
+        if len(bounds) > 2 or not all(b.isascii() and b.isdigit() for b in bounds):
+            raise ValueError(usage)
+        first, last = int(bounds[0]), int(bounds[-1])
+        if last < first:
             raise ValueError(usage)
         chosen.update(range(first, last + 1))
     if not chosen <= allowed:
@@ -348,7 +347,7 @@ class ServiceChild:
             pinned to; "" for no pinning.
         events: Gets CHILD_STARTED (pid, address) once the first child serves, and
             CHILD_RESTARTED (pid, address, restarts, exit_status: the exit status
-            of the child that ended) for each restart.
+            of the child that ended, delay_s: the wait before it) for each restart.
 
     Raises:
         ValueError: If a duration is out of range, or `cpus` is not a CPU list.
@@ -457,14 +456,18 @@ class ServiceChild:
         self._monitor.start()
         return self.address
 
-    def stop(self) -> None:
-        """Stops watching, then stops the child (SIGTERM, SIGKILL after the timeout); idempotent."""
+    def stop(self) -> int | None:
+        """Stops watching, then stops the child (SIGTERM, SIGKILL after the timeout); idempotent.
+
+        Returns:
+            The exit status of the last child (0 after a graceful shutdown); None if
+            none was started.
+        """
         self._stopping.set()
         with self._launching:
             service = self._service
         try:
-            if service is not None:
-                service.stop(self._stop_timeout_s)
+            return None if service is None else service.stop(self._stop_timeout_s)
         finally:
             if self._monitor is not None:
                 self._monitor.join(timeout=5.0)
@@ -503,10 +506,10 @@ class ServiceChild:
                 lived,
                 delay,
             )
-            if self._stopping.wait(delay) or not self._restart(ended):
+            if self._stopping.wait(delay) or not self._restart(ended, delay):
                 return
 
-    def _restart(self, ended: ServiceProcess) -> bool:
+    def _restart(self, ended: ServiceProcess, delay_s: float) -> bool:
         """Starts the next incarnation on the same port; False once `stop` has begun."""
         with self._launching:
             if self._stopping.is_set():
@@ -537,6 +540,7 @@ class ServiceChild:
             address=self.address,
             restarts=self._restarts,
             exit_status=ended.process.returncode,
+            delay_s=delay_s,
         )
         return True
 
