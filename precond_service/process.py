@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 
 # Runs in the child before it becomes the service: pins it (and so the workers it
-# forks) to CPUS, then execs `python ARGS...` under the same pid.
+# starts) to CPUS, then execs `python ARGS...` under the same pid.
 _PIN_AND_EXEC = (
     "import os, sys; os.sched_setaffinity(0, {cpus!r}); "
     "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
@@ -140,7 +140,10 @@ class ServiceProcess:
             self.process.wait()
 
     def stop(self, timeout_s: float = 15.0) -> int:
-        """Stops it: SIGTERM, then SIGKILL to it and its workers after `timeout_s`; idempotent.
+        """Stops it: SIGTERM, then SIGKILL after `timeout_s`; idempotent.
+
+        The service stops its workers itself (they run in sessions of their own);
+        killed, it leaves them to exit when they see it gone.
 
         Returns:
             Its exit status: 0 after a graceful shutdown.
@@ -148,13 +151,14 @@ class ServiceProcess:
         process = self.process
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
-            # A stopped (SIGSTOP) service or worker would hold the SIGTERM until continued.
-            _signal_group(process.pid, signal.SIGCONT)
+            # A stopped (SIGSTOP) service would hold the SIGTERM until continued.
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGCONT)
             try:
                 process.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 log.warning("precond_service did not stop within %.0f s; killing it", timeout_s)
-                _signal_group(process.pid, signal.SIGKILL)
+                process.kill()
                 process.wait()
         return process.returncode
 
@@ -163,12 +167,6 @@ class ServiceProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-
-def _signal_group(pid: int, signum: int) -> None:
-    """Signals the process group `pid` leads: the service and its workers."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signum)
 
 
 def launch_service(

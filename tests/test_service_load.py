@@ -22,7 +22,6 @@ import collections
 import multiprocessing
 import pathlib
 import queue
-import subprocess
 import time
 import uuid
 
@@ -31,8 +30,9 @@ import pytest
 
 from precond_service.blocks import StatisticsBlock
 from precond_service.client import PreconditionerClient
+from precond_service.process import start_service
 from precond_service.status import fetch_status
-from tests.conftest import start_service_process, wait_until
+from tests.conftest import descendants, wait_until
 
 CLIENTS = 8
 PUSH_INTERVAL_S = 0.2
@@ -190,22 +190,15 @@ def run_client(
 
 
 def rss_with_children(pid: int) -> int:
-    """Resident bytes of a process and its children (the service and its workers)."""
-    pids = [pid]
-    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        if int(fields[1]) == pid:  # fields[1] is the parent's pid.
-            pids.append(int(stat.parent.name))
+    """Resident bytes of a process and its descendants (the service and its workers)."""
     total = 0
-    for each in pids:
+    for each in [pid, *descendants(pid)]:
         try:
             lines = pathlib.Path(f"/proc/{each}/status").read_text().splitlines()
         except FileNotFoundError:
             continue
-        total += next(int(line.split()[1]) * 1024 for line in lines if line.startswith("VmRSS:"))
+        # A process that has just ended (a zombie) has no VmRSS line.
+        total += sum(int(line.split()[1]) * 1024 for line in lines if line.startswith("VmRSS:"))
     return total
 
 
@@ -218,7 +211,8 @@ def test_concurrent_clients_get_their_own_roots_without_memory_growth(
     tmp_path: pathlib.Path, duration_s: float
 ) -> None:
     log_file = tmp_path / "service.log"
-    service, address = start_service_process(log_file, "--workers=2")
+    service = start_service(["--workers=2"], log_path=log_file)
+    address = service.address
     context = multiprocessing.get_context("spawn")
     start, results = context.Event(), context.Queue()
     clients: list[multiprocessing.Process] = []
@@ -252,11 +246,7 @@ def test_concurrent_clients_get_their_own_roots_without_memory_growth(
             process.join(30)
             if process.is_alive():
                 process.kill()
-        service.terminate()
-        try:
-            service.wait(30)
-        except subprocess.TimeoutExpired:
-            service.kill()
+        service.stop(timeout_s=30)
 
     reports.sort(key=lambda r: r["index"])
     pushes = sum(r["pushes"] for r in reports)
