@@ -13,20 +13,11 @@ from precond_service.client import wait_for_serving
 from precond_service.events import Event, EventLog, read_events
 from precond_service.process import ServiceChild, local_service, parse_cpus, start_service
 from precond_service.status import fetch_status
-from tests.conftest import service_children, signal_tree, wait_until
+from tests.conftest import alive, service_children, signal_tree, wait_until
 
 # The lowest CPU this process may use: pinning there differs from no pinning on any
 # machine with two or more CPUs.
 FIRST_CPU = str(min(os.sched_getaffinity(0)))
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` is a process that has not ended (a zombie has ended)."""
-    try:
-        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def allowed_cpus(pid: int) -> str:
