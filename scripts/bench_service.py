@@ -38,9 +38,7 @@ import mmap  # noqa: E402
 import pathlib  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
@@ -56,7 +54,8 @@ from google.protobuf import __version__ as protobuf_version  # noqa: E402
 
 from precond_service import roots, wire  # noqa: E402
 from precond_service.blocks import StatisticsBlock  # noqa: E402
-from precond_service.client import PreconditionerClient, wait_for_serving  # noqa: E402
+from precond_service.client import PreconditionerClient  # noqa: E402
+from precond_service.process import start_service  # noqa: E402
 from precond_service.status import fetch_status  # noqa: E402
 from protos import precond_service_pb2 as pb  # noqa: E402
 from protos import precond_service_pb2_grpc as pb_grpc  # noqa: E402
@@ -74,40 +73,12 @@ def statistic(n: int, seed: int) -> np.ndarray:
     return g @ g.T / np.float32(2 * n)
 
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
 @contextlib.contextmanager
 def service_process(workers: int, method: str = "schur_newton") -> Iterator[str]:
     """Runs `python -m precond_service` as its own process, as deployed; yields its address."""
-    with tempfile.TemporaryDirectory() as scratch:
-        port_file = pathlib.Path(scratch) / "port"
-        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "precond_service",
-                "--port=0",
-                f"--workers={workers}",
-                f"--method={method}",
-                f"--port_file={port_file}",
-                "--log_level=WARNING",
-            ],
-            env=env,
-        )
-        try:
-            while not port_file.exists():
-                if process.poll() is not None:
-                    raise RuntimeError("precond_service exited at start")
-                time.sleep(0.02)
-            address = f"127.0.0.1:{int(port_file.read_text())}"
-            if not wait_for_serving(address, timeout_s=60):
-                raise RuntimeError(f"precond_service at {address} is not serving")
-            yield address
-        finally:
-            process.terminate()
-            process.wait(60)
+    flags = [f"--workers={workers}", f"--method={method}", "--log_level=WARNING"]
+    with start_service(flags) as service:
+        yield service.address
 
 
 def stub_for(address: str) -> tuple[grpc.Channel, pb_grpc.PreconditionerServiceStub]:
