@@ -32,6 +32,7 @@ from precond_service.blocks import StatisticsBlock
 from precond_service.client import PreconditionerClient
 from precond_service.process import start_service
 from precond_service.status import fetch_status
+from protos import precond_service_pb2 as pb
 from tests.conftest import descendants, wait_until
 
 CLIENTS = 8
@@ -202,6 +203,29 @@ def rss_with_children(pid: int) -> int:
     return total
 
 
+def print_figures(
+    reports: list[dict],
+    status: pb.ServiceStatus,
+    duration_s: float,
+    warm_up_s: float,
+    rss: tuple[int, int, int],
+) -> None:
+    """One line of what the load did: pushes, roots, RSS (warm, end, max), latencies."""
+    pushes = sum(r["pushes"] for r in reports)
+    print(
+        f"\n{CLIENTS} clients x {len(KEYS)} keys for {duration_s:.0f} s: {pushes} pushes "
+        f"({pushes * len(KEYS)} statistics), {sum(r['roots_received'] for r in reports)} roots "
+        f"received ({sum(r['roots_seen'] for r in reports)} distinct seen by the trainers); "
+        f"service+workers RSS {rss[0] / 2**20:.1f} MiB after {warm_up_s:.0f} s warm-up, "
+        f"{rss[1] / 2**20:.1f} MiB at the end, {rss[2] / 2**20:.1f} MiB at most; "
+        f"max push-to-root latency {max(r['max_latency_s'] for r in reports):.2f} s, "
+        f"max push RPC {max(r['max_push_rpc_s'] for r in reports):.3f} s, "
+        f"max pull RPC {max(r['max_pull_rpc_s'] for r in reports):.3f} s; "
+        f"service: {status.published} published, {status.coalesced} coalesced, "
+        f"{status.failed} failed, mean compute {status.mean_compute_seconds * 1e3:.2f} ms"
+    )
+
+
 @pytest.mark.parametrize(
     "duration_s",
     [20.0, pytest.param(180.0, marks=pytest.mark.slow)],
@@ -249,19 +273,7 @@ def test_concurrent_clients_get_their_own_roots_without_memory_growth(
         service.stop(timeout_s=30)
 
     reports.sort(key=lambda r: r["index"])
-    pushes = sum(r["pushes"] for r in reports)
-    print(
-        f"\n{CLIENTS} clients x {len(KEYS)} keys for {duration_s:.0f} s: {pushes} pushes "
-        f"({pushes * len(KEYS)} statistics), {sum(r['roots_received'] for r in reports)} roots "
-        f"received ({sum(r['roots_seen'] for r in reports)} distinct seen by the trainers); "
-        f"service+workers RSS {rss_warm / 2**20:.1f} MiB after {warm_up_s:.0f} s warm-up, "
-        f"{rss_end / 2**20:.1f} MiB at the end, {rss_max / 2**20:.1f} MiB at most; "
-        f"max push-to-root latency {max(r['max_latency_s'] for r in reports):.2f} s, "
-        f"max push RPC {max(r['max_push_rpc_s'] for r in reports):.3f} s, "
-        f"max pull RPC {max(r['max_pull_rpc_s'] for r in reports):.3f} s; "
-        f"service: {status.published} published, {status.coalesced} coalesced, "
-        f"{status.failed} failed, mean compute {status.mean_compute_seconds * 1e3:.2f} ms"
-    )
+    print_figures(reports, status, duration_s, warm_up_s, (rss_warm, rss_end, rss_max))
     for report in reports:
         assert report["error_count"] == 0, report
         assert report["final_received"], f"client {report['index']} lacks its last roots: {report}"
