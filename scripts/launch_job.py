@@ -13,6 +13,9 @@ service on another (CPU) host, start each half on its host:
         --tls_ca=ca.pem --token_file=secret \\
         -- --config=configs/wmt14_en_fr.py:big_shampoo --workdir=runs/big
 
+The service half runs in its own session and shuts down if this script dies; `--cpus`
+pins it and its workers to a CPU list (`1`, `2-5`, `0,2`).
+
 `trainer` waits until the service reports SERVING, then runs `python -m trainer`
 with `--config.precond.address` (and the token and TLS files) set. The service's
 certificate must name the host written to the address file (`--advertise_host`, else
