@@ -1,7 +1,7 @@
 """Starts, supervises and stops `python -m precond_service` processes: the one way to do it.
 
-(Over 400 lines: starting one process and supervising a restarted child share one launch
-path and one life cycle; split, the supervisor would reach into the other's internals.)
+(Over 400 lines: one job, a service process's life from start to stop, supervised or
+not; the brief for issue 12 asks for it as one module.)
 
 `start_service` starts one process (on a free port by default), waits for its port
 and for SERVING on the standard health service, and returns a `ServiceProcess`
