@@ -1,5 +1,7 @@
 """Benchmarks the preconditioner service end to end and writes JSON and a plot.
 
+(Over 400 lines: four measurements, their targets and their plot make one report.)
+
     python scripts/bench_service.py [--quick] [--output_json=benchmarks/service.json]
                                     [--output_png=benchmarks/service.png]
 
@@ -38,9 +40,7 @@ import mmap  # noqa: E402
 import pathlib  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
@@ -56,7 +56,8 @@ from google.protobuf import __version__ as protobuf_version  # noqa: E402
 
 from precond_service import roots, wire  # noqa: E402
 from precond_service.blocks import StatisticsBlock  # noqa: E402
-from precond_service.client import PreconditionerClient, wait_for_serving  # noqa: E402
+from precond_service.client import PreconditionerClient  # noqa: E402
+from precond_service.process import start_service  # noqa: E402
 from precond_service.status import fetch_status  # noqa: E402
 from protos import precond_service_pb2 as pb  # noqa: E402
 from protos import precond_service_pb2_grpc as pb_grpc  # noqa: E402
@@ -74,40 +75,12 @@ def statistic(n: int, seed: int) -> np.ndarray:
     return g @ g.T / np.float32(2 * n)
 
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
 @contextlib.contextmanager
 def service_process(workers: int, method: str = "schur_newton") -> Iterator[str]:
     """Runs `python -m precond_service` as its own process, as deployed; yields its address."""
-    with tempfile.TemporaryDirectory() as scratch:
-        port_file = pathlib.Path(scratch) / "port"
-        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "precond_service",
-                "--port=0",
-                f"--workers={workers}",
-                f"--method={method}",
-                f"--port_file={port_file}",
-                "--log_level=WARNING",
-            ],
-            env=env,
-        )
-        try:
-            while not port_file.exists():
-                if process.poll() is not None:
-                    raise RuntimeError("precond_service exited at start")
-                time.sleep(0.02)
-            address = f"127.0.0.1:{int(port_file.read_text())}"
-            if not wait_for_serving(address, timeout_s=60):
-                raise RuntimeError(f"precond_service at {address} is not serving")
-            yield address
-        finally:
-            process.terminate()
-            process.wait(60)
+    flags = [f"--workers={workers}", f"--method={method}", "--log_level=WARNING"]
+    with start_service(flags) as service:
+        yield service.address
 
 
 def stub_for(address: str) -> tuple[grpc.Channel, pb_grpc.PreconditionerServiceStub]:
@@ -359,6 +332,32 @@ def plot(result: dict, path: pathlib.Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def targets(latency: list[dict], throughput: list[dict], wire_rows: list[dict]) -> dict:
+    """Each target of TARGETS with what was measured and whether it was met."""
+    n512 = next(r for r in latency if r["n"] == 512)
+    efficiency = min(r["efficiency"] for r in throughput)
+    return {
+        "scaling_efficiency": {
+            "target": f">= {TARGETS['scaling_efficiency']}",
+            "measured": efficiency,
+            "met": efficiency >= TARGETS["scaling_efficiency"],
+        },
+        "grpc_overhead_n512": {
+            "target": f"<= {TARGETS['grpc_overhead_n512']}",
+            "measured": n512["grpc_overhead"],
+            "met": n512["grpc_overhead"] <= TARGETS["grpc_overhead_n512"],
+        },
+        **{
+            f"wire_mb_per_s_n{row['n']}": {
+                "target": f">= {TARGETS['wire_mb_per_s']}",
+                "measured": row["client_mb_per_s"],
+                "met": row["client_mb_per_s"] >= TARGETS["wire_mb_per_s"],
+            }
+            for row in wire_rows
+        },
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer, smaller runs (< 1 min)")
@@ -380,8 +379,6 @@ def main() -> None:
         wire_rows = [bench_wire(GIB, 1024, repeats=3), bench_wire(GIB, 2048, repeats=3)]
         handoff = bench_handoff(1024, repeats=20)
 
-    n512 = next(r for r in latency if r["n"] == 512)
-    efficiency = min(r["efficiency"] for r in throughput)
     result = {
         "command": " ".join([sys.executable, *sys.argv]),
         "git_commit": git_commit(),
@@ -414,26 +411,7 @@ def main() -> None:
         "throughput": throughput,
         "wire": wire_rows,
         "handoff": handoff,
-        "targets": {
-            "scaling_efficiency": {
-                "target": f">= {TARGETS['scaling_efficiency']}",
-                "measured": efficiency,
-                "met": efficiency >= TARGETS["scaling_efficiency"],
-            },
-            "grpc_overhead_n512": {
-                "target": f"<= {TARGETS['grpc_overhead_n512']}",
-                "measured": n512["grpc_overhead"],
-                "met": n512["grpc_overhead"] <= TARGETS["grpc_overhead_n512"],
-            },
-            **{
-                f"wire_mb_per_s_n{row['n']}": {
-                    "target": f">= {TARGETS['wire_mb_per_s']}",
-                    "measured": row["client_mb_per_s"],
-                    "met": row["client_mb_per_s"] >= TARGETS["wire_mb_per_s"],
-                }
-                for row in wire_rows
-            },
-        },
+        "targets": targets(latency, throughput, wire_rows),
     }
     json_path, png_path = pathlib.Path(args.output_json), pathlib.Path(args.output_png)
     json_path.parent.mkdir(parents=True, exist_ok=True)

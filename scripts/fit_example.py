@@ -26,13 +26,13 @@ import keras
 import numpy as np
 
 from precond_service.client import PreconditionerClient
+from precond_service.process import local_service
 from trainer.optimizers import Shampoo
 from trainer.optimizers.service_bridge import (
     ServicePreconditioning,
     ShampooServiceCallback,
     staleness,
 )
-from trainer.service_process import local_service
 
 OPTIMIZERS = ("shampoo", "adam", "adagrad")
 

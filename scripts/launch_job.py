@@ -13,6 +13,9 @@ service on another (CPU) host, start each half on its host:
         --tls_ca=ca.pem --token_file=secret \\
         -- --config=configs/wmt14_en_fr.py:big_shampoo --workdir=runs/big
 
+The service half runs in its own session and shuts down if this script dies; `--cpus`
+pins it and its workers to a CPU list (`1`, `2-5`, `0,2`).
+
 `trainer` waits until the service reports SERVING, then runs `python -m trainer`
 with `--config.precond.address` (and the token and TLS files) set. The service's
 certificate must name the host written to the address file (`--advertise_host`, else
@@ -27,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -39,46 +41,45 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from precond_service.auth import TlsConfig  # noqa: E402
 from precond_service.client import wait_for_serving  # noqa: E402
-from trainer.service_process import local_service, wait_for_port  # noqa: E402
+from precond_service.process import local_service, parse_cpus, start_service  # noqa: E402
 
 
 def _service(args: argparse.Namespace) -> int:
-    port_file = args.address_file + ".port" if args.address_file else None
-    command = [
-        sys.executable,
-        "-m",
-        "precond_service",
-        f"--host={args.host}",
-        f"--port={args.port}",
-        f"--workers={args.workers}",
-    ]
+    flags = [f"--workers={args.workers}"]
     if args.token_file:
-        command.append(f"--token_file={args.token_file}")
+        flags.append(f"--token_file={args.token_file}")
     for flag in ("tls_cert", "tls_key", "tls_client_ca"):
         if getattr(args, flag):
-            command.append(f"--{flag}={getattr(args, flag)}")
+            flags.append(f"--{flag}={getattr(args, flag)}")
     if args.insecure:
-        command.append("--insecure")
-    if port_file:
-        command.append(f"--port_file={port_file}")
-    command += args.service_flags
-    process = subprocess.Popen(command)
+        flags.append("--insecure")
+    service = None
     try:
+        service = start_service(
+            flags + args.service_flags,
+            host=args.host,
+            port=args.port,
+            cpus=args.cpus,
+            startup_timeout_s=args.startup_timeout_s,
+            # Its port file is written once it serves; a TLS health check would need
+            # the CA of its certificate, which this host need not have.
+            check_health=not args.tls_cert,
+        )
         if args.address_file:
-            address = _published_address(args, port_file, process)
+            address = _publish_address(args, service.port)
             print(f"precond_service serving at {address} (written to {args.address_file})")
-        return process.wait()
-    except RuntimeError as e:  # It never served: say why, and leave nothing behind.
-        process.kill()
+        return service.wait()
+    except RuntimeError as e:  # It never served: say why (nothing is left).
         raise SystemExit(str(e)) from None
     except KeyboardInterrupt:
-        process.send_signal(signal.SIGTERM)
-        return process.wait()
+        return 130 if service is None else service.stop()
+    finally:
+        if service is not None:
+            service.stop()
 
 
-def _published_address(args: argparse.Namespace, port_file: str, process: subprocess.Popen) -> str:
-    """Waits for the service's port and writes "HOST:PORT" other hosts can reach."""
-    port = wait_for_port(process, port_file, args.startup_timeout_s)
+def _publish_address(args: argparse.Namespace, port: int) -> str:
+    """Writes "HOST:PORT" that other hosts can reach into --address_file."""
     host = args.advertise_host or (
         socket.getfqdn() if args.host in ("0.0.0.0", "::", "[::]") else args.host
     )
@@ -139,9 +140,18 @@ def _local(args: argparse.Namespace) -> int:
     extra = list(args.service_flags)
     if args.token_file:
         extra.append(f"--token_file={args.token_file}")
-    with local_service(workers=args.workers, extra_args=extra) as address:
+    with local_service(workers=args.workers, extra_args=extra, cpus=args.cpus) as address:
         print(f"service at {address} is SERVING; starting the trainer", flush=True)
         return _run_trainer(address, args)
+
+
+def _cpu_list(value: str) -> str:
+    """--cpus as given, once `parse_cpus` accepts it."""
+    try:
+        parse_cpus(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--startup_timeout_s", type=float, default=300.0)
     for p in (service, local):
         p.add_argument("--workers", type=int, default=1, help="service worker processes")
+        p.add_argument(
+            "--cpus",
+            default="",
+            type=_cpu_list,
+            help="CPU list ('1', '2-5', '0,2') the service and its workers are pinned to",
+        )
         p.add_argument(
             "--service_flag",
             dest="service_flags",

@@ -6,11 +6,11 @@ all at the end of the test that started them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
-from precond_service.client import wait_for_serving
+from precond_service import process as precond_process
 from precond_service.server import RunningServer, serve
 from precond_service.service import ServiceConfig
 from protos import precond_service_pb2_grpc as pb_grpc
@@ -47,42 +47,65 @@ def wait_until(
 def start_service_process(
     log_path: pathlib.Path, *flags: str, port: int = 0
 ) -> tuple[subprocess.Popen, str]:
-    """Starts `python -m precond_service --port=PORT FLAGS` as users do.
+    """Starts `python -m precond_service --port=PORT FLAGS` as users do (`start_service`).
 
     Args:
         log_path: Its stdout and stderr are appended here (a file: a pipe nobody
             reads would block the service's logging).
         *flags: Further flags, e.g. "--workers=2".
-        port: Loopback port; 0 picks a free one (read from a port file).
+        port: Loopback port; 0 picks a free one.
 
     Returns:
         The process and its address, once it reports SERVING; the caller stops it.
     """
-    port_file = log_path.with_name(f"{log_path.stem}.port")
-    port_file.unlink(missing_ok=True)
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "precond_service",
-                f"--port={port}",
-                f"--port_file={port_file}",
-                *flags,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=subprocess_env(),
-        )
+    service = precond_process.start_service(flags, port=port, log_path=log_path)
+    return service.process, service.address
+
+
+def descendants(pid: int) -> list[int]:
+    """Process ids of the children of `pid`, their children, and so on (from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = pathlib.Path(f"/proc/{entry}/stat").read_text()
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` is a process that has not ended (a zombie has ended)."""
     try:
-        assert wait_until(port_file.exists, 60), f"no port file; log:\n{log_path.read_text()}"
-        address = f"127.0.0.1:{int(port_file.read_text())}"
-        assert wait_for_serving(address, 60), f"not SERVING; log:\n{log_path.read_text()}"
-    except BaseException:
-        process.kill()
-        process.wait()
-        raise
-    return process, address
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def service_children() -> list[int]:
+    """Pids of `python -m precond_service` processes this test process started."""
+    pids = []
+    for pid in descendants(os.getpid()):
+        with contextlib.suppress(OSError):
+            argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"precond_service" in argv:
+                pids.append(pid)
+    return pids
+
+
+def signal_tree(pid: int, signum: int) -> None:
+    """Sends `signum` to a process and all its descendants (a service and its workers)."""
+    for target in [pid, *descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target, signum)
 
 
 def random_statistic(n: int, seed: int, dtype: type = np.float64) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""scripts/chaos.py end to end on a short run (slow: three trainer start-ups, about 2 minutes)."""
+"""scripts/chaos.py: its report from a trainer's event log, and a short run end to end (slow)."""
 
 import json
 import subprocess
@@ -7,7 +7,95 @@ from pathlib import Path
 
 import pytest
 
+from precond_service.events import Event, EventLog
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from chaos_report import (  # noqa: E402
+    ServiceOutage,
+    TrainerEvents,
+    TrainerKill,
+    both_runs_report,
+    job_report,
+)
+
+
+def write_run(path: Path, *, dev_loss: float, killed: bool) -> None:
+    """The events of a 40-step run, as the trainer writes them; `killed`: once after step 30."""
+    with EventLog(path) as events:
+        events.write(Event.STARTED, step=0, resumed=False)
+        events.write(Event.PROGRESS, step=10, loss=2.0, step_ms=5.0, **staleness(None))
+        events.write(Event.CHECKPOINT_SAVED, step=20, path="ckpt-20")
+        events.write(Event.PROGRESS, step=20, loss=1.5, step_ms=5.0, **staleness((0, 5, 10)))
+        if killed:
+            events.write(Event.PROGRESS, step=30, loss=1.2, step_ms=5.0, **staleness((10, 15, 30)))
+            events.write(Event.STARTED, step=20, resumed=True)
+            events.write(Event.RESUMED, step=20, checkpoint="ckpt-20")
+            events.write(Event.SERVICE_RESTART_SEEN, step=24, restarts_seen=1)
+        events.write(Event.PROGRESS, step=30, loss=1.1, step_ms=5.0, **staleness((0, 4, 20)))
+        events.write(Event.PROGRESS, step=40, loss=1.0, step_ms=5.0, **staleness((0, 5, 10)))
+        events.write(Event.EVALUATED, step=40, split="dev", loss=dev_loss, bleu=12.5)
+        events.write(Event.FINISHED, step=40)
+
+
+def staleness(held: tuple[float, float, float] | None) -> dict:
+    names = ("staleness_min", "staleness_mean", "staleness_max")
+    return dict(zip(names, held or (None, None, None)))
+
+
+@pytest.mark.parametrize(("chaotic_dev_loss", "passed"), [(1.05, True), (1.2, False)])
+def test_report_is_read_from_the_trainer_events(tmp_path, chaotic_dev_loss, passed):
+    write_run(tmp_path / "chaotic" / "events.jsonl", dev_loss=chaotic_dev_loss, killed=True)
+    write_run(tmp_path / "undisturbed" / "events.jsonl", dev_loss=1.0, killed=False)
+    common = {"steps": 40, "failure": None, "wall_s": 1.0, "service_exits_not_by_chaos": 0}
+    chaotic = job_report(
+        TrainerEvents(tmp_path / "chaotic" / "events.jsonl"),
+        trainer_kills=[TrainerKill(killed_after_step=30)],
+        outages=[ServiceOutage(killed_after_step=22, down_s=1.0, restarted_at_step=24)],
+        service_restarts=1,
+        **common,
+    )
+    undisturbed = job_report(
+        TrainerEvents(tmp_path / "undisturbed" / "events.jsonl"),
+        trainer_kills=[],
+        outages=[],
+        service_restarts=0,
+        **common,
+    )
+    assert chaotic.finished and chaotic.step == 40 and chaotic.dev_loss == chaotic_dev_loss
+    assert chaotic.trainer_kills == [TrainerKill(killed_after_step=30, resumed_from_step=20)]
+    assert chaotic.steps_trained_again == 10 and undisturbed.steps_trained_again == 0
+    assert (chaotic.restarts_seen_by_client, undisturbed.restarts_seen_by_client) == (1, 0)
+    assert chaotic.staleness_max_peak == 30 and undisturbed.staleness_max_peak == 20
+    assert chaotic.progress_without_roots == 1 and chaotic.train_loss == 1.0
+
+    report = both_runs_report(chaotic, undisturbed, {"seed": 3}, tolerance=0.1)
+    assert report["seed"] == 3 and report["passed"] is passed
+    # An outage whose roots never came back is a warning, not a failure.
+    assert any(
+        "no fresh root came after the service restart at step 24" in w for w in report["warnings"]
+    )
+    json.dumps(report)
+
+
+def test_run_without_a_finished_event_fails(tmp_path):
+    path = tmp_path / "events.jsonl"
+    with EventLog(path) as events:
+        events.write(Event.STARTED, step=0, resumed=False)
+        events.write(Event.PROGRESS, step=10, loss=2.0, step_ms=5.0, **staleness(None))
+    common = {"steps": 40, "wall_s": 1.0, "trainer_kills": [], "outages": []}
+    broken = job_report(
+        TrainerEvents(path),
+        failure=None,
+        service_restarts=0,
+        service_exits_not_by_chaos=0,
+        **common,
+    )
+    assert not broken.finished and "no FINISHED event at step 40" in broken.failure
+    report = both_runs_report(broken, broken, {}, tolerance=0.1)
+    assert not report["passed"]
+    assert report["problems"][0].startswith("the chaotic run did not finish")
 
 
 @pytest.mark.slow

@@ -8,6 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+from precond_service.client import wait_for_serving
+from tests.conftest import alive, descendants, wait_until
+
 ROOT = Path(__file__).resolve().parents[1]
 SHORT_RUN = [
     "--config=configs/quickstart.py",
@@ -69,3 +72,39 @@ def test_service_half_and_trainer_half_meet_through_the_address_file(tmp_path):
         if service.poll() is None:
             service.kill()
     assert service.returncode == 0
+
+
+def test_service_half_is_pinned_and_ends_with_its_launcher(tmp_path):
+    address_file = tmp_path / "job.address"
+    cpu = str(min(os.sched_getaffinity(0)))
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "scripts/launch_job.py",
+            "service",
+            "--port=0",
+            f"--cpus={cpu}",
+            f"--address_file={address_file}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert wait_until(address_file.exists, 120), "no address file"
+        assert wait_for_serving(address_file.read_text().strip(), 60)
+        [service] = [
+            pid
+            for pid in descendants(launcher.pid)
+            if b"precond_service" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        ]
+        status = Path(f"/proc/{service}/status").read_text()
+        assert f"Cpus_allowed_list:\t{cpu}\n" in status
+        # A launcher killed without a chance to stop its service takes the service along.
+        launcher.kill()
+        launcher.wait()
+        assert wait_until(lambda: not alive(service), 30)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()

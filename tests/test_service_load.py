@@ -22,7 +22,6 @@ import collections
 import multiprocessing
 import pathlib
 import queue
-import subprocess
 import time
 import uuid
 
@@ -31,8 +30,10 @@ import pytest
 
 from precond_service.blocks import StatisticsBlock
 from precond_service.client import PreconditionerClient
+from precond_service.process import start_service
 from precond_service.status import fetch_status
-from tests.conftest import start_service_process, wait_until
+from protos import precond_service_pb2 as pb
+from tests.conftest import descendants, wait_until
 
 CLIENTS = 8
 PUSH_INTERVAL_S = 0.2
@@ -190,23 +191,39 @@ def run_client(
 
 
 def rss_with_children(pid: int) -> int:
-    """Resident bytes of a process and its children (the service and its workers)."""
-    pids = [pid]
-    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        if int(fields[1]) == pid:  # fields[1] is the parent's pid.
-            pids.append(int(stat.parent.name))
+    """Resident bytes of a process and its descendants (the service and its workers)."""
     total = 0
-    for each in pids:
+    for each in [pid, *descendants(pid)]:
         try:
             lines = pathlib.Path(f"/proc/{each}/status").read_text().splitlines()
         except FileNotFoundError:
             continue
-        total += next(int(line.split()[1]) * 1024 for line in lines if line.startswith("VmRSS:"))
+        # A process that has just ended (a zombie) has no VmRSS line.
+        total += sum(int(line.split()[1]) * 1024 for line in lines if line.startswith("VmRSS:"))
     return total
+
+
+def print_figures(
+    reports: list[dict],
+    status: pb.ServiceStatus,
+    duration_s: float,
+    warm_up_s: float,
+    rss: tuple[int, int, int],
+) -> None:
+    """One line of what the load did: pushes, roots, RSS (warm, end, max), latencies."""
+    pushes = sum(r["pushes"] for r in reports)
+    print(
+        f"\n{CLIENTS} clients x {len(KEYS)} keys for {duration_s:.0f} s: {pushes} pushes "
+        f"({pushes * len(KEYS)} statistics), {sum(r['roots_received'] for r in reports)} roots "
+        f"received ({sum(r['roots_seen'] for r in reports)} distinct seen by the trainers); "
+        f"service+workers RSS {rss[0] / 2**20:.1f} MiB after {warm_up_s:.0f} s warm-up, "
+        f"{rss[1] / 2**20:.1f} MiB at the end, {rss[2] / 2**20:.1f} MiB at most; "
+        f"max push-to-root latency {max(r['max_latency_s'] for r in reports):.2f} s, "
+        f"max push RPC {max(r['max_push_rpc_s'] for r in reports):.3f} s, "
+        f"max pull RPC {max(r['max_pull_rpc_s'] for r in reports):.3f} s; "
+        f"service: {status.published} published, {status.coalesced} coalesced, "
+        f"{status.failed} failed, mean compute {status.mean_compute_seconds * 1e3:.2f} ms"
+    )
 
 
 @pytest.mark.parametrize(
@@ -218,7 +235,8 @@ def test_concurrent_clients_get_their_own_roots_without_memory_growth(
     tmp_path: pathlib.Path, duration_s: float
 ) -> None:
     log_file = tmp_path / "service.log"
-    service, address = start_service_process(log_file, "--workers=2")
+    service = start_service(["--workers=2"], log_path=log_file)
+    address = service.address
     context = multiprocessing.get_context("spawn")
     start, results = context.Event(), context.Queue()
     clients: list[multiprocessing.Process] = []
@@ -252,26 +270,10 @@ def test_concurrent_clients_get_their_own_roots_without_memory_growth(
             process.join(30)
             if process.is_alive():
                 process.kill()
-        service.terminate()
-        try:
-            service.wait(30)
-        except subprocess.TimeoutExpired:
-            service.kill()
+        service.stop(timeout_s=30)
 
     reports.sort(key=lambda r: r["index"])
-    pushes = sum(r["pushes"] for r in reports)
-    print(
-        f"\n{CLIENTS} clients x {len(KEYS)} keys for {duration_s:.0f} s: {pushes} pushes "
-        f"({pushes * len(KEYS)} statistics), {sum(r['roots_received'] for r in reports)} roots "
-        f"received ({sum(r['roots_seen'] for r in reports)} distinct seen by the trainers); "
-        f"service+workers RSS {rss_warm / 2**20:.1f} MiB after {warm_up_s:.0f} s warm-up, "
-        f"{rss_end / 2**20:.1f} MiB at the end, {rss_max / 2**20:.1f} MiB at most; "
-        f"max push-to-root latency {max(r['max_latency_s'] for r in reports):.2f} s, "
-        f"max push RPC {max(r['max_push_rpc_s'] for r in reports):.3f} s, "
-        f"max pull RPC {max(r['max_pull_rpc_s'] for r in reports):.3f} s; "
-        f"service: {status.published} published, {status.coalesced} coalesced, "
-        f"{status.failed} failed, mean compute {status.mean_compute_seconds * 1e3:.2f} ms"
-    )
+    print_figures(reports, status, duration_s, warm_up_s, (rss_warm, rss_end, rss_max))
     for report in reports:
         assert report["error_count"] == 0, report
         assert report["final_received"], f"client {report['index']} lacks its last roots: {report}"
