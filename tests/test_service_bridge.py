@@ -18,7 +18,7 @@ from trainer.optimizers.service_bridge import (
     staleness,
 )
 from trainer.optimizers.shampoo import NO_PRECONDITIONER, block_key
-from trainer.service_process import local_service
+from precond_service.process import local_service
 
 
 @pytest.fixture(scope="module")
