@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from precond_service import roots
 from precond_service.client import PreconditionerClient
+from precond_service.process import local_service
 from tests.conftest import wait_until
 from trainer.optimizers import Shampoo
 from trainer.optimizers.service_bridge import (
@@ -18,7 +19,6 @@ from trainer.optimizers.service_bridge import (
     staleness,
 )
 from trainer.optimizers.shampoo import NO_PRECONDITIONER, block_key
-from precond_service.process import local_service
 
 
 @pytest.fixture(scope="module")
