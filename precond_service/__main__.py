@@ -30,7 +30,8 @@ import threading
 import grpc
 
 from precond_service.auth import TOKEN_ENV, read_pem, read_token, server_credentials
-from precond_service.server import serve
+from precond_service.events import EventLog
+from precond_service.server import RunningServer, serve
 from precond_service.service import METHODS, ServiceConfig
 
 logger = logging.getLogger("precond_service")
@@ -144,6 +145,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="shut down when this process ends (a trainer's own service child); 0: never",
+    )
+    parser.add_argument(
+        "--events_file",
+        help="append the service's events here as JSON lines (precond_service.events)",
     )
     parser.add_argument("--log_level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return parser.parse_args(argv)
@@ -285,13 +290,27 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     _release_large_buffers()
-    try:
-        running = serve(
-            config, host=args.host, port=args.port, token=token, credentials=credentials
-        )
-    except RuntimeError as e:
-        logger.error("could not start: %s", e)
-        return 1
+    with EventLog(args.events_file) as events:
+        try:
+            running = serve(
+                config,
+                host=args.host,
+                port=args.port,
+                token=token,
+                credentials=credentials,
+                events=events,
+            )
+        except RuntimeError as e:
+            logger.error("could not start: %s", e)
+            return 1
+        _serve_until_stopped(running, stop, args)
+    return 0
+
+
+def _serve_until_stopped(
+    running: RunningServer, stop: threading.Event, args: argparse.Namespace
+) -> None:
+    """Writes the port file, waits for `stop` (or the parent's end), shuts down."""
     try:
         if args.port_file:
             _write_port_file(args.port_file, running.port)
@@ -303,7 +322,6 @@ def main(argv: list[str] | None = None) -> int:
                 break
     finally:
         running.stop(args.grace_s)
-    return 0
 
 
 if __name__ == "__main__":

@@ -29,29 +29,57 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from precond_service import wire
-from precond_service.auth import TlsConfig, open_channel
+from precond_service.auth import TOKEN_ENV, TlsConfig, open_channel
 from precond_service.blocks import PreconditionerBlock, StatisticsBlock
+from precond_service.versions import is_newer
 from protos import precond_service_pb2 as pb
 from protos import precond_service_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
+
+B = TypeVar("B", StatisticsBlock, PreconditionerBlock)
 
 # Errors that retrying the same request cannot fix: the blocks are dropped.
 _PERMANENT_CODES = frozenset(
     {
         grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.PERMISSION_DENIED,
         grpc.StatusCode.UNIMPLEMENTED,
     }
 )
+
+# Errors that no request of this client can get past, and what to do about each:
+# the push and pull threads stop, and `check` raises PermanentServiceError.
+_FATAL_CODES = {
+    grpc.StatusCode.UNAUTHENTICATED: (
+        f"the service wants a token this client does not send or gets wrong: give the "
+        f"trainer the service's token (config precond.token_file, or ${TOKEN_ENV})"
+    ),
+    grpc.StatusCode.PERMISSION_DENIED: (
+        "the service refuses this client: check its TLS client certificate and the run_id, "
+        "and the service's access settings"
+    ),
+}
+
+
+class PermanentServiceError(RuntimeError):
+    """The service refuses this client for good (UNAUTHENTICATED or PERMISSION_DENIED).
+
+    Attributes:
+        code: The gRPC status the service answered.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
 
 # Rejections remembered for `ClientStatus.last_rejections`.
 _REJECTIONS_KEPT = 10
@@ -78,6 +106,8 @@ class ClientStatus:
         last_push_latency_s: Duration of the last completed push RPC.
         last_pull_latency_s: Duration of the last completed pull RPC.
         last_error: The last RPC error, as text.
+        permanent_error: Why the client stopped for good (the service refused it,
+            see `PreconditionerClient.check`); None while it runs.
     """
 
     connected: bool
@@ -96,6 +126,7 @@ class ClientStatus:
     last_push_latency_s: float | None
     last_pull_latency_s: float | None
     last_error: str | None
+    permanent_error: str | None = None
 
 
 def wait_for_serving(address: str, timeout_s: float, tls: TlsConfig | None = None) -> bool:
@@ -235,6 +266,7 @@ class PreconditionerClient:
         self._push_latency: float | None = None
         self._pull_latency: float | None = None
         self._last_error: str | None = None
+        self._permanent_error: PermanentServiceError | None = None
 
     # The trainer's side: none of these block on the network.
 
@@ -291,7 +323,7 @@ class PreconditionerClient:
             for block in blocks:
                 held = self._pending.get(block.key)
                 if held is not None:
-                    if held.step > block.step:
+                    if not is_newer(block.step, held.step):
                         continue
                     self._blocks_replaced += 1
                 self._pending[block.key] = block
@@ -325,7 +357,25 @@ class PreconditionerClient:
                 last_push_latency_s=self._push_latency,
                 last_pull_latency_s=self._pull_latency,
                 last_error=self._last_error,
+                permanent_error=(
+                    None if self._permanent_error is None else str(self._permanent_error)
+                ),
             )
+
+    def check(self) -> None:
+        """Raises if the service refused this client for good; returns at once otherwise.
+
+        Transient failures (the service down, slow or restarting) never raise: the
+        client retries them. Call this between inner loops.
+
+        Raises:
+            PermanentServiceError: If a push or pull failed with UNAUTHENTICATED or
+                PERMISSION_DENIED; the client then sends nothing more.
+        """
+        with self._lock:
+            error = self._permanent_error
+        if error is not None:
+            raise error
 
     def pull_now(self) -> None:
         """Asks the pull thread to pull at once instead of at its next interval; returns at once."""
@@ -393,9 +443,9 @@ class PreconditionerClient:
         failures = 0
         while True:
             with self._lock:
-                while not self._pending and not self._closing.is_set():
+                while not self._pending and not self._stopped():
                     self._wake_pusher.wait()
-                if self._closing.is_set():
+                if self._stopped():
                     return
                 blocks, self._pending = list(self._pending.values()), {}
             if self._push_once(push_call, blocks):
@@ -407,10 +457,40 @@ class PreconditionerClient:
                 self._wake_retry.clear()
                 self._wake_retry.wait(self._backoff(failures))
 
+    def _stopped(self) -> bool:
+        """Whether the threads should end: closing, or refused for good."""
+        return self._closing.is_set() or self._permanent_error is not None
+
+    def _fail_if_permanent(self, rpc: str, code: grpc.StatusCode, details: str | None) -> bool:
+        """Stops both threads for good if `code` is one no retry gets past.
+
+        Returns:
+            Whether it did.
+        """
+        advice = _FATAL_CODES.get(code)
+        if advice is None:
+            return False
+        error = PermanentServiceError(
+            code, f"{rpc} to {self.address} failed with {code.name} ({details}); {advice}"
+        )
+        with self._lock:
+            if self._permanent_error is not None:
+                return True
+            self._permanent_error = error
+            self._wake_pusher.notify_all()
+        self._wake_puller.set()
+        self._wake_retry.set()
+        logger.error("%s; the client stops pushing and pulling", error)
+        return True
+
     def _push_once(
         self, push_call: grpc.StreamUnaryMultiCallable, blocks: list[StatisticsBlock]
     ) -> bool:
-        """Sends blocks in one streaming RPC; returns False if it should be retried."""
+        """Sends blocks in one streaming RPC; returns whether the service answered it.
+
+        False: the push failed and is retried after a backoff (transient), or the
+        client stopped for good (see `_fail_if_permanent`).
+        """
         local_rejections: list[tuple[str, str]] = []
         start = time.perf_counter()
         future = push_call.future(
@@ -434,10 +514,7 @@ class PreconditionerClient:
             self._blocks_sent += len(blocks) - len(local_rejections)
             self._push_latency = latency
             self._count_rejections(rejections)
-            for block in blocks:
-                sent = self._last_sent.get(block.key)
-                if sent is None or sent.step <= block.step:
-                    self._last_sent[block.key] = block
+            keep_newest(self._last_sent, blocks)
         self._saw_incarnation(reply.incarnation)
         return True
 
@@ -447,6 +524,7 @@ class PreconditionerClient:
         blocks: list[StatisticsBlock],
         local_rejections: list[tuple[str, str]],
     ) -> bool:
+        """Records a failed push; returns whether the service answered it (see `_push_once`)."""
         code = error.code() if isinstance(error, grpc.RpcError) else grpc.StatusCode.CANCELLED
         details = error.details() if isinstance(error, grpc.RpcError) else "cancelled"
         permanent = code in _PERMANENT_CODES
@@ -459,19 +537,15 @@ class PreconditionerClient:
                 self._connected = False
             if permanent:
                 reason = f"push failed with {code.name}: {details}"
+                rejected_here = {key for key, _ in local_rejections}
                 self._count_rejections(
                     local_rejections
-                    + [
-                        (b.key, reason)
-                        for b in blocks
-                        if b.key not in {k for k, _ in local_rejections}
-                    ]
+                    + [(b.key, reason) for b in blocks if b.key not in rejected_here]
                 )
             elif not self._closing.is_set():
-                for block in blocks:
-                    held = self._pending.get(block.key)
-                    if held is None or held.step < block.step:
-                        self._pending[block.key] = block
+                keep_newest(self._pending, blocks)
+        if self._fail_if_permanent("PushStatistics", code, details):
+            return False
         if not self._closing.is_set():
             logger.log(
                 logging.WARNING if loud else logging.DEBUG,
@@ -520,7 +594,7 @@ class PreconditionerClient:
 
     def _pull_loop(self, stub: pb_grpc.PreconditionerServiceStub) -> None:
         failures = 0
-        while not self._closing.is_set():
+        while not self._stopped():
             self._wake_puller.clear()
             if self._pull_once(stub):
                 if failures:  # the service is back: retry a failed push now
@@ -543,15 +617,19 @@ class PreconditionerClient:
             request, timeout=self._rpc_timeout_s, metadata=self._metadata
         )
         self._track(call)
+        received: list[PreconditionerBlock] = []
+        incarnation = ""
         try:
-            received = [wire.message_to_preconditioner(message) for message in call]
-            incarnation = dict(call.initial_metadata()).get("precond-incarnation", "")
+            for reply in call:
+                incarnation = reply.incarnation or incarnation
+                received += [wire.message_to_preconditioner(root) for root in reply.roots]
         except grpc.RpcError as e:
             with self._lock:
                 self._pull_failures += 1
                 self._last_error = f"GetPreconditioners: {e.code().name}: {e.details()}"
                 if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     self._connected = False
+            self._fail_if_permanent("GetPreconditioners", e.code(), e.details())
             return False
         except ValueError as e:
             with self._lock:
@@ -565,10 +643,7 @@ class PreconditionerClient:
         with self._lock:
             if received and generation == self._generation:
                 updated = dict(self._cache)
-                for block in received:
-                    held = updated.get(block.key)
-                    if held is None or held.stats_step < block.stats_step:
-                        updated[block.key] = block
+                keep_newest(updated, received)
                 self._cache = updated
             self._connected = True
             self._pulls += 1
@@ -595,10 +670,7 @@ class PreconditionerClient:
                 return
             if self._incarnation is not None:
                 self._restarts_seen += 1
-                for key, block in self._last_sent.items():
-                    held = self._pending.get(key)
-                    if held is None or held.step < block.step:
-                        self._pending[key] = block
+                keep_newest(self._pending, self._last_sent.values())
                 self._wake_pusher.notify()
                 logger.warning(
                     "service at %s restarted (incarnation %s -> %s); pushing %d statistics again",
@@ -612,3 +684,16 @@ class PreconditionerClient:
     def _backoff(self, failures: int) -> float:
         delay = min(self._backoff_max_s, self._backoff_initial_s * 2 ** (failures - 1))
         return delay * random.uniform(0.5, 1.0)
+
+
+def _version(block: StatisticsBlock | PreconditionerBlock) -> int:
+    """The version of a statistic (its step) or of a root (its statistic's step)."""
+    return block.step if isinstance(block, StatisticsBlock) else block.stats_step
+
+
+def keep_newest(held: dict[str, B], offered: Iterable[B]) -> None:
+    """Puts each offered block in `held` (by key) where it is newer than what is there."""
+    for block in offered:
+        there = held.get(block.key)
+        if there is None or is_newer(_version(block), _version(there)):
+            held[block.key] = block

@@ -38,6 +38,7 @@ from multiprocessing import connection
 import numpy as np
 
 from precond_service.auth import run_digest
+from precond_service.events import Event, EventLog
 from precond_service.scheduler import Job
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,15 @@ _PACKAGE_ROOT = str(pathlib.Path(__file__).resolve().parent.parent)
 
 # Longest wait between attempts to replace a worker that keeps failing to start.
 _MAX_RESPAWN_DELAY_S = 30.0
+
+# Dispatcher failures in a row after which the pool reports itself not serving, and
+# the first and longest waits between them.
+FAILURES_BEFORE_NOT_SERVING = 3
+_FAILURE_BACKOFF_S = 0.1
+_MAX_FAILURE_BACKOFF_S = 5.0
+
+# Longest wait for work while failing, so that recovery is noticed without a wakeup.
+_FAILING_POLL_S = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +157,8 @@ class WorkerPool:
         threads_per_worker: int = 1,
         job_timeout_s: float = 0.0,
         start_timeout_s: float = 120.0,
+        on_serving: Callable[[bool], None] | None = None,
+        events: EventLog | None = None,
     ) -> None:
         """Creates a pool; `start` launches the processes.
 
@@ -159,6 +171,10 @@ class WorkerPool:
             job_timeout_s: A job running longer than this is failed and its worker
                 killed and replaced; 0 means no limit.
             start_timeout_s: How long `start` waits for the workers to be ready.
+            on_serving: Called from the dispatcher thread with False once it has
+                failed FAILURES_BEFORE_NOT_SERVING times in a row, and with True
+                when it works again.
+            events: Where WORKER_RESTARTED and DISPATCHER_FAILING are written.
 
         Raises:
             ValueError: If a count or time is out of range.
@@ -170,7 +186,7 @@ class WorkerPool:
         if job_timeout_s < 0:
             raise ValueError(f"job_timeout_s must be >= 0 (0: no limit), got {job_timeout_s}")
         self._num_workers = num_workers
-        self._options = dataclasses.asdict(solver)
+        self._solver = solver
         self._take_job = take_job
         self._on_result = on_result
         self._threads_per_worker = threads_per_worker
@@ -186,6 +202,9 @@ class WorkerPool:
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
         self._thread: threading.Thread | None = None
+        self._on_serving = on_serving
+        self._events = events or EventLog(None)
+        self._failures_in_a_row = 0
 
     # Public interface, any thread.
 
@@ -269,12 +288,53 @@ class WorkerPool:
                     else:
                         self._receive(next(w for w in self._workers if w.conn is obj))
                 self._kill_overdue()
-            except Exception:  # The dispatcher must survive any bug.
-                logger.exception("dispatcher error; continuing")
-                time.sleep(0.1)
+            except Exception as e:  # The dispatcher must survive any bug.
+                self._dispatcher_failed(e)
+                continue
+            self._dispatcher_worked()
+
+    def _dispatcher_failed(self, error: Exception) -> None:
+        """Logs the first failure of a run of them, reports the pool failing, backs off."""
+        self._failures_in_a_row += 1
+        failures = self._failures_in_a_row
+        if failures == 1:
+            logger.exception("dispatcher error; retrying with backoff")
+        if failures == FAILURES_BEFORE_NOT_SERVING:
+            logger.error(
+                "dispatcher failed %d times in a row (latest: %r); reporting NOT_SERVING until "
+                "it works again",
+                failures,
+                error,
+            )
+            self._events.write(
+                Event.DISPATCHER_FAILING, error=repr(error), failures_in_a_row=failures
+            )
+            self._report_serving(False)
+        delay = min(_MAX_FAILURE_BACKOFF_S, _FAILURE_BACKOFF_S * 2 ** (failures - 1))
+        self._stopping.wait(delay)
+
+    def _dispatcher_worked(self) -> None:
+        """Ends a run of failures; reports the pool serving again if it was not."""
+        if self._failures_in_a_row >= FAILURES_BEFORE_NOT_SERVING:
+            logger.info(
+                "dispatcher works again after %d failures; reporting SERVING",
+                self._failures_in_a_row,
+            )
+            self._report_serving(True)
+        self._failures_in_a_row = 0
+
+    def _report_serving(self, serving: bool) -> None:
+        if self._on_serving is None:
+            return
+        try:
+            self._on_serving(serving)
+        except Exception:  # A bug there must not stop the dispatcher.
+            logger.exception("on_serving(%s) failed", serving)
 
     def _wait_timeout(self) -> float | None:
         deadlines = []
+        if self._failures_in_a_row:
+            deadlines.append(time.monotonic() + _FAILING_POLL_S)
         if len(self._workers) < self._num_workers:
             deadlines.append(self._respawn_at)
         if self._job_timeout_s:
@@ -317,7 +377,8 @@ class WorkerPool:
         view = np.frombuffer(worker.buffer, dtype="<f8", count=n * n).reshape(n, n)
         np.copyto(view, job.matrix)
         del view
-        worker.conn.send(("job", worker.job_id, n, job.exponent, self._options))
+        options = dataclasses.asdict(dataclasses.replace(self._solver, **job.settings.overrides()))
+        worker.conn.send(("job", worker.job_id, n, job.exponent, options))
 
     def _receive(self, worker: _Worker) -> bool:
         """Handles one message from a worker; returns False if the worker is gone."""
@@ -400,6 +461,7 @@ class WorkerPool:
             self._respawn_failures += 1
         self._close(worker)
         if not self._stopping.is_set():
+            self._events.write(Event.WORKER_RESTARTED, pid=worker.process.pid, reason=reason)
             delay = min(_MAX_RESPAWN_DELAY_S, 0.5 * (2**self._respawn_failures - 1))
             self._respawn_at = time.monotonic() + delay
             self._restarts += 1

@@ -19,10 +19,11 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from precond_service import validation
 from precond_service.auth import run_digest
+from precond_service.events import Event, EventLog
 from precond_service.pool import JobResult, SolverOptions, WorkerPool
 from precond_service.roots import METHODS
 from precond_service.scheduler import Job, Outcome, Scheduler
@@ -200,13 +201,17 @@ class _Totals:
 class RootService:
     """Validates statistics, computes their roots on worker processes, publishes them."""
 
-    def __init__(self, config: ServiceConfig) -> None:
+    def __init__(self, config: ServiceConfig, events: EventLog | None = None) -> None:
         """Creates the service; `start` launches its workers.
 
         Args:
             config: The configuration.
+            events: Where the service's events go (WORKER_RESTARTED, RUN_DROPPED,
+                DISPATCHER_FAILING); None writes none.
         """
         self.config = config
+        self.events = events or EventLog(None)
+        self._serving_listeners: list[Callable[[bool], None]] = []
         self.incarnation = uuid.uuid4().hex
         self._started = time.monotonic()
         self._lock = threading.Lock()
@@ -234,6 +239,8 @@ class RootService:
             on_result=self._on_result,
             threads_per_worker=config.threads_per_worker,
             job_timeout_s=config.job_timeout_s,
+            on_serving=self._serving_changed,
+            events=self.events,
         )
 
     def start(self) -> None:
@@ -243,6 +250,19 @@ class RootService:
             RuntimeError: If the workers do not start.
         """
         self._pool.start()
+
+    def add_serving_listener(self, listener: Callable[[bool], None]) -> None:
+        """Calls `listener(False)` when the service cannot compute roots, `(True)` once it can.
+
+        The dispatcher reports not serving after it failed
+        `pool.FAILURES_BEFORE_NOT_SERVING` times in a row; the server turns health
+        NOT_SERVING then. Listeners run on the dispatcher thread and must be quick.
+        """
+        self._serving_listeners.append(listener)
+
+    def _serving_changed(self, serving: bool) -> None:
+        for listener in list(self._serving_listeners):
+            listener(serving)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stops the workers; roots being computed are abandoned.
@@ -278,7 +298,9 @@ class RootService:
                 block = validation.decode_block(
                     message, max_matrix_size=self.config.max_matrix_size
                 )
-                job = Job(run_id, block.key, block.step, block.exponent, block.matrix)
+                job = Job(
+                    run_id, block.key, block.step, block.exponent, block.matrix, block.settings
+                )
                 with self._lock:  # With the count, so that a DropRun cannot come between.
                     outcome = self._scheduler.submit(job)
                     self._count(
@@ -347,6 +369,9 @@ class RootService:
             self._runs.pop(run_id, None)
         if released:
             logger.info("dropped run %s: released %d blocks", run_digest(run_id), released)
+            self.events.write(
+                Event.RUN_DROPPED, run_digest=run_digest(run_id), blocks_released=released
+            )
         return released
 
     def status(self, run_id: str = "") -> ServiceStatus:
