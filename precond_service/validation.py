@@ -30,6 +30,9 @@ from protos import precond_service_pb2 as pb
 # Longest block key accepted, in characters; keys are names, not payloads.
 MAX_KEY_LENGTH = 1024
 
+# Characters of a bad setting's value echoed back in a rejection's reason.
+_ECHOED_CHARACTERS = 40
+
 # Relative asymmetry max|A - A^T| / max|A| above which a statistic is rejected: a
 # float32 sum of G G^T is symmetric to rounding, far below this. The workers pass the
 # same value to `roots` for the full check.
@@ -136,7 +139,7 @@ def decode_settings(message: pb.BlockStatistics) -> RootSettings:
     if message.method and message.method not in METHODS:
         raise ValueError(
             f"method must be one of {METHODS} (or empty for the service's --method), got "
-            f"{message.method[:MAX_KEY_LENGTH]!r}"
+            f"{message.method[:_ECHOED_CHARACTERS]!r}"
         )
     return RootSettings(ridge, threshold, message.method or None)
 

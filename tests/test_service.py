@@ -126,6 +126,25 @@ def test_roots_of_several_blocks_and_runs_match_eigh(start_service, stub_for) ->
     assert all(r.blocks_published == 4 and r.max_staleness_steps == 0 for r in overall.runs)
 
 
+def test_every_pull_carries_the_incarnation_in_its_replies(start_service, stub_for) -> None:
+    server = start_service(workers=1)
+    stub = stub_for(server.address)
+    request = pb.GetPreconditionersRequest(run_id="nothing-yet")
+    (reply,) = stub.GetPreconditioners(request)  # Exactly one, with no roots.
+    assert reply.incarnation == server.service.incarnation and not reply.roots
+    keys = [f"k{i}" for i in range(3)]
+    push(
+        stub,
+        "run",
+        *(StatisticsBlock(k, 1, 2, random_statistic(600, i)) for i, k in enumerate(keys)),
+    )
+    pull_until(stub, "run", dict.fromkeys(keys, 1))
+    # 2.9 MB roots: at most one per reply beside another (PUSH_BATCH_BYTES is 4 MiB).
+    replies = list(stub.GetPreconditioners(pb.GetPreconditionersRequest(run_id="run")))
+    assert [r.key for reply in replies for r in reply.roots] == sorted(keys)
+    assert len(replies) == 3 and {r.incarnation for r in replies} == {server.service.incarnation}
+
+
 def test_each_statistic_is_rooted_with_its_own_settings(start_service, stub_for) -> None:
     server = start_service(workers=1)  # Service defaults: ridge 1e-6, threshold 0.1.
     stub = stub_for(server.address)
