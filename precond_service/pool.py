@@ -10,8 +10,9 @@ Matrices cross through one shared memory file per worker (`memfd`, or an unlinke
 temporary file where there is none), grown to the largest matrix seen so far: the
 dispatcher writes the statistic there as float64 (the float32 -> float64 cast and
 the copy are one pass), the worker writes the root over it, the dispatcher copies it
-out. Only small tuples go through the socket. Nothing has a name, so nothing leaks
-when a process dies. Memory held: one buffer of the largest n*n*8 bytes per worker.
+out. Only the small records of `worker_protocol` go through the socket. Nothing has
+a name, so nothing leaks when a process dies. Memory held: one buffer of the largest
+n*n*8 bytes per worker.
 
 A worker that dies (or runs past `job_timeout_s`, and is killed) is replaced; its
 job is reported failed and dropped, not requeued: a statistic that kills a worker
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import mmap
 import os
 import pathlib
@@ -40,6 +40,7 @@ import numpy as np
 from precond_service.auth import run_digest
 from precond_service.events import Event, EventLog
 from precond_service.scheduler import Job
+from precond_service.worker_protocol import Compute, Done, Ready, RootOutcome, SolverOptions
 
 logger = logging.getLogger(__name__)
 
@@ -70,49 +71,18 @@ _FAILING_POLL_S = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
-class SolverOptions:
-    """How workers compute roots; passed to `roots.inverse_pth_root`.
-
-    Attributes:
-        method: "schur_newton" or "eigh".
-        ridge_epsilon: Ridge added, relative to the largest eigenvalue.
-        failure_threshold: Largest final error of a root that is published.
-        max_iterations: Most Schur-Newton iterations.
-        symmetry_tolerance: Largest relative asymmetry of a statistic accepted.
-    """
-
-    method: str = "schur_newton"
-    ridge_epsilon: float = 1e-6
-    failure_threshold: float = 0.1
-    max_iterations: int = 100
-    symmetry_tolerance: float = 1e-4
-
-
-@dataclasses.dataclass(frozen=True)
 class JobResult:
     """The outcome of one job.
 
     Attributes:
         job: The job.
-        ok: Whether the root may be published (converged, finite error).
-        root: Read-only [n, n] float64 root when ok, else None.
-        error: Final solver residual (NaN when unknown).
-        iterations: Solver iterations.
-        method: Solver used.
-        ridge_epsilon: Relative ridge used.
-        compute_seconds: Solver wall time in the worker.
-        reason: Why it is not ok ("" when ok).
+        outcome: How computing its root went (`outcome.ok`: publishable).
+        root: Read-only [n, n] float64 root when `outcome.ok`, else None.
     """
 
     job: Job
-    ok: bool
+    outcome: RootOutcome
     root: np.ndarray | None = None
-    error: float = math.nan
-    iterations: int = 0
-    method: str = ""
-    ridge_epsilon: float = math.nan
-    compute_seconds: float = 0.0
-    reason: str = ""
 
 
 @dataclasses.dataclass(eq=False)
@@ -377,43 +347,32 @@ class WorkerPool:
         view = np.frombuffer(worker.buffer, dtype="<f8", count=n * n).reshape(n, n)
         np.copyto(view, job.matrix)
         del view
-        options = dataclasses.asdict(dataclasses.replace(self._solver, **job.settings.overrides()))
-        worker.conn.send(("job", worker.job_id, n, job.exponent, options))
+        options = dataclasses.replace(self._solver, **job.settings.overrides())
+        worker.conn.send(Compute(worker.job_id, n, job.exponent, options))
 
     def _receive(self, worker: _Worker) -> bool:
         """Handles one message from a worker; returns False if the worker is gone."""
         try:
-            message = worker.conn.recv()
+            message: Ready | Done = worker.conn.recv()
         except (EOFError, OSError):
             self._retire(worker, f"worker process {worker.process.pid} exited")
             return False
-        if message[0] == "ready":
+        if isinstance(message, Ready):
             worker.ready = True
             self._respawn_failures = 0
             return True
-        _, job_id, result = message
         job = worker.job
-        if job is None or job_id != worker.job_id:
-            logger.error("worker %d answered job %d it was not given", worker.process.pid, job_id)
+        if job is None or message.job_id != worker.job_id:
+            logger.error(
+                "worker %d answered job %d it was not given", worker.process.pid, message.job_id
+            )
             return True
         worker.job = None
         root = None
-        if result["ok"]:
+        if message.outcome.ok:
             n = job.matrix.shape[0]
             root = np.frombuffer(worker.buffer[: n * n * 8], dtype="<f8").reshape(n, n)
-        self._report(
-            JobResult(
-                job=job,
-                ok=bool(result["ok"]),
-                root=root,
-                error=result["error"],
-                iterations=result["iterations"],
-                method=result["method"],
-                ridge_epsilon=result["ridge_epsilon"],
-                compute_seconds=result["compute_seconds"],
-                reason=result.get("reason", ""),
-            )
-        )
+        self._report(JobResult(job, message.outcome, root))
         return True
 
     def _report(self, result: JobResult) -> None:
@@ -454,7 +413,7 @@ class WorkerPool:
                 worker.job.key,
                 worker.job.step,
             )
-            self._report(JobResult(job=worker.job, ok=False, reason=reason))
+            self._report(JobResult(worker.job, RootOutcome(ok=False, reason=reason)))
         else:
             logger.warning("%s (exit code %d)", reason, exit_code)
         if not worker.ready:

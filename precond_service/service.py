@@ -24,10 +24,11 @@ from collections.abc import Callable, Iterable, Mapping
 from precond_service import validation
 from precond_service.auth import run_digest
 from precond_service.events import Event, EventLog
-from precond_service.pool import JobResult, SolverOptions, WorkerPool
+from precond_service.pool import JobResult, WorkerPool
 from precond_service.roots import METHODS
 from precond_service.scheduler import Job, Outcome, Scheduler
 from precond_service.store import PublishedRoot, VersionedStore
+from precond_service.worker_protocol import SolverOptions
 from protos import precond_service_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -451,15 +452,15 @@ class RootService:
 
     def _on_result(self, result: JobResult) -> None:
         """Publishes a computed root, or counts and logs the failure (dispatcher thread)."""
-        job = result.job
+        job, outcome = result.job, result.outcome
         with self._lock:
-            if result.compute_seconds:
+            if outcome.compute_seconds:
                 self._totals.computed += 1
-                self._totals.compute_seconds += result.compute_seconds
-            if not self._scheduler.finish(job, published=result.ok):
+                self._totals.compute_seconds += outcome.compute_seconds
+            if not self._scheduler.finish(job, published=outcome.ok):
                 return  # The run was dropped while its root was being computed.
             run = self._runs.get(job.run_id)
-            if result.ok:
+            if outcome.ok:
                 result.root.flags.writeable = False
                 self._store.publish(
                     job.run_id,
@@ -467,22 +468,19 @@ class RootService:
                         key=job.key,
                         stats_step=job.step,
                         root=result.root,
-                        error=result.error,
-                        iterations=result.iterations,
-                        method=result.method,
-                        compute_seconds=result.compute_seconds,
-                        ridge_epsilon=result.ridge_epsilon,
+                        error=outcome.error,
+                        iterations=outcome.iterations,
+                        method=outcome.method,
+                        compute_seconds=outcome.compute_seconds,
+                        ridge_epsilon=outcome.ridge_epsilon,
                         published_unix_time=time.time(),
                     ),
                 )
-                for counters in (self._totals, run):
-                    if counters is not None:
-                        counters.published += 1
-                return
             for counters in (self._totals, run):
                 if counters is not None:
-                    counters.failed += 1
-        count = self._failures_to_log.add()
+                    counters.published += int(outcome.ok)
+                    counters.failed += int(not outcome.ok)
+        count = 0 if outcome.ok else self._failures_to_log.add()
         if count:
             logger.warning(
                 "%d root(s) not published since the last report, the previous ones stay; "
@@ -491,5 +489,5 @@ class RootService:
                 run_digest(job.run_id),
                 job.key,
                 job.step,
-                result.reason[:_LOGGED_CHARACTERS],
+                outcome.reason[:_LOGGED_CHARACTERS],
             )
