@@ -31,8 +31,8 @@ import grpc
 
 from precond_service.auth import TOKEN_ENV, read_pem, read_token, server_credentials
 from precond_service.events import EventLog
-from precond_service.server import RunningServer, serve
 from precond_service.roots import METHODS
+from precond_service.server import RunningServer, serve
 from precond_service.service import ServiceConfig
 
 logger = logging.getLogger("precond_service")
