@@ -146,15 +146,8 @@ class WorkerPool:
                 when it works again.
             events: Where WORKER_RESTARTED and DISPATCHER_FAILING are written.
 
-        Raises:
-            ValueError: If a count or time is out of range.
+        The counts and times are those of a `ServiceConfig`, which checks them.
         """
-        if num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-        if threads_per_worker < 1:
-            raise ValueError(f"threads_per_worker must be >= 1, got {threads_per_worker}")
-        if job_timeout_s < 0:
-            raise ValueError(f"job_timeout_s must be >= 0 (0: no limit), got {job_timeout_s}")
         self._num_workers = num_workers
         self._solver = solver
         self._take_job = take_job

@@ -98,16 +98,8 @@ class Scheduler:
             max_runs: Most runs held; a statistic for a new run beyond that is
                 rejected. None: no limit besides max_blocks.
 
-        Raises:
-            ValueError: If a limit is below 1.
+        The limits are those of a `ServiceConfig`, which checks them (each >= 1).
         """
-        for name, value in (
-            ("max_blocks", max_blocks),
-            ("max_blocks_per_run", max_blocks_per_run),
-            ("max_runs", max_runs),
-        ):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
         self._max_blocks = max_blocks
         self._max_blocks_per_run = max_blocks_per_run or max_blocks
         self._max_runs = max_runs
