@@ -26,7 +26,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from precond_service import wire
 from precond_service.events import Event, EventLog
-from precond_service.service import RootService, ServiceConfig
+from precond_service.service import RootService
+from precond_service.service_records import ServiceConfig
 from precond_service.servicer import PreconditionerServicer, add_servicer
 
 logger = logging.getLogger(__name__)

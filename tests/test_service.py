@@ -22,7 +22,7 @@ from precond_service.events import Event, EventLog, read_events
 from precond_service.pool import FAILURES_BEFORE_NOT_SERVING
 from precond_service.roots import batched_inverse_pth_root
 from precond_service.server import serve
-from precond_service.service import ServiceConfig
+from precond_service.service_records import ServiceConfig
 from precond_service.status import main as status_main
 from protos import precond_service_pb2 as pb
 from tests.conftest import eigh_inverse_root, random_statistic, wait_until

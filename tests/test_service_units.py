@@ -14,7 +14,8 @@ from precond_service.auth import run_digest
 from precond_service.blocks import StatisticsBlock
 from precond_service.root_settings import RootSettings
 from precond_service.scheduler import CapacityError, Job, Outcome, Scheduler, StaleError
-from precond_service.service import RootService, ServiceConfig
+from precond_service.service import RootService
+from precond_service.service_records import ServiceConfig
 from precond_service.store import PublishedRoot, VersionedStore
 from protos import precond_service_pb2 as pb
 
