@@ -1,3 +1,4 @@
+# Over 400 lines: the solvers, their scaling and stopping rules are one piece of numerics.
 """Inverse p-th roots of symmetric PSD statistics, in float64 NumPy.
 
 The preconditioner service turns each Shampoo statistic `A` into `(A + ridge·I)^(-1/p)`

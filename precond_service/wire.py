@@ -1,3 +1,4 @@
+# Over 400 lines: the encoders and the pre-parse share the wire-format helpers (tags, varints).
 """Converts NumPy arrays and the `blocks` records to and from precond.v1 messages.
 
 Tensors travel as raw row-major little-endian bytes with a dtype and a shape, never
