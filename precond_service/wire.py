@@ -10,7 +10,9 @@ chunking a matrix over several messages. One statistic or root always travels in
 message; `max_message_bytes(n)` is the limit that fits an n x n float64 matrix, and
 the server and client both derive their limits from the largest matrix side they
 accept (4096 by default: 128 MiB + 1 MiB). A client packs small blocks together into
-messages of at most `PUSH_BATCH_BYTES` of tensor data, and sends a large block alone.
+messages of at most `PUSH_BATCH_BYTES` of tensor data, and sends a large block alone;
+the service packs roots into GetPreconditionersReply messages the same way
+(`encode_preconditioner_replies`).
 
 Requests are parsed by `parse_request`, which walks the wire format first and refuses a
 message whose repeated fields (blocks, known_steps entries, shape dimensions) hold more
@@ -19,7 +21,8 @@ bytes of objects, so a 129 MiB message of tiny entries would otherwise cost giga
 before any check could run.
 
 Large messages are serialized by `encode_push_request` and `encode_preconditioner`,
-which write the protobuf wire format themselves around the tensor bytes: the result
+which write the protobuf wire format themselves around the tensor bytes (the field
+numbers they write come from the message descriptors): the result
 parses as the same message, but costs one copy of the matrix instead of the several
 that building and serializing a message with a large bytes field costs (about 2 ms
 instead of 70 ms for a 16 MiB statistic).
