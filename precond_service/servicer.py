@@ -256,7 +256,9 @@ def _checking(method: Callable, *, request_streaming: bool) -> Callable:
     """Wraps a servicer method so that a refused request aborts the RPC with its status."""
     if request_streaming:
 
-        def handle_stream(requests: Iterator[Message | _Refused], context: grpc.ServicerContext):
+        def handle_stream(
+            requests: Iterator[Message | _Refused], context: grpc.ServicerContext
+        ) -> object:
             return method((_checked(r, context) for r in requests), context)
 
         return handle_stream
@@ -273,7 +275,7 @@ def _has_repeated_field(descriptor: Descriptor) -> bool:
 
 
 def _is_repeated(field: FieldDescriptor) -> bool:
-    # `is_repeated` is the protobuf >= 5.29 spelling; `label` is gone from 7.x.
+    # Newer protobuf runtimes have `is_repeated` and no longer `label`; older ones the reverse.
     if hasattr(field, "is_repeated"):
         return field.is_repeated
     return field.label == FieldDescriptor.LABEL_REPEATED
