@@ -249,21 +249,11 @@ def inverse_pth_root(
     Raises:
         ValueError: For an invalid statistic (see `validate_statistic`) or argument.
     """
-    _check_options(
-        method, scaling, ridge_epsilon, tolerance, max_iterations, failure_threshold, max_retries
+    options = _checked_options(
+        ridge_epsilon, method, tolerance, max_iterations, failure_threshold, max_retries, scaling
     )
     statistic = validate_statistic(matrix, p, symmetry_tolerance=symmetry_tolerance)
-    return _solve(
-        statistic,
-        p,
-        ridge_epsilon,
-        method,
-        tolerance,
-        max_iterations,
-        failure_threshold,
-        max_retries,
-        scaling,
-    )
+    return _solve(statistic, p, *options)
 
 
 def batched_inverse_pth_root(
@@ -298,8 +288,8 @@ def batched_inverse_pth_root(
         ValueError: If the stack is not 3-D with square blocks, or an argument is
             invalid.
     """
-    _check_options(
-        method, scaling, ridge_epsilon, tolerance, max_iterations, failure_threshold, max_retries
+    options = _checked_options(
+        ridge_epsilon, method, tolerance, max_iterations, failure_threshold, max_retries, scaling
     )
     _check_exponent(p)
     stack = np.asarray(matrices)
@@ -307,15 +297,6 @@ def batched_inverse_pth_root(
         raise ValueError(
             f"matrices must be a [k, n, n] stack of square blocks, got shape {stack.shape}"
         )
-    options = (
-        ridge_epsilon,
-        method,
-        tolerance,
-        max_iterations,
-        failure_threshold,
-        max_retries,
-        scaling,
-    )
     count, n = stack.shape[0], stack.shape[1]
     roots = np.full((count, n, n), np.nan)
     errors = np.full(count, np.inf)
@@ -342,15 +323,16 @@ def _check_exponent(p: int) -> None:
         raise ValueError(f"p must be a positive integer, got {p!r}")
 
 
-def _check_options(
-    method: str,
-    scaling: str,
+def _checked_options(
     ridge_epsilon: float,
+    method: str,
     tolerance: float,
     max_iterations: int,
     failure_threshold: float,
     max_retries: int,
-) -> None:
+    scaling: str,
+) -> tuple[float, str, float, int, float, int, str]:
+    """Checks the solver options; returns them in the order `_solve` takes them."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if scaling not in SCALINGS:
@@ -373,6 +355,7 @@ def _check_options(
         or max_retries < 0
     ):
         raise ValueError(f"max_retries must be a non-negative integer, got {max_retries!r}")
+    return ridge_epsilon, method, tolerance, max_iterations, failure_threshold, max_retries, scaling
 
 
 def _solve(
