@@ -30,10 +30,33 @@ import threading
 import grpc
 
 from precond_service.auth import TOKEN_ENV, read_pem, read_token, server_credentials
-from precond_service.server import serve
-from precond_service.service import METHODS, ServiceConfig
+from precond_service.events import EventLog
+from precond_service.roots import METHODS
+from precond_service.server import RunningServer, serve
+from precond_service.service_records import ServiceConfig
 
 logger = logging.getLogger("precond_service")
+
+
+# Help of each ServiceConfig field; each is the flag of the same name.
+_CONFIG_FLAGS = {
+    "workers": "worker processes",
+    "method": "root solver, where a statistic does not name one",
+    "ridge_epsilon": "ridge added to each statistic, relative to its largest eigenvalue, where "
+    "a statistic does not carry its own",
+    "failure_threshold": "largest solver error of a root that is published, where a statistic "
+    "does not carry its own",
+    "max_iterations": "most Schur-Newton iterations",
+    "max_matrix_size": "largest matrix side accepted; sets the gRPC message size limit",
+    "max_blocks": "most (run, key) blocks held over all runs",
+    "max_blocks_per_run": "most keys held for one run; a new key beyond it is rejected",
+    "max_runs": "most runs held; a block of a new run beyond it is rejected",
+    "max_blocks_per_request": "most blocks in one push, and most known_steps entries in one "
+    "pull (>= --max_blocks_per_run)",
+    "max_run_id_length": "most characters of a run_id",
+    "threads_per_worker": "BLAS threads in each worker",
+    "job_timeout_s": "fail a root taking longer and replace its worker; 0: no limit",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,7 +68,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     Returns:
         The parsed arguments.
     """
-    defaults = ServiceConfig()
     parser = argparse.ArgumentParser(
         prog="python -m precond_service",
         description="Computes Shampoo inverse roots for trainers over gRPC.",
@@ -53,75 +75,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback)")
     parser.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one")
     parser.add_argument("--port_file", help="write the bound port here once serving")
-    parser.add_argument("--workers", type=int, default=defaults.workers, help="worker processes")
-    parser.add_argument("--method", choices=METHODS, default=defaults.method, help="root solver")
+    defaults = ServiceConfig()
+    for name, help_text in _CONFIG_FLAGS.items():
+        default = getattr(defaults, name)
+        parser.add_argument(
+            f"--{name}",
+            type=type(default),
+            default=default,
+            choices=METHODS if name == "method" else None,
+            help=help_text,
+        )
+    _add_security_flags(parser)
     parser.add_argument(
-        "--ridge_epsilon",
-        type=float,
-        default=defaults.ridge_epsilon,
-        help="ridge added to each statistic, relative to its largest eigenvalue",
+        "--grace_s", type=float, default=5.0, help="seconds in-flight RPCs get at shutdown"
     )
     parser.add_argument(
-        "--failure_threshold",
-        type=float,
-        default=defaults.failure_threshold,
-        help="largest solver error of a root that is published",
-    )
-    parser.add_argument(
-        "--max_iterations",
+        "--parent_pid",
         type=int,
-        default=defaults.max_iterations,
-        help="most Schur-Newton iterations",
+        default=0,
+        help="shut down when this process ends (a trainer's own service child); 0: never",
     )
     parser.add_argument(
-        "--max_matrix_size",
-        type=int,
-        default=defaults.max_matrix_size,
-        help="largest matrix side accepted; sets the gRPC message size limit",
+        "--events_file",
+        help="append the service's events here as JSON lines (precond_service.events)",
     )
-    parser.add_argument(
-        "--max_blocks",
-        type=int,
-        default=defaults.max_blocks,
-        help="most (run, key) blocks held over all runs",
-    )
-    parser.add_argument(
-        "--max_blocks_per_run",
-        type=int,
-        default=defaults.max_blocks_per_run,
-        help="most keys held for one run; a new key beyond it is rejected",
-    )
-    parser.add_argument(
-        "--max_runs",
-        type=int,
-        default=defaults.max_runs,
-        help="most runs held; a block of a new run beyond it is rejected",
-    )
-    parser.add_argument(
-        "--max_blocks_per_request",
-        type=int,
-        default=defaults.max_blocks_per_request,
-        help="most blocks in one push, and most known_steps entries in one pull "
-        "(>= --max_blocks_per_run)",
-    )
-    parser.add_argument(
-        "--max_run_id_length",
-        type=int,
-        default=defaults.max_run_id_length,
-        help="most characters of a run_id",
-    )
-    parser.add_argument(
-        "--threads_per_worker",
-        type=int,
-        default=defaults.threads_per_worker,
-        help="BLAS threads in each worker",
-    )
-    parser.add_argument(
-        "--job_timeout_s",
-        type=float,
-        default=defaults.job_timeout_s,
-        help="fail a root taking longer and replace its worker; 0: no limit",
-    )
+    parser.add_argument("--log_level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    return parser.parse_args(argv)
+
+
+def _add_security_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token_file",
         help=f"file holding a shared secret clients must send (or set ${TOKEN_ENV})",
@@ -136,17 +118,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="allow plaintext on a host other than loopback (refused by default)",
     )
-    parser.add_argument(
-        "--grace_s", type=float, default=5.0, help="seconds in-flight RPCs get at shutdown"
-    )
-    parser.add_argument(
-        "--parent_pid",
-        type=int,
-        default=0,
-        help="shut down when this process ends (a trainer's own service child); 0: never",
-    )
-    parser.add_argument("--log_level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
-    return parser.parse_args(argv)
 
 
 def _is_loopback(host: str) -> bool:
@@ -231,50 +202,14 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        config = ServiceConfig(
-            workers=args.workers,
-            method=args.method,
-            ridge_epsilon=args.ridge_epsilon,
-            failure_threshold=args.failure_threshold,
-            max_iterations=args.max_iterations,
-            max_matrix_size=args.max_matrix_size,
-            max_blocks=args.max_blocks,
-            max_blocks_per_run=args.max_blocks_per_run,
-            max_runs=args.max_runs,
-            max_blocks_per_request=args.max_blocks_per_request,
-            max_run_id_length=args.max_run_id_length,
-            threads_per_worker=args.threads_per_worker,
-            job_timeout_s=args.job_timeout_s,
-        )
+        config = ServiceConfig(**{name: getattr(args, name) for name in _CONFIG_FLAGS})
         token = read_token(args.token_file)
         credentials = _tls_credentials(args)
     except (ValueError, OSError) as e:
         logger.error("%s", e)
         return 1
-    if not _is_loopback(args.host):
-        if credentials is None and not args.insecure:
-            logger.error(
-                "refusing to listen on %s without TLS: pass --tls_cert/--tls_key, or "
-                "--insecure to serve plaintext on purpose (e.g. on a private network)",
-                args.host,
-            )
-            return 1
-        if credentials is None:
-            logger.warning(
-                "listening on %s without TLS (--insecure): anyone on the network can read "
-                "the traffic%s",
-                args.host,
-                ", the token included" if token else "",
-            )
-        if not token and not args.tls_client_ca:
-            logger.warning(
-                "listening on %s without a token: anyone who reaches this port can use the "
-                "service; pass --token_file (or set $%s)",
-                args.host,
-                TOKEN_ENV,
-            )
-    if args.tls_client_ca:
-        logger.info("clients must present a TLS certificate signed by %s", args.tls_client_ca)
+    if not _exposure_allowed(args, token, credentials):
+        return 1
 
     stop = threading.Event()
 
@@ -285,13 +220,59 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     _release_large_buffers()
-    try:
-        running = serve(
-            config, host=args.host, port=args.port, token=token, credentials=credentials
+    with EventLog(args.events_file) as events:
+        try:
+            running = serve(
+                config,
+                host=args.host,
+                port=args.port,
+                token=token,
+                credentials=credentials,
+                events=events,
+            )
+        except RuntimeError as e:
+            logger.error("could not start: %s", e)
+            return 1
+        _serve_until_stopped(running, stop, args)
+    return 0
+
+
+def _exposure_allowed(
+    args: argparse.Namespace, token: str | None, credentials: grpc.ServerCredentials | None
+) -> bool:
+    """Refuses plaintext on a non-loopback host without --insecure; warns of other risks."""
+    if args.tls_client_ca:
+        logger.info("clients must present a TLS certificate signed by %s", args.tls_client_ca)
+    if _is_loopback(args.host):
+        return True
+    if credentials is None and not args.insecure:
+        logger.error(
+            "refusing to listen on %s without TLS: pass --tls_cert/--tls_key, or "
+            "--insecure to serve plaintext on purpose (e.g. on a private network)",
+            args.host,
         )
-    except RuntimeError as e:
-        logger.error("could not start: %s", e)
-        return 1
+        return False
+    if credentials is None:
+        logger.warning(
+            "listening on %s without TLS (--insecure): anyone on the network can read "
+            "the traffic%s",
+            args.host,
+            ", the token included" if token else "",
+        )
+    if not token and not args.tls_client_ca:
+        logger.warning(
+            "listening on %s without a token: anyone who reaches this port can use the "
+            "service; pass --token_file (or set $%s)",
+            args.host,
+            TOKEN_ENV,
+        )
+    return True
+
+
+def _serve_until_stopped(
+    running: RunningServer, stop: threading.Event, args: argparse.Namespace
+) -> None:
+    """Writes the port file, waits for `stop` (or the parent's end), shuts down."""
     try:
         if args.port_file:
             _write_port_file(args.port_file, running.port)
@@ -303,7 +284,6 @@ def main(argv: list[str] | None = None) -> int:
                 break
     finally:
         running.stop(args.grace_s)
-    return 0
 
 
 if __name__ == "__main__":

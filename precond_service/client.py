@@ -18,18 +18,21 @@ the pushed arrays (it does not copy them): do not modify them afterwards.
 When an RPC fails with a transient error the client backs off exponentially and
 retries (a push puts its unsent blocks back unless newer ones arrived meanwhile).
 When the service's incarnation changes (it restarted and forgot everything), the
-client pushes the newest statistic of every key again.
+client pushes the newest statistic of every key again. When the service refuses the
+client for good (UNAUTHENTICATED, PERMISSION_DENIED) both threads stop and `check`
+raises `PermanentServiceError`.
+
+The push thread is `client_push.PushThread`, the pull thread `client_pull.PullThread`,
+and what they share `client_core.ClientCore`.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
-import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -37,24 +40,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from precond_service import wire
 from precond_service.auth import TlsConfig, open_channel
 from precond_service.blocks import PreconditionerBlock, StatisticsBlock
+from precond_service.client_core import PermanentServiceError, keep_newest
+from precond_service.client_pull import PullThread
+from precond_service.client_push import PushThread
+from precond_service.versions import is_newer
 from protos import precond_service_pb2 as pb
 from protos import precond_service_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
-# Errors that retrying the same request cannot fix: the blocks are dropped.
-_PERMANENT_CODES = frozenset(
-    {
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.UNIMPLEMENTED,
-    }
-)
-
-# Rejections remembered for `ClientStatus.last_rejections`.
-_REJECTIONS_KEPT = 10
+__all__ = [
+    "ClientStatus",
+    "PermanentServiceError",
+    "PreconditionerClient",
+    "keep_newest",
+    "wait_for_serving",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +79,8 @@ class ClientStatus:
         last_push_latency_s: Duration of the last completed push RPC.
         last_pull_latency_s: Duration of the last completed pull RPC.
         last_error: The last RPC error, as text.
+        permanent_error: Why the client stopped for good (the service refused it,
+            see `PreconditionerClient.check`); None while it runs.
     """
 
     connected: bool
@@ -96,6 +99,7 @@ class ClientStatus:
     last_push_latency_s: float | None
     last_pull_latency_s: float | None
     last_error: str | None
+    permanent_error: str | None = None
 
 
 def wait_for_serving(address: str, timeout_s: float, tls: TlsConfig | None = None) -> bool:
@@ -143,7 +147,7 @@ def _channel_options(max_matrix_size: int, backoff_max_s: float = 5.0) -> list[t
     ]
 
 
-class PreconditionerClient:
+class PreconditionerClient(PushThread, PullThread):
     """Pushes statistics to, and pulls roots from, a service in the background."""
 
     def __init__(
@@ -176,65 +180,29 @@ class PreconditionerClient:
         Raises:
             ValueError: If an argument is out of range.
         """
-        if not address:
-            raise ValueError("address must be 'host:port', got an empty string")
-        if not run_id:
-            raise ValueError("run_id must be a non-empty string")
-        for name, value in (
-            ("pull_interval_s", pull_interval_s),
-            ("rpc_timeout_s", rpc_timeout_s),
-            ("backoff_initial_s", backoff_initial_s),
-            ("backoff_max_s", backoff_max_s),
-        ):
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
-        if max_matrix_size < 1:
-            raise ValueError(f"max_matrix_size must be >= 1, got {max_matrix_size}")
-        self.address = address
-        self.run_id = run_id
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        _check_arguments(
+            address,
+            run_id,
+            pull_interval_s=pull_interval_s,
+            rpc_timeout_s=rpc_timeout_s,
+            backoff_initial_s=backoff_initial_s,
+            backoff_max_s=backoff_max_s,
+            max_matrix_size=max_matrix_size,
+        )
+        super().__init__(
+            address,
+            run_id,
+            token=token,
+            rpc_timeout_s=rpc_timeout_s,
+            backoff_initial_s=backoff_initial_s,
+            backoff_max_s=backoff_max_s,
+        )
+        self._init_push(max_matrix_size)
+        self._init_pull(pull_interval_s)
         self._tls = tls
-        self._pull_interval_s = pull_interval_s
-        self._rpc_timeout_s = rpc_timeout_s
-        self._backoff_initial_s = backoff_initial_s
-        self._backoff_max_s = backoff_max_s
-        self._max_matrix_size = max_matrix_size
-
-        self._lock = threading.Lock()
-        self._wake_pusher = threading.Condition(self._lock)
-        self._closing = threading.Event()
-        # Cut the pull thread's wait short (`pull_now`, or the push thread got
-        # through after failures), and the push thread's backoff (a pull got through).
-        self._wake_puller = threading.Event()
-        self._wake_retry = threading.Event()
-        self._pending: dict[str, StatisticsBlock] = {}
-        self._last_sent: dict[str, StatisticsBlock] = {}
-        # Replaced, never mutated, so that `latest` needs no lock.
-        self._cache: dict[str, PreconditionerBlock] = {}
-        # Bumped by drop_run: a pull that was in flight across it is discarded.
-        self._generation = 0
-        self._calls: set[grpc.Future | grpc.Call] = set()
         self._channel: grpc.Channel | None = None
         self._threads: list[threading.Thread] = []
         self._closed = False
-
-        self._connected = False
-        self._incarnation: str | None = None
-        self._restarts_seen = 0
-        self._pushes_sent = 0
-        self._blocks_sent = 0
-        self._blocks_replaced = 0
-        self._push_failures = 0
-        self._blocks_rejected = 0
-        self._rejections: collections.deque[tuple[str, str]] = collections.deque(
-            maxlen=_REJECTIONS_KEPT
-        )
-        self._pulls = 0
-        self._pull_failures = 0
-        self._received = 0
-        self._push_latency: float | None = None
-        self._pull_latency: float | None = None
-        self._last_error: str | None = None
 
     # The trainer's side: none of these block on the network.
 
@@ -291,7 +259,7 @@ class PreconditionerClient:
             for block in blocks:
                 held = self._pending.get(block.key)
                 if held is not None:
-                    if held.step > block.step:
+                    if not is_newer(block.step, held.step):
                         continue
                     self._blocks_replaced += 1
                 self._pending[block.key] = block
@@ -325,7 +293,25 @@ class PreconditionerClient:
                 last_push_latency_s=self._push_latency,
                 last_pull_latency_s=self._pull_latency,
                 last_error=self._last_error,
+                permanent_error=(
+                    None if self._permanent_error is None else str(self._permanent_error)
+                ),
             )
+
+    def check(self) -> None:
+        """Raises if the service refused this client for good; returns at once otherwise.
+
+        Transient failures (the service down, slow or restarting) never raise: the
+        client retries them. Call this between inner loops.
+
+        Raises:
+            PermanentServiceError: If a push or pull failed with UNAUTHENTICATED or
+                PERMISSION_DENIED; the client then sends nothing more.
+        """
+        with self._lock:
+            error = self._permanent_error
+        if error is not None:
+            raise error
 
     def pull_now(self) -> None:
         """Asks the pull thread to pull at once instead of at its next interval; returns at once."""
@@ -387,228 +373,15 @@ class PreconditionerClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # Push thread.
 
-    def _push_loop(self, push_call: grpc.StreamUnaryMultiCallable) -> None:
-        failures = 0
-        while True:
-            with self._lock:
-                while not self._pending and not self._closing.is_set():
-                    self._wake_pusher.wait()
-                if self._closing.is_set():
-                    return
-                blocks, self._pending = list(self._pending.values()), {}
-            if self._push_once(push_call, blocks):
-                if failures:  # the service is back: the pull thread need not wait either
-                    self._wake_puller.set()
-                failures = 0
-            else:
-                failures += 1
-                self._wake_retry.clear()
-                self._wake_retry.wait(self._backoff(failures))
-
-    def _push_once(
-        self, push_call: grpc.StreamUnaryMultiCallable, blocks: list[StatisticsBlock]
-    ) -> bool:
-        """Sends blocks in one streaming RPC; returns False if it should be retried."""
-        local_rejections: list[tuple[str, str]] = []
-        start = time.perf_counter()
-        future = push_call.future(
-            self._requests(blocks, local_rejections),
-            timeout=self._rpc_timeout_s,
-            metadata=self._metadata,
-        )
-        self._track(future)
-        try:
-            reply = future.result()
-        except (grpc.RpcError, grpc.FutureCancelledError) as e:
-            return self._push_failed(e, blocks, local_rejections)
-        finally:
-            with self._lock:
-                self._calls.discard(future)
-        latency = time.perf_counter() - start
-        rejections = local_rejections + [(r.key, r.reason) for r in reply.rejected]
-        with self._lock:
-            self._connected = True
-            self._pushes_sent += 1
-            self._blocks_sent += len(blocks) - len(local_rejections)
-            self._push_latency = latency
-            self._count_rejections(rejections)
-            for block in blocks:
-                sent = self._last_sent.get(block.key)
-                if sent is None or sent.step <= block.step:
-                    self._last_sent[block.key] = block
-        self._saw_incarnation(reply.incarnation)
-        return True
-
-    def _push_failed(
-        self,
-        error: Exception,
-        blocks: list[StatisticsBlock],
-        local_rejections: list[tuple[str, str]],
-    ) -> bool:
-        code = error.code() if isinstance(error, grpc.RpcError) else grpc.StatusCode.CANCELLED
-        details = error.details() if isinstance(error, grpc.RpcError) else "cancelled"
-        permanent = code in _PERMANENT_CODES
-        with self._lock:
-            # Warn when the service is first found unreachable, not at every retry.
-            loud = self._connected or self._push_failures == 0 or permanent
-            self._push_failures += 1
-            self._last_error = f"PushStatistics: {code.name}: {details}"
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                self._connected = False
-            if permanent:
-                reason = f"push failed with {code.name}: {details}"
-                self._count_rejections(
-                    local_rejections
-                    + [
-                        (b.key, reason)
-                        for b in blocks
-                        if b.key not in {k for k, _ in local_rejections}
-                    ]
-                )
-            elif not self._closing.is_set():
-                for block in blocks:
-                    held = self._pending.get(block.key)
-                    if held is None or held.step < block.step:
-                        self._pending[block.key] = block
-        if not self._closing.is_set():
-            logger.log(
-                logging.WARNING if loud else logging.DEBUG,
-                "push of %d blocks to %s failed (%s: %s); %s",
-                len(blocks),
-                self.address,
-                code.name,
-                details,
-                "dropping them" if permanent else "will retry",
-            )
-        return permanent
-
-    def _requests(
-        self, blocks: list[StatisticsBlock], local_rejections: list[tuple[str, str]]
-    ) -> Iterator[bytes]:
-        """Serialized messages of about PUSH_BATCH_BYTES of blocks (a large one alone)."""
-        batch: list[StatisticsBlock] = []
-        batch_bytes = 0
-        for block in blocks:
-            try:
-                array = wire.wire_array(block.statistics)
-                if array.ndim and array.shape[0] > self._max_matrix_size:
-                    raise ValueError(
-                        f"matrix side {array.shape[0]} exceeds the client's max_matrix_size "
-                        f"{self._max_matrix_size}"
-                    )
-            except (ValueError, TypeError) as e:
-                local_rejections.append((block.key, f"not sent: {e}"))
-                continue
-            if batch and batch_bytes + array.nbytes > wire.PUSH_BATCH_BYTES:
-                yield wire.encode_push_request(self.run_id, batch)
-                batch, batch_bytes = [], 0
-            batch.append(dataclasses.replace(block, statistics=array))
-            batch_bytes += array.nbytes
-        if batch:
-            yield wire.encode_push_request(self.run_id, batch)
-
-    def _count_rejections(self, rejections: list[tuple[str, str]]) -> None:
-        """Records rejections; the caller holds the lock."""
-        self._blocks_rejected += len(rejections)
-        self._rejections.extend(rejections)
-        for key, reason in rejections[:3]:
-            logger.warning("block %r rejected: %s", key, reason)
-
-    # Pull thread.
-
-    def _pull_loop(self, stub: pb_grpc.PreconditionerServiceStub) -> None:
-        failures = 0
-        while not self._closing.is_set():
-            self._wake_puller.clear()
-            if self._pull_once(stub):
-                if failures:  # the service is back: retry a failed push now
-                    self._wake_retry.set()
-                failures = 0
-                self._wake_puller.wait(self._pull_interval_s)
-            else:
-                failures += 1
-                self._wake_puller.wait(max(self._pull_interval_s, self._backoff(failures)))
-
-    def _pull_once(self, stub: pb_grpc.PreconditionerServiceStub) -> bool:
-        """Fetches roots newer than the cache; returns whether the RPC succeeded."""
-        with self._lock:
-            cache, generation = self._cache, self._generation
-        request = pb.GetPreconditionersRequest(
-            run_id=self.run_id, known_steps={key: b.stats_step for key, b in cache.items()}
-        )
-        start = time.perf_counter()
-        call = stub.GetPreconditioners(
-            request, timeout=self._rpc_timeout_s, metadata=self._metadata
-        )
-        self._track(call)
-        try:
-            received = [wire.message_to_preconditioner(message) for message in call]
-            incarnation = dict(call.initial_metadata()).get("precond-incarnation", "")
-        except grpc.RpcError as e:
-            with self._lock:
-                self._pull_failures += 1
-                self._last_error = f"GetPreconditioners: {e.code().name}: {e.details()}"
-                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    self._connected = False
-            return False
-        except ValueError as e:
-            with self._lock:
-                self._pull_failures += 1
-                self._last_error = f"GetPreconditioners: malformed root: {e}"
-            return False
-        finally:
-            with self._lock:
-                self._calls.discard(call)
-        latency = time.perf_counter() - start
-        with self._lock:
-            if received and generation == self._generation:
-                updated = dict(self._cache)
-                for block in received:
-                    held = updated.get(block.key)
-                    if held is None or held.stats_step < block.stats_step:
-                        updated[block.key] = block
-                self._cache = updated
-            self._connected = True
-            self._pulls += 1
-            self._received += len(received)
-            self._pull_latency = latency
-        if incarnation:
-            self._saw_incarnation(incarnation)
-        return True
-
-    # Both threads.
-
-    def _track(self, call: grpc.Future | grpc.Call) -> None:
-        """Remembers an RPC in flight so that `close` can cancel it."""
-        with self._lock:
-            self._calls.add(call)
-            closing = self._closing.is_set()
-        if closing:  # `close` ran before the call was remembered.
-            call.cancel()
-
-    def _saw_incarnation(self, incarnation: str) -> None:
-        """Re-pushes the newest statistics when the service has restarted."""
-        with self._lock:
-            if self._incarnation == incarnation:
-                return
-            if self._incarnation is not None:
-                self._restarts_seen += 1
-                for key, block in self._last_sent.items():
-                    held = self._pending.get(key)
-                    if held is None or held.step < block.step:
-                        self._pending[key] = block
-                self._wake_pusher.notify()
-                logger.warning(
-                    "service at %s restarted (incarnation %s -> %s); pushing %d statistics again",
-                    self.address,
-                    self._incarnation,
-                    incarnation,
-                    len(self._last_sent),
-                )
-            self._incarnation = incarnation
-
-    def _backoff(self, failures: int) -> float:
-        delay = min(self._backoff_max_s, self._backoff_initial_s * 2 ** (failures - 1))
-        return delay * random.uniform(0.5, 1.0)
+def _check_arguments(address: str, run_id: str, *, max_matrix_size: int, **positive: float) -> None:
+    """Raises ValueError naming the first argument of a client that is out of range."""
+    if not address:
+        raise ValueError("address must be 'host:port', got an empty string")
+    if not run_id:
+        raise ValueError("run_id must be a non-empty string")
+    for name, value in positive.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+    if max_matrix_size < 1:
+        raise ValueError(f"max_matrix_size must be >= 1, got {max_matrix_size}")

@@ -1,17 +1,14 @@
 """W worker processes that compute inverse roots, fed by one dispatcher thread.
 
-Each worker is a fresh interpreter (`python -m precond_service.worker`), started
-with `subprocess` rather than `multiprocessing`: that gives each one an exact
-environment (BLAS limited to `threads_per_worker` threads *before* NumPy is
-imported, so W workers use W cores), never forks a process that runs gRPC threads,
-and never re-imports the parent's `__main__` (a trainer's, with TensorFlow).
+The processes are `worker_process.WorkerProcess`es. Matrices cross through each
+one's shared memory buffer: the dispatcher writes the statistic there as float64
+(the float32 -> float64 cast and the copy are one pass), the worker writes the root
+over it, the dispatcher copies it out. Only the small records of `worker_protocol`
+go through the socket. Memory held: one buffer of the largest n*n*8 bytes per worker.
 
-Matrices cross through one shared memory file per worker (`memfd`, or an unlinked
-temporary file where there is none), grown to the largest matrix seen so far: the
-dispatcher writes the statistic there as float64 (the float32 -> float64 cast and
-the copy are one pass), the worker writes the root over it, the dispatcher copies it
-out. Only small tuples go through the socket. Nothing has a name, so nothing leaks
-when a process dies. Memory held: one buffer of the largest n*n*8 bytes per worker.
+A dispatcher that keeps failing (a bug) backs off, and after
+FAILURES_BEFORE_NOT_SERVING failures in a row reports the pool not serving (the
+server turns health NOT_SERVING) until it works again.
 
 A worker that dies (or runs past `job_timeout_s`, and is killed) is replaced; its
 job is reported failed and dropped, not requeued: a statistic that kills a worker
@@ -22,14 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import mmap
-import os
-import pathlib
 import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -38,44 +28,24 @@ from multiprocessing import connection
 import numpy as np
 
 from precond_service.auth import run_digest
+from precond_service.events import Event, EventLog
 from precond_service.scheduler import Job
+from precond_service.worker_process import WorkerProcess, stop_workers
+from precond_service.worker_protocol import Compute, Done, Ready, RootOutcome, SolverOptions
 
 logger = logging.getLogger(__name__)
-
-# Variables that cap the threads of the BLAS/OpenMP libraries NumPy may use.
-_THREAD_VARIABLES = (
-    "OPENBLAS_NUM_THREADS",
-    "OMP_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "VECLIB_MAXIMUM_THREADS",
-    "NUMEXPR_NUM_THREADS",
-    "BLIS_NUM_THREADS",
-)
-
-# The directory that holds the `precond_service` package, for the workers' path.
-_PACKAGE_ROOT = str(pathlib.Path(__file__).resolve().parent.parent)
 
 # Longest wait between attempts to replace a worker that keeps failing to start.
 _MAX_RESPAWN_DELAY_S = 30.0
 
+# Dispatcher failures in a row after which the pool reports itself not serving, and
+# the first and longest waits between them.
+FAILURES_BEFORE_NOT_SERVING = 3
+_FAILURE_BACKOFF_S = 0.1
+_MAX_FAILURE_BACKOFF_S = 5.0
 
-@dataclasses.dataclass(frozen=True)
-class SolverOptions:
-    """How workers compute roots; passed to `roots.inverse_pth_root`.
-
-    Attributes:
-        method: "schur_newton" or "eigh".
-        ridge_epsilon: Ridge added, relative to the largest eigenvalue.
-        failure_threshold: Largest final error of a root that is published.
-        max_iterations: Most Schur-Newton iterations.
-        symmetry_tolerance: Largest relative asymmetry of a statistic accepted.
-    """
-
-    method: str = "schur_newton"
-    ridge_epsilon: float = 1e-6
-    failure_threshold: float = 0.1
-    max_iterations: int = 100
-    symmetry_tolerance: float = 1e-4
+# Longest wait for work while failing, so that recovery is noticed without a wakeup.
+_FAILING_POLL_S = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,50 +54,13 @@ class JobResult:
 
     Attributes:
         job: The job.
-        ok: Whether the root may be published (converged, finite error).
-        root: Read-only [n, n] float64 root when ok, else None.
-        error: Final solver residual (NaN when unknown).
-        iterations: Solver iterations.
-        method: Solver used.
-        ridge_epsilon: Relative ridge used.
-        compute_seconds: Solver wall time in the worker.
-        reason: Why it is not ok ("" when ok).
+        outcome: How computing its root went (`outcome.ok`: publishable).
+        root: Read-only [n, n] float64 root when `outcome.ok`, else None.
     """
 
     job: Job
-    ok: bool
+    outcome: RootOutcome
     root: np.ndarray | None = None
-    error: float = math.nan
-    iterations: int = 0
-    method: str = ""
-    ridge_epsilon: float = math.nan
-    compute_seconds: float = 0.0
-    reason: str = ""
-
-
-@dataclasses.dataclass(eq=False)
-class _Worker:
-    """One worker process and its buffer; touched only by the dispatcher thread."""
-
-    process: subprocess.Popen
-    conn: connection.Connection
-    buffer_fd: int
-    buffer: mmap.mmap | None = None
-    ready: bool = False
-    job: Job | None = None
-    job_id: int = 0
-    job_started: float = 0.0
-
-
-def _create_buffer_fd() -> int:
-    """Returns a file descriptor of an empty anonymous shared memory file."""
-    if hasattr(os, "memfd_create"):
-        try:
-            return os.memfd_create("precond-worker")
-        except OSError:
-            pass
-    with tempfile.TemporaryFile(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as f:
-        return os.dup(f.fileno())
 
 
 class WorkerPool:
@@ -147,6 +80,8 @@ class WorkerPool:
         threads_per_worker: int = 1,
         job_timeout_s: float = 0.0,
         start_timeout_s: float = 120.0,
+        on_serving: Callable[[bool], None] | None = None,
+        events: EventLog | None = None,
     ) -> None:
         """Creates a pool; `start` launches the processes.
 
@@ -159,24 +94,21 @@ class WorkerPool:
             job_timeout_s: A job running longer than this is failed and its worker
                 killed and replaced; 0 means no limit.
             start_timeout_s: How long `start` waits for the workers to be ready.
+            on_serving: Called from the dispatcher thread with False once it has
+                failed FAILURES_BEFORE_NOT_SERVING times in a row, and with True
+                when it works again.
+            events: Where WORKER_RESTARTED and DISPATCHER_FAILING are written.
 
-        Raises:
-            ValueError: If a count or time is out of range.
+        The counts and times are those of a `ServiceConfig`, which checks them.
         """
-        if num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-        if threads_per_worker < 1:
-            raise ValueError(f"threads_per_worker must be >= 1, got {threads_per_worker}")
-        if job_timeout_s < 0:
-            raise ValueError(f"job_timeout_s must be >= 0 (0: no limit), got {job_timeout_s}")
         self._num_workers = num_workers
-        self._options = dataclasses.asdict(solver)
+        self._solver = solver
         self._take_job = take_job
         self._on_result = on_result
         self._threads_per_worker = threads_per_worker
         self._job_timeout_s = job_timeout_s
         self._start_timeout_s = start_timeout_s
-        self._workers: list[_Worker] = []
+        self._workers: list[WorkerProcess] = []
         self._restarts = 0
         self._respawn_failures = 0
         self._respawn_at = 0.0
@@ -186,6 +118,9 @@ class WorkerPool:
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
         self._thread: threading.Thread | None = None
+        self._on_serving = on_serving
+        self._events = events or EventLog(None)
+        self._failures_in_a_row = 0
 
     # Public interface, any thread.
 
@@ -196,11 +131,14 @@ class WorkerPool:
             RuntimeError: If a worker is not ready within `start_timeout_s`.
         """
         deadline = time.monotonic() + self._start_timeout_s
-        self._workers = [self._spawn() for _ in range(self._num_workers)]
+        self._workers = [
+            WorkerProcess.spawn(self._threads_per_worker) for _ in range(self._num_workers)
+        ]
         for worker in self._workers:
             remaining = max(0.0, deadline - time.monotonic())
             if not (worker.conn.poll(remaining) and self._receive(worker) and worker.ready):
-                self._stop_workers(timeout_s=1.0)
+                stop_workers(self._workers, timeout_s=1.0)
+                self._workers = []
                 raise RuntimeError(
                     f"worker process {worker.process.pid} was not ready within "
                     f"{self._start_timeout_s} s; see its error output above"
@@ -231,7 +169,8 @@ class WorkerPool:
         self.notify()
         if self._thread is not None:
             self._thread.join()
-        self._stop_workers(timeout_s)
+        workers, self._workers = self._workers, []
+        stop_workers(workers, timeout_s)
         self._wake_reader.close()
         self._wake_writer.close()
 
@@ -269,12 +208,53 @@ class WorkerPool:
                     else:
                         self._receive(next(w for w in self._workers if w.conn is obj))
                 self._kill_overdue()
-            except Exception:  # The dispatcher must survive any bug.
-                logger.exception("dispatcher error; continuing")
-                time.sleep(0.1)
+            except Exception as e:  # The dispatcher must survive any bug.
+                self._dispatcher_failed(e)
+                continue
+            self._dispatcher_worked()
+
+    def _dispatcher_failed(self, error: Exception) -> None:
+        """Logs the first failure of a run of them, reports the pool failing, backs off."""
+        self._failures_in_a_row += 1
+        failures = self._failures_in_a_row
+        if failures == 1:
+            logger.exception("dispatcher error; retrying with backoff")
+        if failures == FAILURES_BEFORE_NOT_SERVING:
+            logger.error(
+                "dispatcher failed %d times in a row (latest: %r); reporting NOT_SERVING until "
+                "it works again",
+                failures,
+                error,
+            )
+            self._events.write(
+                Event.DISPATCHER_FAILING, error=repr(error), failures_in_a_row=failures
+            )
+            self._report_serving(False)
+        delay = min(_MAX_FAILURE_BACKOFF_S, _FAILURE_BACKOFF_S * 2 ** (failures - 1))
+        self._stopping.wait(delay)
+
+    def _dispatcher_worked(self) -> None:
+        """Ends a run of failures; reports the pool serving again if it was not."""
+        if self._failures_in_a_row >= FAILURES_BEFORE_NOT_SERVING:
+            logger.info(
+                "dispatcher works again after %d failures; reporting SERVING",
+                self._failures_in_a_row,
+            )
+            self._report_serving(True)
+        self._failures_in_a_row = 0
+
+    def _report_serving(self, serving: bool) -> None:
+        if self._on_serving is None:
+            return
+        try:
+            self._on_serving(serving)
+        except Exception:  # A bug there must not stop the dispatcher.
+            logger.exception("on_serving(%s) failed", serving)
 
     def _wait_timeout(self) -> float | None:
         deadlines = []
+        if self._failures_in_a_row:
+            deadlines.append(time.monotonic() + _FAILING_POLL_S)
         if len(self._workers) < self._num_workers:
             deadlines.append(self._respawn_at)
         if self._job_timeout_s:
@@ -304,55 +284,33 @@ class WorkerPool:
             except (OSError, ValueError) as e:
                 self._retire(worker, f"could not send a job to worker {worker.process.pid}: {e}")
 
-    def _send(self, worker: _Worker, job: Job) -> None:
-        n = job.matrix.shape[0]
-        nbytes = n * n * 8
-        if worker.buffer is None or len(worker.buffer) < nbytes:
-            if worker.buffer is not None:
-                worker.buffer.close()
-            os.ftruncate(worker.buffer_fd, nbytes)
-            worker.buffer = mmap.mmap(worker.buffer_fd, nbytes)
+    def _send(self, worker: WorkerProcess, job: Job) -> None:
         self._next_job_id += 1
         worker.job, worker.job_id, worker.job_started = job, self._next_job_id, time.monotonic()
-        view = np.frombuffer(worker.buffer, dtype="<f8", count=n * n).reshape(n, n)
-        np.copyto(view, job.matrix)
-        del view
-        worker.conn.send(("job", worker.job_id, n, job.exponent, self._options))
+        worker.write_statistic(job.matrix)
+        options = dataclasses.replace(self._solver, **job.settings.overrides())
+        worker.conn.send(Compute(worker.job_id, job.matrix.shape[0], job.exponent, options))
 
-    def _receive(self, worker: _Worker) -> bool:
+    def _receive(self, worker: WorkerProcess) -> bool:
         """Handles one message from a worker; returns False if the worker is gone."""
         try:
-            message = worker.conn.recv()
+            message: Ready | Done = worker.conn.recv()
         except (EOFError, OSError):
             self._retire(worker, f"worker process {worker.process.pid} exited")
             return False
-        if message[0] == "ready":
+        if isinstance(message, Ready):
             worker.ready = True
             self._respawn_failures = 0
             return True
-        _, job_id, result = message
         job = worker.job
-        if job is None or job_id != worker.job_id:
-            logger.error("worker %d answered job %d it was not given", worker.process.pid, job_id)
+        if job is None or message.job_id != worker.job_id:
+            logger.error(
+                "worker %d answered job %d it was not given", worker.process.pid, message.job_id
+            )
             return True
         worker.job = None
-        root = None
-        if result["ok"]:
-            n = job.matrix.shape[0]
-            root = np.frombuffer(worker.buffer[: n * n * 8], dtype="<f8").reshape(n, n)
-        self._report(
-            JobResult(
-                job=job,
-                ok=bool(result["ok"]),
-                root=root,
-                error=result["error"],
-                iterations=result["iterations"],
-                method=result["method"],
-                ridge_epsilon=result["ridge_epsilon"],
-                compute_seconds=result["compute_seconds"],
-                reason=result.get("reason", ""),
-            )
-        )
+        root = worker.read_root(job.matrix.shape[0]) if message.outcome.ok else None
+        self._report(JobResult(job, message.outcome, root))
         return True
 
     def _report(self, result: JobResult) -> None:
@@ -376,7 +334,7 @@ class WorkerPool:
                     f"{self._job_timeout_s} and was killed",
                 )
 
-    def _retire(self, worker: _Worker, reason: str) -> None:
+    def _retire(self, worker: WorkerProcess, reason: str) -> None:
         """Removes a dead or doomed worker, failing its job; a new one replaces it."""
         if worker not in self._workers:
             return
@@ -393,13 +351,14 @@ class WorkerPool:
                 worker.job.key,
                 worker.job.step,
             )
-            self._report(JobResult(job=worker.job, ok=False, reason=reason))
+            self._report(JobResult(worker.job, RootOutcome(ok=False, reason=reason)))
         else:
             logger.warning("%s (exit code %d)", reason, exit_code)
         if not worker.ready:
             self._respawn_failures += 1
-        self._close(worker)
+        worker.close()
         if not self._stopping.is_set():
+            self._events.write(Event.WORKER_RESTARTED, pid=worker.process.pid, reason=reason)
             delay = min(_MAX_RESPAWN_DELAY_S, 0.5 * (2**self._respawn_failures - 1))
             self._respawn_at = time.monotonic() + delay
             self._restarts += 1
@@ -407,71 +366,9 @@ class WorkerPool:
     def _respawn_missing(self) -> None:
         while len(self._workers) < self._num_workers and time.monotonic() >= self._respawn_at:
             try:
-                self._workers.append(self._spawn())
+                self._workers.append(WorkerProcess.spawn(self._threads_per_worker))
             except OSError:
                 logger.exception("could not start a worker process")
                 self._respawn_failures += 1
                 self._respawn_at = time.monotonic() + _MAX_RESPAWN_DELAY_S
                 return
-
-    # Process management.
-
-    def _spawn(self) -> _Worker:
-        parent_socket, child_socket = socket.socketpair()
-        buffer_fd = _create_buffer_fd()
-        env = dict(os.environ)
-        env.update({name: str(self._threads_per_worker) for name in _THREAD_VARIABLES})
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
-        try:
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "precond_service.worker",
-                    f"--conn_fd={child_socket.fileno()}",
-                    f"--buffer_fd={buffer_fd}",
-                ],
-                pass_fds=(child_socket.fileno(), buffer_fd),
-                env=env,
-                stdin=subprocess.DEVNULL,
-                # Its own session: Ctrl-C or a process-group SIGTERM meant for the
-                # service does not reach the workers; the service stops them itself.
-                start_new_session=True,
-            )
-        except OSError:
-            parent_socket.close()
-            os.close(buffer_fd)
-            raise
-        finally:
-            child_socket.close()
-        return _Worker(
-            process=process,
-            conn=connection.Connection(parent_socket.detach()),
-            buffer_fd=buffer_fd,
-        )
-
-    def _stop_workers(self, timeout_s: float) -> None:
-        workers, self._workers = self._workers, []
-        for worker in workers:
-            worker.conn.close()  # An idle worker exits on EOF.
-            if worker.job is not None:
-                worker.process.terminate()  # A busy one would finish its job first.
-        deadline = time.monotonic() + timeout_s
-        for worker in workers:
-            try:
-                worker.process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                worker.process.kill()
-                worker.process.wait()
-            self._close(worker)
-
-    @staticmethod
-    def _close(worker: _Worker) -> None:
-        if not worker.conn.closed:
-            worker.conn.close()
-        if worker.buffer is not None:
-            worker.buffer.close()
-            worker.buffer = None
-        if worker.buffer_fd >= 0:
-            os.close(worker.buffer_fd)
-            worker.buffer_fd = -1

@@ -1,3 +1,4 @@
+# Over 400 lines: the solvers, their scaling and stopping rules are one piece of numerics.
 """Inverse p-th roots of symmetric PSD statistics, in float64 NumPy.
 
 The preconditioner service turns each Shampoo statistic `A` into `(A + ridge·I)^(-1/p)`
@@ -248,21 +249,11 @@ def inverse_pth_root(
     Raises:
         ValueError: For an invalid statistic (see `validate_statistic`) or argument.
     """
-    _check_options(
-        method, scaling, ridge_epsilon, tolerance, max_iterations, failure_threshold, max_retries
+    options = _checked_options(
+        ridge_epsilon, method, tolerance, max_iterations, failure_threshold, max_retries, scaling
     )
     statistic = validate_statistic(matrix, p, symmetry_tolerance=symmetry_tolerance)
-    return _solve(
-        statistic,
-        p,
-        ridge_epsilon,
-        method,
-        tolerance,
-        max_iterations,
-        failure_threshold,
-        max_retries,
-        scaling,
-    )
+    return _solve(statistic, p, *options)
 
 
 def batched_inverse_pth_root(
@@ -287,14 +278,8 @@ def batched_inverse_pth_root(
     Args:
         matrices: [k, n, n] stack of symmetric PSD statistics.
         p: Exponent of the inverse root.
-        ridge_epsilon: See `inverse_pth_root`.
-        method: See `inverse_pth_root`.
-        tolerance: See `inverse_pth_root`.
-        max_iterations: See `inverse_pth_root`.
-        failure_threshold: See `inverse_pth_root`.
-        max_retries: See `inverse_pth_root`.
-        scaling: See `inverse_pth_root`.
-        symmetry_tolerance: See `inverse_pth_root`.
+        ridge_epsilon, method, tolerance, max_iterations, failure_threshold,
+            max_retries, scaling, symmetry_tolerance: See `inverse_pth_root`.
 
     Returns:
         A `BatchedRootResult` with one entry per block.
@@ -303,8 +288,8 @@ def batched_inverse_pth_root(
         ValueError: If the stack is not 3-D with square blocks, or an argument is
             invalid.
     """
-    _check_options(
-        method, scaling, ridge_epsilon, tolerance, max_iterations, failure_threshold, max_retries
+    options = _checked_options(
+        ridge_epsilon, method, tolerance, max_iterations, failure_threshold, max_retries, scaling
     )
     _check_exponent(p)
     stack = np.asarray(matrices)
@@ -324,17 +309,7 @@ def batched_inverse_pth_root(
         except ValueError as error:
             _log.warning("block %d of %d rejected: %s", index, count, error)
             continue
-        result = _solve(
-            statistic,
-            p,
-            ridge_epsilon,
-            method,
-            tolerance,
-            max_iterations,
-            failure_threshold,
-            max_retries,
-            scaling,
-        )
+        result = _solve(statistic, p, *options)
         roots[index] = result.root
         errors[index] = result.error
         iterations[index] = result.iterations
@@ -348,15 +323,16 @@ def _check_exponent(p: int) -> None:
         raise ValueError(f"p must be a positive integer, got {p!r}")
 
 
-def _check_options(
-    method: str,
-    scaling: str,
+def _checked_options(
     ridge_epsilon: float,
+    method: str,
     tolerance: float,
     max_iterations: int,
     failure_threshold: float,
     max_retries: int,
-) -> None:
+    scaling: str,
+) -> tuple[float, str, float, int, float, int, str]:
+    """Checks the solver options; returns them in the order `_solve` takes them."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if scaling not in SCALINGS:
@@ -379,6 +355,7 @@ def _check_options(
         or max_retries < 0
     ):
         raise ValueError(f"max_retries must be a non-negative integer, got {max_retries!r}")
+    return ridge_epsilon, method, tolerance, max_iterations, failure_threshold, max_retries, scaling
 
 
 def _solve(
@@ -475,27 +452,13 @@ def _coupled_newton(
     error = np.inf
     iterations = 0
     for iteration in range(max_iterations):
-        scaled = not (1.0 - _SCALING_STOP <= lo and hi <= 1.0 + _SCALING_STOP)
-        if scaling == "dynamic" and scaled:
-            c = _dynamic_scale(lo, hi, p)
-        elif scaling == "none" and iteration == 0:
-            c = (1.0 + p) / (2.0 * float(np.linalg.norm(m)))
-            scaled = True
-        else:
-            c, scaled = 1.0, False
-
+        c, scaled = _step_scale(scaling, iteration, lo, hi, m, p)
         if not scaled and np.isfinite(error):
-            # Radius of the spectrum of M around 1: the tracked interval (which assumes
-            # A ⪰ 0), at least the measured error; if that allows the H-only finish,
-            # confirmed against an estimate of ‖M − I‖₂ in case A was indefinite.
-            radius = max(1.0 - lo, hi - 1.0, error)
-            if _finishing_order(radius, p, tolerance)[0]:
-                radius = max(radius, _DISTANCE_MARGIN * _spectral_distance(m))
-                order, bound = _finishing_order(radius, p, tolerance)
-                if order:
-                    h = _finish(h, m, p, order, h_next, step, scratch)
-                    error, iterations = bound, iterations + 1
-                    break
+            order, bound = _finishing_step(m, lo, hi, error, p, tolerance)
+            if order:
+                h = _finish(h, m, p, order, h_next, step, scratch)
+                error, iterations = bound, iterations + 1
+                break
 
         np.multiply(m, -(c ** (1.0 + 1.0 / p)) / p, out=step)
         step.reshape(-1)[:: n + 1] += c ** (1.0 / p) * (p + 1.0) / p
@@ -521,6 +484,33 @@ def _coupled_newton(
 
     root = np.eye(n) if h is None else h
     return 0.5 * (root + root.T), float(error), iterations
+
+
+def _step_scale(
+    scaling: str, iteration: int, lo: float, hi: float, m: np.ndarray, p: int
+) -> tuple[float, bool]:
+    """The scale c of the next coupled Newton step, and whether that step is scaled."""
+    if scaling == "dynamic" and not (1.0 - _SCALING_STOP <= lo and hi <= 1.0 + _SCALING_STOP):
+        return _dynamic_scale(lo, hi, p), True
+    if scaling == "none" and iteration == 0:
+        return (1.0 + p) / (2.0 * float(np.linalg.norm(m))), True
+    return 1.0, False
+
+
+def _finishing_step(
+    m: np.ndarray, lo: float, hi: float, error: float, p: int, tolerance: float
+) -> tuple[int, float]:
+    """(order, error bound) of an H-only finishing step that reaches the tolerance; order 0: none.
+
+    The radius of the spectrum of M around 1 is the tracked interval (which assumes
+    A ⪰ 0), at least the measured error; if that allows the H-only finish, it is
+    confirmed against an estimate of ‖M − I‖₂ in case A was indefinite.
+    """
+    radius = max(1.0 - lo, hi - 1.0, error)
+    if not _finishing_order(radius, p, tolerance)[0]:
+        return 0, np.inf
+    radius = max(radius, _DISTANCE_MARGIN * _spectral_distance(m))
+    return _finishing_order(radius, p, tolerance)
 
 
 def _taylor_coefficients(p: int, order: int) -> list[float]:

@@ -20,6 +20,9 @@ import threading
 
 import numpy as np
 
+from precond_service.root_settings import RootSettings
+from precond_service.versions import is_newer, newest
+
 
 class StaleError(ValueError):
     """A statistic is older than one the scheduler already has for its key."""
@@ -48,10 +51,8 @@ class _BlockState:
     published_step: int | None = None
 
     def newest_step(self) -> int | None:
-        steps = [s for s in (self.computing_step, self.published_step) if s is not None]
-        if self.pending is not None:
-            steps.append(self.pending.step)
-        return max(steps) if steps else None
+        pending = None if self.pending is None else self.pending.step
+        return newest(pending, self.computing_step, self.published_step)
 
 
 @dataclasses.dataclass(eq=False)
@@ -64,6 +65,7 @@ class Job:
         step: Step of the statistic.
         exponent: p of the inverse p-th root.
         matrix: Square float32 or float64 statistic (read-only).
+        settings: The statistic's own root settings (None: the service's flags).
         sequence: Arrival order, for ties.
     """
 
@@ -72,6 +74,7 @@ class Job:
     step: int
     exponent: int
     matrix: np.ndarray
+    settings: RootSettings = RootSettings()
     sequence: int = 0
     state: _BlockState | None = dataclasses.field(default=None, repr=False)
 
@@ -95,16 +98,8 @@ class Scheduler:
             max_runs: Most runs held; a statistic for a new run beyond that is
                 rejected. None: no limit besides max_blocks.
 
-        Raises:
-            ValueError: If a limit is below 1.
+        The limits are those of a `ServiceConfig`, which checks them (each >= 1).
         """
-        for name, value in (
-            ("max_blocks", max_blocks),
-            ("max_blocks_per_run", max_blocks_per_run),
-            ("max_runs", max_runs),
-        ):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
         self._max_blocks = max_blocks
         self._max_blocks_per_run = max_blocks_per_run or max_blocks
         self._max_runs = max_runs
@@ -140,14 +135,14 @@ class Scheduler:
                     run = self._runs[job.run_id] = {}
                 state = run[job.key] = _BlockState()
                 self._block_count += 1
-            newest = state.newest_step()
-            if newest is not None and job.step < newest:
+            held = state.newest_step()
+            if not is_newer(job.step, held):
+                if job.step == held:
+                    return Outcome.DUPLICATE
                 raise StaleError(
-                    f"stale: step {job.step} is older than step {newest} already "
-                    f"{self._describe(state, newest)} for this key"
+                    f"stale: step {job.step} is older than step {held} already "
+                    f"{self._describe(state, held)} for this key"
                 )
-            if newest is not None and job.step == newest:
-                return Outcome.DUPLICATE
             outcome = Outcome.QUEUED if state.pending is None else Outcome.COALESCED
             job.sequence = next(self._sequence)
             job.state = state
@@ -196,8 +191,8 @@ class Scheduler:
                 return False
             if state.computing_step == job.step:
                 state.computing_step = None
-            if published:
-                state.published_step = max(job.step, state.published_step or job.step)
+            if published and is_newer(job.step, state.published_step):
+                state.published_step = job.step
             return True
 
     def drop_run(self, run_id: str) -> int:

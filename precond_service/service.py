@@ -19,14 +19,16 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from precond_service import validation
 from precond_service.auth import run_digest
-from precond_service.pool import JobResult, SolverOptions, WorkerPool
-from precond_service.roots import METHODS
+from precond_service.events import Event, EventLog
+from precond_service.pool import JobResult, WorkerPool
 from precond_service.scheduler import Job, Outcome, Scheduler
+from precond_service.service_records import RunStatus, ServiceConfig, ServiceStatus
 from precond_service.store import PublishedRoot, VersionedStore
+from precond_service.worker_protocol import SolverOptions
 from protos import precond_service_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -37,122 +39,6 @@ _LOG_INTERVAL_S = 10.0
 
 # Characters of a client-supplied key or reason that go into a log line.
 _LOGGED_CHARACTERS = 200
-
-
-@dataclasses.dataclass(frozen=True)
-class ServiceConfig:
-    """Everything the service can be configured with.
-
-    Attributes:
-        workers: Worker processes W; each computes one root at a time.
-        method: Root solver, "schur_newton" (coupled Newton) or "eigh" (reference).
-        ridge_epsilon: Ridge added to a statistic, relative to its largest eigenvalue.
-        failure_threshold: Largest solver error of a root that is published; a root
-            above it, or with a non-finite error, is counted failed and dropped.
-        max_iterations: Most Schur-Newton iterations per root.
-        max_matrix_size: Largest matrix side n accepted; it also sets the gRPC
-            message size limit (n * n * 8 bytes + 1 MiB).
-        max_blocks: Most (run_id, key) pairs held over all runs; bounds memory.
-        max_blocks_per_run: Most keys held for one run; a statistic for a new key
-            beyond it is rejected, the run's existing keys still update.
-        max_runs: Most runs held; a statistic for a new run beyond it is rejected.
-        max_blocks_per_request: Most blocks in one PushStatistics call (all its
-            messages) and most known_steps entries in one GetPreconditioners call;
-            at least max_blocks_per_run, as a client pushes every key of its run at once.
-        max_run_id_length: Most characters of a run_id.
-        threads_per_worker: BLAS threads in each worker.
-        job_timeout_s: A root taking longer is failed and its worker replaced; 0
-            means no limit.
-    """
-
-    workers: int = 1
-    method: str = "schur_newton"
-    ridge_epsilon: float = 1e-6
-    failure_threshold: float = 0.1
-    max_iterations: int = 100
-    max_matrix_size: int = 4096
-    max_blocks: int = 65536
-    # A big WMT Transformer has 1-3 thousand blocks.
-    max_blocks_per_run: int = 16384
-    max_runs: int = 256
-    max_blocks_per_request: int = 32768
-    # Trainers make "host-<32 hex digits>" run ids; a user-chosen one may be longer.
-    max_run_id_length: int = 4096
-    threads_per_worker: int = 1
-    job_timeout_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if not self.ridge_epsilon > 0:
-            raise ValueError(f"ridge_epsilon must be > 0, got {self.ridge_epsilon}")
-        if not self.failure_threshold > 0:
-            raise ValueError(f"failure_threshold must be > 0, got {self.failure_threshold}")
-        if self.max_iterations < 1:
-            raise ValueError(f"max_iterations must be >= 1, got {self.max_iterations}")
-        if self.max_matrix_size < 1:
-            raise ValueError(f"max_matrix_size must be >= 1, got {self.max_matrix_size}")
-        if self.max_blocks < 1:
-            raise ValueError(f"max_blocks must be >= 1, got {self.max_blocks}")
-        for name in ("max_blocks_per_run", "max_runs", "max_run_id_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} (--{name}) must be >= 1, got {getattr(self, name)}")
-        if self.max_blocks_per_request < self.max_blocks_per_run:
-            raise ValueError(
-                "max_blocks_per_request (--max_blocks_per_request) must be >= "
-                f"max_blocks_per_run={self.max_blocks_per_run}, as a client pushes every key of "
-                f"its run in one call; got {self.max_blocks_per_request}"
-            )
-        if self.threads_per_worker < 1:
-            raise ValueError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
-        if not self.job_timeout_s >= 0:
-            raise ValueError(f"job_timeout_s must be >= 0 (0: no limit), got {self.job_timeout_s}")
-
-
-@dataclasses.dataclass
-class RunStatus:
-    """Figures for one run; field names match the `RunStatus` message."""
-
-    run_digest: str
-    blocks_known: int = 0
-    blocks_published: int = 0
-    pending: int = 0
-    received: int = 0
-    accepted: int = 0
-    rejected: int = 0
-    coalesced: int = 0
-    published: int = 0
-    failed: int = 0
-    latest_step: int = 0
-    max_staleness_steps: int = 0
-    last_push_unix_time: float = 0.0
-
-
-@dataclasses.dataclass
-class ServiceStatus:
-    """Figures for the service; field names match the `ServiceStatus` message."""
-
-    incarnation: str
-    uptime_seconds: float
-    workers: int
-    workers_alive: int
-    worker_restarts: int
-    queue_depth: int
-    in_flight: int
-    blocks_known: int
-    received: int
-    accepted: int
-    rejected: int
-    coalesced: int
-    published: int
-    failed: int
-    method: str
-    max_matrix_size: int
-    runs: list[RunStatus]
-    worker_pids: list[int]
-    mean_compute_seconds: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,13 +86,17 @@ class _Totals:
 class RootService:
     """Validates statistics, computes their roots on worker processes, publishes them."""
 
-    def __init__(self, config: ServiceConfig) -> None:
+    def __init__(self, config: ServiceConfig, events: EventLog | None = None) -> None:
         """Creates the service; `start` launches its workers.
 
         Args:
             config: The configuration.
+            events: Where the service's events go (WORKER_RESTARTED, RUN_DROPPED,
+                DISPATCHER_FAILING); None writes none.
         """
         self.config = config
+        self.events = events or EventLog(None)
+        self._serving_listeners: list[Callable[[bool], None]] = []
         self.incarnation = uuid.uuid4().hex
         self._started = time.monotonic()
         self._lock = threading.Lock()
@@ -234,6 +124,8 @@ class RootService:
             on_result=self._on_result,
             threads_per_worker=config.threads_per_worker,
             job_timeout_s=config.job_timeout_s,
+            on_serving=self._serving_changed,
+            events=self.events,
         )
 
     def start(self) -> None:
@@ -243,6 +135,19 @@ class RootService:
             RuntimeError: If the workers do not start.
         """
         self._pool.start()
+
+    def add_serving_listener(self, listener: Callable[[bool], None]) -> None:
+        """Calls `listener(False)` when the service cannot compute roots, `(True)` once it can.
+
+        The dispatcher reports not serving after it failed
+        `pool.FAILURES_BEFORE_NOT_SERVING` times in a row; the server turns health
+        NOT_SERVING then. Listeners run on the dispatcher thread and must be quick.
+        """
+        self._serving_listeners.append(listener)
+
+    def _serving_changed(self, serving: bool) -> None:
+        for listener in list(self._serving_listeners):
+            listener(serving)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stops the workers; roots being computed are abandoned.
@@ -278,7 +183,9 @@ class RootService:
                 block = validation.decode_block(
                     message, max_matrix_size=self.config.max_matrix_size
                 )
-                job = Job(run_id, block.key, block.step, block.exponent, block.matrix)
+                job = Job(
+                    run_id, block.key, block.step, block.exponent, block.matrix, block.settings
+                )
                 with self._lock:  # With the count, so that a DropRun cannot come between.
                     outcome = self._scheduler.submit(job)
                     self._count(
@@ -347,6 +254,9 @@ class RootService:
             self._runs.pop(run_id, None)
         if released:
             logger.info("dropped run %s: released %d blocks", run_digest(run_id), released)
+            self.events.write(
+                Event.RUN_DROPPED, run_digest=run_digest(run_id), blocks_released=released
+            )
         return released
 
     def status(self, run_id: str = "") -> ServiceStatus:
@@ -426,15 +336,15 @@ class RootService:
 
     def _on_result(self, result: JobResult) -> None:
         """Publishes a computed root, or counts and logs the failure (dispatcher thread)."""
-        job = result.job
+        job, outcome = result.job, result.outcome
         with self._lock:
-            if result.compute_seconds:
+            if outcome.compute_seconds:
                 self._totals.computed += 1
-                self._totals.compute_seconds += result.compute_seconds
-            if not self._scheduler.finish(job, published=result.ok):
+                self._totals.compute_seconds += outcome.compute_seconds
+            if not self._scheduler.finish(job, published=outcome.ok):
                 return  # The run was dropped while its root was being computed.
             run = self._runs.get(job.run_id)
-            if result.ok:
+            if outcome.ok:
                 result.root.flags.writeable = False
                 self._store.publish(
                     job.run_id,
@@ -442,22 +352,19 @@ class RootService:
                         key=job.key,
                         stats_step=job.step,
                         root=result.root,
-                        error=result.error,
-                        iterations=result.iterations,
-                        method=result.method,
-                        compute_seconds=result.compute_seconds,
-                        ridge_epsilon=result.ridge_epsilon,
+                        error=outcome.error,
+                        iterations=outcome.iterations,
+                        method=outcome.method,
+                        compute_seconds=outcome.compute_seconds,
+                        ridge_epsilon=outcome.ridge_epsilon,
                         published_unix_time=time.time(),
                     ),
                 )
-                for counters in (self._totals, run):
-                    if counters is not None:
-                        counters.published += 1
-                return
             for counters in (self._totals, run):
                 if counters is not None:
-                    counters.failed += 1
-        count = self._failures_to_log.add()
+                    counters.published += int(outcome.ok)
+                    counters.failed += int(not outcome.ok)
+        count = 0 if outcome.ok else self._failures_to_log.add()
         if count:
             logger.warning(
                 "%d root(s) not published since the last report, the previous ones stay; "
@@ -466,5 +373,5 @@ class RootService:
                 run_digest(job.run_id),
                 job.key,
                 job.step,
-                result.reason[:_LOGGED_CHARACTERS],
+                outcome.reason[:_LOGGED_CHARACTERS],
             )

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from precond_service.versions import is_newer
+
 
 @dataclasses.dataclass(frozen=True)
 class PublishedRoot:
@@ -62,7 +64,7 @@ class VersionedStore:
         with self._lock:
             run = self._runs.setdefault(run_id, {})
             held = run.get(root.key)
-            if held is not None and held.stats_step >= root.stats_step:
+            if held is not None and not is_newer(root.stats_step, held.stats_step):
                 return False
             run[root.key] = root
             return True
@@ -83,7 +85,7 @@ class VersionedStore:
         return [
             root
             for key, root in sorted(run.items())
-            if key not in known_steps or root.stats_step > known_steps[key]
+            if is_newer(root.stats_step, known_steps.get(key))
         ]
 
     def steps(self, run_id: str) -> dict[str, int]:

@@ -23,10 +23,15 @@ from collections.abc import Mapping
 import numpy as np
 
 from precond_service import wire
+from precond_service.root_settings import RootSettings
+from precond_service.roots import METHODS
 from protos import precond_service_pb2 as pb
 
 # Longest block key accepted, in characters; keys are names, not payloads.
 MAX_KEY_LENGTH = 1024
+
+# Characters of a bad setting's value echoed back in a rejection's reason.
+_ECHOED_CHARACTERS = 40
 
 # Relative asymmetry max|A - A^T| / max|A| above which a statistic is rejected: a
 # float32 sum of G G^T is symmetric to rounding, far below this. The workers pass the
@@ -47,12 +52,14 @@ class ValidBlock:
         step: Step of the statistic, >= 0.
         exponent: p of the inverse p-th root, >= 1.
         matrix: Read-only square float32 or float64 matrix, finite and symmetric.
+        settings: The block's own root settings (None: the service's flags).
     """
 
     key: str
     step: int
     exponent: int
     matrix: np.ndarray
+    settings: RootSettings = RootSettings()
 
 
 def decode_block(message: pb.BlockStatistics, *, max_matrix_size: int) -> ValidBlock:
@@ -69,8 +76,10 @@ def decode_block(message: pb.BlockStatistics, *, max_matrix_size: int) -> ValidB
         ValueError: With the reason, if the key is empty or too long, the step is
             negative, the exponent is below 1, the tensor is malformed (unknown
             dtype, byte length not matching the shape), the matrix is not square,
-            larger than `max_matrix_size`, not finite or not symmetric.
+            larger than `max_matrix_size`, not finite or not symmetric, or a root
+            setting is out of range (see `decode_settings`).
     """
+    settings = decode_settings(message)
     if not message.key:
         raise ValueError("empty key: every block needs a non-empty key")
     if len(message.key) > MAX_KEY_LENGTH:
@@ -104,7 +113,35 @@ def decode_block(message: pb.BlockStatistics, *, max_matrix_size: int) -> ValidB
             f"statistics are not symmetric: |A - A^T| reaches {asymmetry:.3g} with max|A| = "
             f"{scale:.3g}"
         )
-    return ValidBlock(key=message.key, step=message.step, exponent=message.exponent, matrix=matrix)
+    return ValidBlock(message.key, message.step, message.exponent, matrix, settings)
+
+
+def decode_settings(message: pb.BlockStatistics) -> RootSettings:
+    """Checks and returns the root settings a block carries.
+
+    Raises:
+        ValueError: With the reason, if ridge_epsilon is set and not in (0, 1),
+            failure_threshold is set and not finite and > 0, or method is set and not
+            one of `roots.METHODS`.
+    """
+    ridge = message.ridge_epsilon if message.HasField("ridge_epsilon") else None
+    threshold = message.failure_threshold if message.HasField("failure_threshold") else None
+    if ridge is not None and not 0 < ridge < 1:
+        raise ValueError(
+            f"ridge_epsilon must be in (0, 1), got {ridge!r}; leave it unset for the "
+            "service's --ridge_epsilon"
+        )
+    if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
+        raise ValueError(
+            f"failure_threshold must be finite and > 0, got {threshold!r}; leave it unset for "
+            "the service's --failure_threshold"
+        )
+    if message.method and message.method not in METHODS:
+        raise ValueError(
+            f"method must be one of {METHODS} (or empty for the service's --method), got "
+            f"{message.method[:_ECHOED_CHARACTERS]!r}"
+        )
+    return RootSettings(ridge, threshold, message.method or None)
 
 
 def _sampled_asymmetry(matrix: np.ndarray) -> float:

@@ -1,3 +1,4 @@
+# Over 400 lines: the encoders and the pre-parse share the wire-format helpers (tags, varints).
 """Converts NumPy arrays and the `blocks` records to and from precond.v1 messages.
 
 Tensors travel as raw row-major little-endian bytes with a dtype and a shape, never
@@ -9,7 +10,9 @@ chunking a matrix over several messages. One statistic or root always travels in
 message; `max_message_bytes(n)` is the limit that fits an n x n float64 matrix, and
 the server and client both derive their limits from the largest matrix side they
 accept (4096 by default: 128 MiB + 1 MiB). A client packs small blocks together into
-messages of at most `PUSH_BATCH_BYTES` of tensor data, and sends a large block alone.
+messages of at most `PUSH_BATCH_BYTES` of tensor data, and sends a large block alone;
+the service packs roots into GetPreconditionersReply messages the same way
+(`encode_preconditioner_replies`).
 
 Requests are parsed by `parse_request`, which walks the wire format first and refuses a
 message whose repeated fields (blocks, known_steps entries, shape dimensions) hold more
@@ -18,7 +21,8 @@ bytes of objects, so a 129 MiB message of tiny entries would otherwise cost giga
 before any check could run.
 
 Large messages are serialized by `encode_push_request` and `encode_preconditioner`,
-which write the protobuf wire format themselves around the tensor bytes: the result
+which write the protobuf wire format themselves around the tensor bytes (the field
+numbers they write come from the message descriptors): the result
 parses as the same message, but costs one copy of the matrix instead of the several
 that building and serializing a message with a large bytes field costs (about 2 ms
 instead of 70 ms for a 16 MiB statistic).
@@ -27,7 +31,7 @@ instead of 70 ms for a 16 MiB statistic).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -37,11 +41,20 @@ from google.protobuf.message import DecodeError, Message
 from precond_service.blocks import PreconditionerBlock, StatisticsBlock
 from protos import precond_service_pb2 as pb
 
-# Full name of the gRPC service, as the health service reports it.
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PreconditionerService"].full_name
+# The gRPC service's descriptor, and its full name as the health service reports it.
+SERVICE = pb.DESCRIPTOR.services_by_name["PreconditionerService"]
+SERVICE_NAME = SERVICE.full_name
 
-# Tensor data packed into one PushStatisticsRequest before starting the next one.
+# Tensor data packed into one PushStatisticsRequest (or GetPreconditionersReply)
+# before starting the next one.
 PUSH_BATCH_BYTES = 4 * 1024 * 1024
+
+# Numbers of the fields written by hand around tensor bytes, from the .proto.
+_BLOCKS_FIELD = pb.PushStatisticsRequest.DESCRIPTOR.fields_by_name["blocks"].number
+_STATISTICS_FIELD = pb.BlockStatistics.DESCRIPTOR.fields_by_name["statistics"].number
+_ROOT_FIELD = pb.Preconditioner.DESCRIPTOR.fields_by_name["root"].number
+_REPLY_ROOTS_FIELD = pb.GetPreconditionersReply.DESCRIPTOR.fields_by_name["roots"].number
+_TENSOR_DATA_FIELD = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
 
 # Room for everything in a message besides the tensor bytes (key, shape, ...).
 _MESSAGE_OVERHEAD_BYTES = 1024 * 1024
@@ -55,8 +68,9 @@ _DTYPES = {
 MAX_RANK = 32
 
 # Wire elements (fields, packed values) one request may hold per block or known_steps
-# entry it is allowed: a block as the client encodes it has 10 (itself, key, step,
-# exponent, statistics, shape with its 2 values, dtype, data), an entry 3.
+# entry it is allowed: a block as the client encodes it has at most 13 (itself, key,
+# step, exponent, 3 root settings, statistics, shape with its 2 values, dtype, data),
+# an entry 3.
 _ELEMENTS_PER_ENTRY = 16
 
 # Wire elements allowed besides the entries (run_id and the like).
@@ -258,13 +272,24 @@ def statistics_to_message(block: StatisticsBlock) -> pb.BlockStatistics:
         block: The statistic.
 
     Returns:
-        The BlockStatistics message.
+        The BlockStatistics message; a root setting that is None stays unset.
     """
+    message = _statistics_header(block)
+    message.statistics.CopyFrom(array_to_tensor(block.statistics))
+    return message
+
+
+def _statistics_header(block: StatisticsBlock) -> pb.BlockStatistics:
+    """Every field of a block's message but the statistics tensor."""
     return pb.BlockStatistics(
         key=block.key,
         step=int(block.step),
         exponent=int(block.exponent),
-        statistics=array_to_tensor(block.statistics),
+        ridge_epsilon=None if block.ridge_epsilon is None else float(block.ridge_epsilon),
+        failure_threshold=(
+            None if block.failure_threshold is None else float(block.failure_threshold)
+        ),
+        method=block.method or "",
     )
 
 
@@ -304,11 +329,10 @@ def encode_push_request(run_id: str, blocks: Sequence[StatisticsBlock]) -> bytes
     """
     pieces: list[bytes | memoryview] = [pb.PushStatisticsRequest(run_id=run_id).SerializeToString()]
     for block in blocks:
-        header = pb.BlockStatistics(
-            key=block.key, step=int(block.step), exponent=int(block.exponent)
+        block_pieces, length = _with_tensor(
+            _statistics_header(block), _STATISTICS_FIELD, wire_array(block.statistics)
         )
-        block_pieces, length = _with_tensor(header, 4, wire_array(block.statistics))
-        pieces += [_field_header(2, length), *block_pieces]
+        pieces += [_field_header(_BLOCKS_FIELD, length), *block_pieces]
     return b"".join(pieces)
 
 
@@ -322,8 +346,37 @@ def encode_preconditioner(message: pb.Preconditioner, root: np.ndarray) -> bytes
     Returns:
         Bytes that parse as `message` with `root=array_to_tensor(root)`.
     """
-    pieces, _ = _with_tensor(message, 3, wire_array(root))
+    pieces, _ = _with_tensor(message, _ROOT_FIELD, wire_array(root))
     return b"".join(pieces)
+
+
+def encode_preconditioner_replies(
+    incarnation: str, encoded_roots: Iterable[bytes], *, batch_bytes: int = PUSH_BATCH_BYTES
+) -> Iterator[bytes]:
+    """Packs serialized Preconditioner messages into GetPreconditionersReply messages.
+
+    Roots are packed together up to `batch_bytes` per message (a larger one goes
+    alone, so a message is never larger than the largest root plus its header), and
+    at least one message is yielded, so the incarnation arrives with no roots too.
+
+    Args:
+        incarnation: The service's incarnation, set in every message.
+        encoded_roots: Roots serialized by `encode_preconditioner`.
+        batch_bytes: Most root bytes packed into one message with others.
+
+    Yields:
+        Bytes that each parse as a GetPreconditionersReply.
+    """
+    header = pb.GetPreconditionersReply(incarnation=incarnation).SerializeToString()
+    pieces: list[bytes] = []
+    size = 0
+    for root in encoded_roots:
+        if pieces and size + len(root) > batch_bytes:
+            yield b"".join([header, *pieces])
+            pieces, size = [], 0
+        pieces += [_field_header(_REPLY_ROOTS_FIELD, len(root)), root]
+        size += len(root)
+    yield b"".join([header, *pieces])  # The last roots, or the only (empty) message.
 
 
 def _with_tensor(
@@ -336,7 +389,7 @@ def _with_tensor(
     """
     data = memoryview(array).cast("B")
     tensor = pb.Tensor(shape=list(array.shape), dtype=_wire_dtype(array)).SerializeToString()
-    tensor += _field_header(3, len(data))
+    tensor += _field_header(_TENSOR_DATA_FIELD, len(data))
     tensor_length = len(tensor) + len(data)
     outer = message.SerializeToString() + _field_header(field_number, tensor_length)
     return [outer, tensor, data], len(outer) + tensor_length

@@ -22,7 +22,7 @@ class PreconditionerServiceStub(object):
         self.GetPreconditioners = channel.unary_stream(
                 '/precond.v1.PreconditionerService/GetPreconditioners',
                 request_serializer=protos_dot_precond__service__pb2.GetPreconditionersRequest.SerializeToString,
-                response_deserializer=protos_dot_precond__service__pb2.Preconditioner.FromString,
+                response_deserializer=protos_dot_precond__service__pb2.GetPreconditionersReply.FromString,
                 )
         self.GetStatus = channel.unary_unary(
                 '/precond.v1.PreconditionerService/GetStatus',
@@ -48,8 +48,9 @@ class PreconditionerServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def GetPreconditioners(self, request, context):
-        """Streams the published roots newer than `known_steps`; returns at once with
-        what is published now, never waiting for computation.
+        """Streams the published roots newer than `known_steps`, in one or more replies
+        (at least one, which carries the incarnation); returns at once with what is
+        published now, never waiting for computation.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,7 +81,7 @@ def add_PreconditionerServiceServicer_to_server(servicer, server):
             'GetPreconditioners': grpc.unary_stream_rpc_method_handler(
                     servicer.GetPreconditioners,
                     request_deserializer=protos_dot_precond__service__pb2.GetPreconditionersRequest.FromString,
-                    response_serializer=protos_dot_precond__service__pb2.Preconditioner.SerializeToString,
+                    response_serializer=protos_dot_precond__service__pb2.GetPreconditionersReply.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -132,7 +133,7 @@ class PreconditionerService(object):
             metadata=None):
         return grpc.experimental.unary_stream(request, target, '/precond.v1.PreconditionerService/GetPreconditioners',
             protos_dot_precond__service__pb2.GetPreconditionersRequest.SerializeToString,
-            protos_dot_precond__service__pb2.Preconditioner.FromString,
+            protos_dot_precond__service__pb2.GetPreconditionersReply.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 

@@ -10,11 +10,13 @@ import sys
 import threading
 import time
 
+import grpc
 import numpy as np
+import pytest
 
 from precond_service.auth import run_digest
 from precond_service.blocks import StatisticsBlock
-from precond_service.client import PreconditionerClient, wait_for_serving
+from precond_service.client import PermanentServiceError, PreconditionerClient, wait_for_serving
 from precond_service.status import fetch_status
 from protos import precond_service_pb2 as pb
 from tests.conftest import (
@@ -237,3 +239,27 @@ def test_drop_run_lets_a_restarted_trainer_push_older_steps(start_service) -> No
         assert wait_until(lambda: restarted.latest().get("k", None) is not None, 30)
         assert restarted.latest()["k"].stats_step == 40
         assert restarted.status().blocks_rejected == 0
+
+
+def test_a_refused_token_stops_the_client_with_a_clear_error(start_service) -> None:
+    server = start_service(workers=1, token="s3cret")
+    with PreconditionerClient(server.address, "run", token="wrong", **FAST) as client:
+        client.check()  # Nothing refused yet: no error.
+        client.push([StatisticsBlock("k", 1, 2, np.eye(2))])
+        assert wait_until(lambda: client.status().permanent_error is not None, 30)
+        with pytest.raises(PermanentServiceError, match="UNAUTHENTICATED.*token") as error:
+            client.check()
+        assert error.value.code is grpc.StatusCode.UNAUTHENTICATED
+        # Both threads end instead of retrying: the failures stop counting.
+        assert wait_until(lambda: not any(t.is_alive() for t in client._threads), 30)
+        before = client.status()
+        client.push([StatisticsBlock("k", 2, 2, np.eye(2))])
+        client.pull_now()
+        after = client.status()
+        assert before.push_failures <= 1 and before.pull_failures <= 1
+        assert (after.push_failures, after.pull_failures) == (
+            before.push_failures,
+            before.pull_failures,
+        )
+        assert after.pushes_sent == after.pulls == 0 and not client.latest()
+        assert "precond.token_file" in after.permanent_error

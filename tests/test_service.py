@@ -18,6 +18,11 @@ from precond_service import wire
 from precond_service.auth import run_digest
 from precond_service.blocks import StatisticsBlock
 from precond_service.client import PreconditionerClient
+from precond_service.events import Event, EventLog, read_events
+from precond_service.pool import FAILURES_BEFORE_NOT_SERVING
+from precond_service.roots import batched_inverse_pth_root
+from precond_service.server import serve
+from precond_service.service_records import ServiceConfig
 from precond_service.status import main as status_main
 from protos import precond_service_pb2 as pb
 from tests.conftest import eigh_inverse_root, random_statistic, wait_until
@@ -38,7 +43,7 @@ def push(
 def pull(stub, run_id: str, known: dict[str, int] | None = None) -> dict[str, pb.Preconditioner]:
     """Returns the published roots newer than `known`, by key."""
     request = pb.GetPreconditionersRequest(run_id=run_id, known_steps=known or {})
-    return {p.key: p for p in stub.GetPreconditioners(request)}
+    return {p.key: p for reply in stub.GetPreconditioners(request) for p in reply.roots}
 
 
 def pull_until(stub, run_id: str, steps: dict[str, int], timeout_s: float = 60) -> dict:
@@ -119,6 +124,49 @@ def test_roots_of_several_blocks_and_runs_match_eigh(start_service, stub_for) ->
     assert (overall.published, overall.failed, overall.workers_alive) == (8, 0, 2)
     assert [r.run_digest for r in overall.runs] == sorted(map(run_digest, ["run-a", "run-b"]))
     assert all(r.blocks_published == 4 and r.max_staleness_steps == 0 for r in overall.runs)
+
+
+def test_every_pull_carries_the_incarnation_in_its_replies(start_service, stub_for) -> None:
+    server = start_service(workers=1)
+    stub = stub_for(server.address)
+    request = pb.GetPreconditionersRequest(run_id="nothing-yet")
+    (reply,) = stub.GetPreconditioners(request)  # Exactly one, with no roots.
+    assert reply.incarnation == server.service.incarnation and not reply.roots
+    keys = [f"k{i}" for i in range(3)]
+    push(
+        stub,
+        "run",
+        *(StatisticsBlock(k, 1, 2, random_statistic(600, i)) for i, k in enumerate(keys)),
+    )
+    pull_until(stub, "run", dict.fromkeys(keys, 1))
+    # 2.9 MB roots: at most one per reply beside another (PUSH_BATCH_BYTES is 4 MiB).
+    replies = list(stub.GetPreconditioners(pb.GetPreconditionersRequest(run_id="run")))
+    assert [r.key for reply in replies for r in reply.roots] == sorted(keys)
+    assert len(replies) == 3 and {r.incarnation for r in replies} == {server.service.incarnation}
+
+
+def test_each_statistic_is_rooted_with_its_own_settings(start_service, stub_for) -> None:
+    server = start_service(workers=1)  # Service defaults: ridge 1e-6, threshold 0.1.
+    stub = stub_for(server.address)
+    matrix = random_statistic(24, seed=5)
+    own = StatisticsBlock("own", 3, 4, matrix, ridge_epsilon=1e-3, failure_threshold=0.5)
+    default = StatisticsBlock("default", 3, 4, matrix)
+    assert push(stub, "run", own, default).accepted == 2
+    roots = pull_until(stub, "run", {"own": 3, "default": 3})
+
+    def expected(**settings: float) -> np.ndarray:
+        return batched_inverse_pth_root(matrix[None], 4, **settings).roots[0]
+
+    own_root = wire.tensor_to_array(roots["own"].root)
+    default_root = wire.tensor_to_array(roots["default"].root)
+    np.testing.assert_allclose(
+        own_root, expected(ridge_epsilon=1e-3, failure_threshold=0.5), rtol=1e-12, atol=1e-12
+    )
+    np.testing.assert_allclose(
+        default_root, expected(ridge_epsilon=RIDGE, failure_threshold=0.1), rtol=1e-12, atol=1e-12
+    )
+    assert np.linalg.norm(own_root - default_root) > 1e-3 * np.linalg.norm(default_root)
+    assert (roots["own"].ridge_epsilon, roots["default"].ridge_epsilon) == (1e-3, RIDGE)
 
 
 def test_only_newest_of_rapid_pushes_is_computed(start_service, stub_for) -> None:
@@ -246,6 +294,22 @@ BAD_BLOCKS = [
         "symmetric",
     ),
     (pb.BlockStatistics(key="b", step=1, exponent=2), "no statistics"),
+    *(
+        (
+            pb.BlockStatistics(
+                key="b", step=1, exponent=2, statistics=wire.array_to_tensor(np.eye(2)), **bad
+            ),
+            reason,
+        )
+        for bad, reason in [
+            ({"ridge_epsilon": 0.0}, "ridge_epsilon must be in (0, 1), got 0.0"),
+            ({"ridge_epsilon": 1.0}, "ridge_epsilon must be in (0, 1), got 1.0"),
+            ({"ridge_epsilon": float("nan")}, "ridge_epsilon must be in (0, 1), got nan"),
+            ({"failure_threshold": 0.0}, "failure_threshold must be finite and > 0, got 0.0"),
+            ({"failure_threshold": float("inf")}, "failure_threshold must be finite and > 0"),
+            ({"method": "magic"}, "method must be one of ('schur_newton', 'eigh')"),
+        ]
+    ),
 ]
 
 
@@ -381,7 +445,7 @@ def test_token_is_required_except_for_health(start_service, stub_for) -> None:
         assert wait_until(lambda: "k" in client.latest(), 30)
     with PreconditionerClient(server.address, "run", token="wrong", pull_interval_s=0.02) as client:
         client.push([StatisticsBlock("k", 2, 2, np.eye(2))])
-        assert wait_until(lambda: client.status().blocks_rejected == 1, 30)
+        assert wait_until(lambda: client.status().permanent_error is not None, 30)
         assert "UNAUTHENTICATED" in client.status().last_error
 
 
@@ -473,3 +537,37 @@ def test_a_run_is_readable_only_with_its_run_id_and_status_hides_run_ids(
     assert all(d in outputs[1] and d in outputs[2] for d in digests)
     assert run_digest(run_a) in outputs[3] and run_digest(run_b) not in outputs[3]
     assert run_digest(run_a) in caplog.text and run_digest(run_b) in caplog.text
+
+
+def test_a_failing_dispatcher_reports_not_serving_until_it_works(tmp_path, stub_for) -> None:
+    events_path = tmp_path / "events.jsonl"
+    with EventLog(events_path) as events:
+        server = serve(ServiceConfig(workers=1), events=events)
+        try:
+            pool = server.service._pool
+            take, failing = pool._take_job, threading.Event()
+
+            def take_unless_failing():  # Fault injection: the scheduler's take raises.
+                if failing.is_set():
+                    raise RuntimeError("injected take failure")
+                return take()
+
+            failing.set()
+            pool._take_job = take_unless_failing
+            stub = stub_for(server.address)
+            assert push(stub, "run", StatisticsBlock("k", 1, 2, np.eye(3))).accepted == 1
+            assert wait_until(lambda: not serving(server.address), 30)
+            (failing_event,) = read_events(events_path, Event.DISPATCHER_FAILING)
+            assert failing_event["failures_in_a_row"] == FAILURES_BEFORE_NOT_SERVING
+            assert "injected take failure" in failing_event["error"]
+
+            failing.clear()
+            assert wait_until(lambda: serving(server.address), 30)
+            pull_until(stub, "run", {"k": 1})  # The job was not lost.
+        finally:
+            server.stop(grace_s=0.5)
+    assert [e["event"] for e in read_events(events_path)] == [
+        Event.SERVICE_STARTED,
+        Event.DISPATCHER_FAILING,
+        Event.SERVICE_STOPPED,
+    ]

@@ -13,10 +13,18 @@ import numpy as np
 import pytest
 
 from precond_service.__main__ import main as service_main
+from precond_service.auth import run_digest
 from precond_service.blocks import StatisticsBlock
 from precond_service.client import PreconditionerClient, wait_for_serving
+from precond_service.events import Event, read_events
 from precond_service.status import fetch_status
-from tests.conftest import eigh_inverse_root, random_statistic, subprocess_env, wait_until
+from tests.conftest import (
+    eigh_inverse_root,
+    random_statistic,
+    start_service_process,
+    subprocess_env,
+    wait_until,
+)
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -162,3 +170,40 @@ def test_service_exits_when_its_parent_is_killed(tmp_path: pathlib.Path) -> None
             os.kill(service_pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_service_process_writes_its_events(tmp_path: pathlib.Path) -> None:
+    events_path = tmp_path / "service-events.jsonl"
+    process, address = start_service_process(
+        tmp_path / "service.log", "--workers=1", f"--events_file={events_path}"
+    )
+    try:
+        (started,) = read_events(events_path, Event.SERVICE_STARTED)
+        status = fetch_status(address)
+        assert (started["incarnation"], started["address"]) == (status.incarnation, address)
+        assert started["workers"] == 1
+
+        (worker_pid,) = status.worker_pids
+        os.kill(worker_pid, signal.SIGKILL)
+        assert wait_until(lambda: read_events(events_path, Event.WORKER_RESTARTED), 30)
+        (restarted,) = read_events(events_path, Event.WORKER_RESTARTED)
+        assert restarted["pid"] == worker_pid and "exited" in restarted["reason"]
+
+        with PreconditionerClient(address, "run", pull_interval_s=0.02) as client:
+            client.push([StatisticsBlock("k", 1, 2, np.eye(3))])
+            assert wait_until(lambda: "k" in client.latest(), 30)
+            assert client.drop_run() == 1
+        (dropped,) = read_events(events_path, Event.RUN_DROPPED)
+        assert dropped == {**dropped, "run_digest": run_digest("run"), "blocks_released": 1}
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert [e["event"] for e in read_events(events_path)] == [
+        Event.SERVICE_STARTED,
+        Event.WORKER_RESTARTED,
+        Event.RUN_DROPPED,
+        Event.SERVICE_STOPPED,
+    ]

@@ -30,7 +30,7 @@ from precond_service.auth import TlsConfig, read_pem, server_credentials
 from precond_service.blocks import StatisticsBlock
 from precond_service.client import PreconditionerClient, wait_for_serving
 from precond_service.server import RunningServer, serve
-from precond_service.service import ServiceConfig
+from precond_service.service_records import ServiceConfig
 from precond_service.status import fetch_status
 from precond_service.status import main as status_main
 from tests.conftest import eigh_inverse_root, random_statistic, subprocess_env, wait_until

@@ -12,8 +12,10 @@ import pytest
 from precond_service import validation, wire
 from precond_service.auth import run_digest
 from precond_service.blocks import StatisticsBlock
+from precond_service.root_settings import RootSettings
 from precond_service.scheduler import CapacityError, Job, Outcome, Scheduler, StaleError
-from precond_service.service import RootService, ServiceConfig
+from precond_service.service import RootService
+from precond_service.service_records import ServiceConfig
 from precond_service.store import PublishedRoot, VersionedStore
 from protos import precond_service_pb2 as pb
 
@@ -63,6 +65,13 @@ class TestValidation:
         block = validation.decode_block(_block(), max_matrix_size=8)
         assert (block.key, block.step, block.exponent) == ("k", 3, 4)
         np.testing.assert_array_equal(block.matrix, np.eye(3))
+        assert block.settings == RootSettings()  # Unset: the service's flags.
+
+    def test_root_settings_are_decoded_and_override_only_what_is_set(self) -> None:
+        message = _block(ridge_epsilon=1e-3, method="eigh")
+        block = validation.decode_block(message, max_matrix_size=8)
+        assert block.settings == RootSettings(1e-3, None, "eigh")
+        assert block.settings.overrides() == {"ridge_epsilon": 1e-3, "method": "eigh"}
 
     @pytest.mark.parametrize(
         ("fields", "reason"),
@@ -82,6 +91,9 @@ class TestValidation:
             ({"statistics": wire.array_to_tensor(np.diag([1.0, np.nan]))}, "NaN"),
             ({"statistics": wire.array_to_tensor(np.diag([1.0, np.inf]))}, "infinity"),
             ({"statistics": wire.array_to_tensor(np.array([[1.0, 1.0], [0, 1]]))}, "symmetric"),
+            ({"ridge_epsilon": -1e-3}, r"ridge_epsilon must be in \(0, 1\), got -0.001"),
+            ({"failure_threshold": float("nan")}, "failure_threshold must be finite and > 0"),
+            ({"method": "newton"}, "method must be one of"),
         ],
     )
     def test_bad_block_is_rejected_with_reason(self, fields: dict, reason: str) -> None:
@@ -188,13 +200,15 @@ class TestEncoders:
         blocks = [
             StatisticsBlock("a", 3, 4, np.arange(16, dtype=dtype).reshape(4, 4)),
             StatisticsBlock("b" * 200, 2**40, 8, np.eye(300, dtype=dtype)),
+            StatisticsBlock("c", 1, 2, np.eye(2, dtype=dtype), 1e-3, 0.5, "eigh"),
         ]
         encoded = wire.encode_push_request("run-1", blocks)
         expected = pb.PushStatisticsRequest(
             run_id="run-1", blocks=[wire.statistics_to_message(b) for b in blocks]
         )
+        # Equal once parsed; the bytes differ only in field order (the tensor goes last).
         assert pb.PushStatisticsRequest.FromString(encoded) == expected
-        assert encoded == expected.SerializeToString()
+        assert len(encoded) == expected.ByteSize()
 
     def test_preconditioner_parses_as_the_same_message(self) -> None:
         header = pb.Preconditioner(key="k", stats_step=7, error=1e-7, iterations=9, method="m")
@@ -205,6 +219,26 @@ class TestEncoders:
         parsed = pb.Preconditioner.FromString(wire.encode_preconditioner(header, root))
         assert parsed == expected
         np.testing.assert_array_equal(wire.message_to_preconditioner(parsed).root, root)
+
+    @pytest.mark.parametrize("sizes", [[], [10], [10, 10, 10], [5000, 10, 10], [10, 5000]])
+    def test_preconditioner_replies_carry_the_incarnation_and_every_root_once(
+        self, sizes: list[int]
+    ) -> None:
+        roots = [
+            wire.encode_preconditioner(pb.Preconditioner(key=f"k{i}"), np.ones((n, n)))
+            for i, n in enumerate(sizes)
+        ]
+        batch_bytes = 3 * len(roots[0]) if roots else 1
+        replies = [
+            pb.GetPreconditionersReply.FromString(data)
+            for data in wire.encode_preconditioner_replies("inc-1", roots, batch_bytes=batch_bytes)
+        ]
+        assert replies and all(reply.incarnation == "inc-1" for reply in replies)
+        assert [r.key for reply in replies for r in reply.roots] == [
+            f"k{i}" for i in range(len(sizes))
+        ]
+        for reply in replies:  # Over the batch only with a single root.
+            assert len(reply.roots) == 1 or sum(r.ByteSize() for r in reply.roots) <= batch_bytes
 
 
 class TestCapacity:

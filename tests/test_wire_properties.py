@@ -9,6 +9,7 @@ besides the message itself (measured with tracemalloc, which sees NumPy's buffer
 
 from __future__ import annotations
 
+import math
 import tracemalloc
 from collections.abc import Callable
 
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 from precond_service import validation, wire
+from precond_service.roots import METHODS
 from protos import precond_service_pb2 as pb
 
 MAX_MATRIX_SIZE = 64
@@ -89,6 +91,11 @@ def block_messages(draw: st.DrawFn) -> pb.BlockStatistics:
     tensor = draw(st.one_of(tensors(), symmetric_tensors(), st.none()))
     if tensor is not None:
         message.statistics.CopyFrom(tensor)
+    for name in ("ridge_epsilon", "failure_threshold"):
+        value = draw(st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)))
+        if value is not None:
+            setattr(message, name, value)
+    message.method = draw(st.sampled_from(["", "eigh", "schur_newton", "other", "x" * 2000]))
     return message
 
 
@@ -141,6 +148,10 @@ def test_block_decodes_valid_or_raises_value_error(message: pb.BlockStatistics) 
     assert result.matrix.shape == (n, n) and 1 <= n <= MAX_MATRIX_SIZE
     assert result.key and len(result.key) <= validation.MAX_KEY_LENGTH
     assert result.step >= 0 and result.exponent >= 1
+    settings = result.settings
+    assert settings.ridge_epsilon is None or 0 < settings.ridge_epsilon < 1
+    assert settings.failure_threshold is None or 0 < settings.failure_threshold < math.inf
+    assert settings.method in (None, *METHODS)
     assert np.isfinite(result.matrix).all()
     scale = np.abs(result.matrix).max()
     asymmetry = np.abs(result.matrix - result.matrix.T).max()

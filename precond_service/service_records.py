@@ -1,0 +1,128 @@
+"""The service's configuration, and the figures it reports (`GetStatus`).
+
+`ServiceConfig` is the one place its values are checked; the `python -m
+precond_service` flags of the same names fill it. `RunStatus` and `ServiceStatus`
+have the field names of their .proto messages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from precond_service.roots import METHODS
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceConfig:
+    """Everything the service can be configured with.
+
+    Attributes:
+        workers: Worker processes W; each computes one root at a time.
+        method: Root solver, "schur_newton" (coupled Newton) or "eigh" (reference).
+        ridge_epsilon: Ridge added to a statistic, relative to its largest eigenvalue.
+        failure_threshold: Largest solver error of a root that is published; a root
+            above it, or with a non-finite error, is counted failed and dropped.
+        max_iterations: Most Schur-Newton iterations per root.
+        max_matrix_size: Largest matrix side n accepted; it also sets the gRPC
+            message size limit (n * n * 8 bytes + 1 MiB).
+        max_blocks: Most (run_id, key) pairs held over all runs; bounds memory.
+        max_blocks_per_run: Most keys held for one run; a statistic for a new key
+            beyond it is rejected, the run's existing keys still update.
+        max_runs: Most runs held; a statistic for a new run beyond it is rejected.
+        max_blocks_per_request: Most blocks in one PushStatistics call (all its
+            messages) and most known_steps entries in one GetPreconditioners call;
+            at least max_blocks_per_run, as a client pushes every key of its run at once.
+        max_run_id_length: Most characters of a run_id.
+        threads_per_worker: BLAS threads in each worker.
+        job_timeout_s: A root taking longer is failed and its worker replaced; 0
+            means no limit.
+    """
+
+    workers: int = 1
+    method: str = "schur_newton"
+    ridge_epsilon: float = 1e-6
+    failure_threshold: float = 0.1
+    max_iterations: int = 100
+    max_matrix_size: int = 4096
+    max_blocks: int = 65536
+    # A big WMT Transformer has 1-3 thousand blocks.
+    max_blocks_per_run: int = 16384
+    max_runs: int = 256
+    max_blocks_per_request: int = 32768
+    # Trainers make "host-<32 hex digits>" run ids; a user-chosen one may be longer.
+    max_run_id_length: int = 4096
+    threads_per_worker: int = 1
+    job_timeout_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not self.ridge_epsilon > 0:
+            raise ValueError(f"ridge_epsilon must be > 0, got {self.ridge_epsilon}")
+        if not self.failure_threshold > 0:
+            raise ValueError(f"failure_threshold must be > 0, got {self.failure_threshold}")
+        if self.max_iterations < 1:
+            raise ValueError(f"max_iterations must be >= 1, got {self.max_iterations}")
+        if self.max_matrix_size < 1:
+            raise ValueError(f"max_matrix_size must be >= 1, got {self.max_matrix_size}")
+        if self.max_blocks < 1:
+            raise ValueError(f"max_blocks must be >= 1, got {self.max_blocks}")
+        for name in ("max_blocks_per_run", "max_runs", "max_run_id_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} (--{name}) must be >= 1, got {getattr(self, name)}")
+        if self.max_blocks_per_request < self.max_blocks_per_run:
+            raise ValueError(
+                "max_blocks_per_request (--max_blocks_per_request) must be >= "
+                f"max_blocks_per_run={self.max_blocks_per_run}, as a client pushes every key of "
+                f"its run in one call; got {self.max_blocks_per_request}"
+            )
+        if self.threads_per_worker < 1:
+            raise ValueError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
+        if not self.job_timeout_s >= 0:
+            raise ValueError(f"job_timeout_s must be >= 0 (0: no limit), got {self.job_timeout_s}")
+
+
+@dataclasses.dataclass
+class RunStatus:
+    """Figures for one run; field names match the `RunStatus` message."""
+
+    run_digest: str
+    blocks_known: int = 0
+    blocks_published: int = 0
+    pending: int = 0
+    received: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    coalesced: int = 0
+    published: int = 0
+    failed: int = 0
+    latest_step: int = 0
+    max_staleness_steps: int = 0
+    last_push_unix_time: float = 0.0
+
+
+@dataclasses.dataclass
+class ServiceStatus:
+    """Figures for the service; field names match the `ServiceStatus` message."""
+
+    incarnation: str
+    uptime_seconds: float
+    workers: int
+    workers_alive: int
+    worker_restarts: int
+    queue_depth: int
+    in_flight: int
+    blocks_known: int
+    received: int
+    accepted: int
+    rejected: int
+    coalesced: int
+    published: int
+    failed: int
+    method: str
+    max_matrix_size: int
+    runs: list[RunStatus]
+    worker_pids: list[int]
+    mean_compute_seconds: float
