@@ -132,7 +132,7 @@ def bench_latency(sizes: list[int], repeats: int) -> list[dict]:
                 # Pull every POLL_S until the root is there: more often steals enough CPU
                 # from the worker on two cores to slow the solver down measurably.
                 while True:
-                    got = list(stub.GetPreconditioners(request))
+                    got = [r for reply in stub.GetPreconditioners(request) for r in reply.roots]
                     if got:
                         break
                     time.sleep(POLL_S)

@@ -262,7 +262,10 @@ class ServicePreconditioning:
         Raises:
             TimeoutError: In delay mode, the due roots did not arrive within
                 `delay_timeout_s`.
+            PermanentServiceError: The service refused this client for good
+                (UNAUTHENTICATED, PERMISSION_DENIED).
         """
+        self.client.check()  # a refused token or run stops the run with what to fix
         step = self.step
         if self.delay_steps:
             return self._after_steps_delayed(step)
