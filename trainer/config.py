@@ -14,12 +14,52 @@ from typing import Any
 
 import ml_collections
 
+from precond_service.roots import METHODS as ROOT_METHODS
+from trainer.optimizers.shampoo import GRAFT_TYPES, PRECONDITION_MODES
+
 OPTIMIZERS = ("shampoo", "adam", "adagrad")
-PRECOND_MODES = ("async", "sync", "off")
 DATA_SOURCES = ("wmt14", "text", "numbers")
 SCHEDULES = ("rsqrt", "constant")
 MIXED_PRECISION = ("", "mixed_float16", "mixed_bfloat16")
-GRAFT_TYPES = ("adam", "adagrad", "sgd", "none")
+
+# Fields that may differ between a workdir's config.json and the config that
+# resumes it: how long and how often, where the service is, how to evaluate and
+# decode. Every other field shapes the checkpointed state or what the run means
+# (model, vocabulary and data, optimizer, precond.mode and update_steps, seed,
+# mixed precision ...), and a resume that changes one is refused (see
+# `config_differences`). A name ending in "." covers the whole section.
+RESUMABLE_FIELDS = (
+    "train.num_steps",
+    "train.steps_per_loop",
+    "train.log_every_s",
+    "train.summary_every_steps",
+    "train.checkpoint_every_steps",
+    "train.keep_checkpoints",
+    "train.eval_every_steps",
+    "train.max_loss",
+    "train.max_consecutive_skipped_steps",
+    "train.jit_compile",
+    "train.deterministic",
+    "train.restart",
+    "decode.",
+    "data.eval_batch_size",
+    "data.eval_bleu_examples",
+    "data.max_eval_length",
+    "data.numbers_eval_size",
+    "data.dev_files",
+    "data.test_files",
+    "data.tfds_data_dir",
+    "data.tfds_manual_dir",
+    "precond.address",
+    "precond.workers",
+    "precond.service_flags",
+    "precond.token_file",
+    "precond.tls_ca_file",
+    "precond.tls_cert_file",
+    "precond.tls_key_file",
+    "precond.pull_interval_s",
+    "precond.delay_timeout_s",
+)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -60,6 +100,11 @@ def default_config() -> ml_collections.ConfigDict:
     # the same command gives the same weights, also across a kill and resume in
     # precond.mode="sync" or with precond.delay_steps. Slower on a GPU.
     config.train.deterministic = False
+    # Start afresh in a workdir that holds a run: its checkpoints, config.json,
+    # summaries and results.json are moved to WORKDIR/previous/<UTC time>/
+    # (never deleted). Without it, a config that changes a field outside
+    # RESUMABLE_FIELDS is refused.
+    config.train.restart = False
 
     config.data = ml_collections.ConfigDict()
     # Where the sentence pairs come from: "wmt14" (TensorFlow Datasets),
@@ -160,6 +205,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.optimizer.shampoo.exponent_override = 0
     # Roots with a larger relative error are not installed.
     config.optimizer.shampoo.inverse_failure_threshold = 0.1
+    # Inverse-root solver: "schur_newton" (coupled Newton iteration) or "eigh"
+    # (eigendecomposition); used by the sync mode and sent with each push.
+    config.optimizer.shampoo.root_method = "schur_newton"
 
     config.precond = ml_collections.ConfigDict()
     # "async" (roots from the service), "sync" (roots inside the trainer every
@@ -220,11 +268,12 @@ def _get(config: ml_collections.ConfigDict, field: str) -> Any:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks values a field's type does not; raises ValueError naming the field."""
     _check_choice(config, "optimizer.name", OPTIMIZERS)
-    _check_choice(config, "precond.mode", PRECOND_MODES)
+    _check_choice(config, "precond.mode", PRECONDITION_MODES)
     _check_choice(config, "data.source", DATA_SOURCES)
     _check_choice(config, "optimizer.schedule", SCHEDULES)
     _check_choice(config, "train.mixed_precision", MIXED_PRECISION)
     _check_choice(config, "optimizer.shampoo.graft_type", GRAFT_TYPES)
+    _check_choice(config, "optimizer.shampoo.root_method", ROOT_METHODS)
     for field in (
         "train.num_steps",
         "train.steps_per_loop",
@@ -324,3 +373,40 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f'config.precond.mode must be "off" for config.optimizer.name='
             f"{config.optimizer.name!r}, got {config.precond.mode!r}"
         )
+
+
+def flatten_fields(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as {"section.name": value}."""
+    flat: dict[str, Any] = {}
+    for name, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten_fields(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def is_resumable_field(field: str) -> bool:
+    """Whether `field` ("section.name") may change when a run resumes (RESUMABLE_FIELDS)."""
+    return any(
+        field.startswith(allowed) if allowed.endswith(".") else field == allowed
+        for allowed in RESUMABLE_FIELDS
+    )
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Fields outside RESUMABLE_FIELDS whose value differs: field -> (old, new).
+
+    A field the old config lacks (written before the field existed) is not
+    compared: the old run used the field's default then.
+
+    Args:
+        old: The config a run wrote (config.json, as plain dicts).
+        new: The config that would resume it (`config.to_dict()`).
+    """
+    old_flat, new_flat = flatten_fields(old), flatten_fields(new)
+    return {
+        field: (old_flat[field], value)
+        for field, value in sorted(new_flat.items())
+        if field in old_flat and old_flat[field] != value and not is_resumable_field(field)
+    }
