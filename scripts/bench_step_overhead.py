@@ -76,7 +76,8 @@ def specs(args: argparse.Namespace) -> dict[str, bt.RunSpec]:
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("trainer.train").setLevel(logging.WARNING)
+    logging.getLogger("trainer").setLevel(logging.WARNING)
+    from trainer.process_setup import setup_process
     from trainer.train import Trainer
 
     files, vocab_path = bt.shared_paths(args)
@@ -86,7 +87,9 @@ def main() -> None:
         trainers, bridges = {}, {}
         for label, spec in runs.items():
             workdir = str(Path(args.work_dir) / "step_overhead" / label)
-            trainer = Trainer(bt.bench_config(spec, files, vocab_path), workdir)
+            config = bt.bench_config(spec, files, vocab_path)
+            setup_process(config)
+            trainer = Trainer(config, workdir)
             if trainer.restored_step:
                 raise RuntimeError(f"{workdir} holds a checkpoint: delete it first")
             trainers[label] = trainer
