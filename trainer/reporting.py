@@ -78,10 +78,10 @@ class Reporter:
         self,
         step: int,
         metrics: LoopMetrics,
-        remaining_s: float,
         bridge: ServicePreconditioning | None,
     ) -> None:
-        """One progress line in the log and a PROGRESS event."""
+        """One progress line in the log (the ETA at the recent speed) and a PROGRESS event."""
+        remaining_s = (self.config.train.num_steps - step) * metrics.step_time
         held = self.staleness()
         precond = ""
         if held is not None and held.fraction_preconditioned == 0:

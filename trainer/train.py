@@ -290,7 +290,7 @@ class Trainer:
             Action("checks", self._check_loop, every_seconds=0.0),
             Action(
                 "progress",
-                lambda step, metrics: self._progress(step, metrics, bridge),
+                lambda step, metrics: self.reporter.progress(step, metrics, bridge),
                 every_seconds=train.log_every_s,
                 at_loop_end=True,
             ),
@@ -350,12 +350,6 @@ class Trainer:
                 f"{step} (limit config.train.max_consecutive_skipped_steps={limit}): "
                 f"{_WHAT_TO_TRY}"
             )
-
-    def _progress(
-        self, step: int, metrics: LoopMetrics, bridge: ServicePreconditioning | None
-    ) -> None:
-        remaining = (self.config.train.num_steps - step) * metrics.step_time
-        self.reporter.progress(step, metrics, remaining, bridge)
 
     def _save_checkpoint(self, step: int) -> None:
         path = self.manager.save(checkpoint_number=step)
