@@ -113,24 +113,7 @@ def main() -> None:
             if label.startswith("shampoo-async")
         }
 
-    summary = {}
-    adam_mean = statistics.mean(times["adam"])
-    adam_median = statistics.median(times["adam"])
-    standalone = _standalone_step_times()
-    for label, values in times.items():
-        summary[label] = {
-            "mean_ms": 1000 * statistics.mean(values),
-            "median_ms": 1000 * statistics.median(values),
-            "p95_ms": 1000 * sorted(values)[int(0.95 * (len(values) - 1))],
-            "max_ms": 1000 * max(values),
-            "mean_ratio_to_adam": statistics.mean(values) / adam_mean,
-            "median_ratio_to_adam": statistics.median(values) / adam_median,
-            "standalone_mean_ms": standalone.get(label),
-        }
-    if standalone.get("adam"):
-        for label in summary:
-            if standalone.get(label):
-                summary[label]["standalone_ratio_to_adam"] = standalone[label] / standalone["adam"]
+    summary = _summarise(times)
     met = {
         f"{label} mean <= 1.15x Adam (interleaved)": summary[label]["mean_ratio_to_adam"] <= 1.15
         for label in summary
@@ -155,6 +138,29 @@ def main() -> None:
             f"max {row['max_ms']:6.0f} ms  standalone {_fmt(row['standalone_mean_ms'])} ms"
         )
     print("targets:", met)
+
+
+def _summarise(times: dict[str, list[float]]) -> dict[str, dict]:
+    """Per label: mean, median, p95 and max ms/step, and the ratios to Adam's."""
+    summary = {}
+    adam_mean = statistics.mean(times["adam"])
+    adam_median = statistics.median(times["adam"])
+    standalone = _standalone_step_times()
+    for label, values in times.items():
+        summary[label] = {
+            "mean_ms": 1000 * statistics.mean(values),
+            "median_ms": 1000 * statistics.median(values),
+            "p95_ms": 1000 * sorted(values)[int(0.95 * (len(values) - 1))],
+            "max_ms": 1000 * max(values),
+            "mean_ratio_to_adam": statistics.mean(values) / adam_mean,
+            "median_ratio_to_adam": statistics.median(values) / adam_median,
+            "standalone_mean_ms": standalone.get(label),
+        }
+    if standalone.get("adam"):
+        for label in summary:
+            if standalone.get(label):
+                summary[label]["standalone_ratio_to_adam"] = standalone[label] / standalone["adam"]
+    return summary
 
 
 def _staleness(trainer) -> dict:
