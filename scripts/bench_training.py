@@ -1,4 +1,4 @@
-# Over 400 lines for a reason: the one module all training benchmarks share (data, specs, a run, its cache, the report).
+# Over 400 lines for a reason: the one module all training benchmarks share.
 """Training runs on Tatoeba English-French that the training benchmarks share.
 
 One run = one optimizer (Adam, AdaGrad, or Shampoo with its preconditioner
