@@ -8,11 +8,15 @@ were; `train.restart=True` moves the earlier run to `previous/`, never deletes.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from precond_service.events import Event, read_events
+from tests.test_config import ROOT, load_config_file
 from tests.test_trainer import make_trainer, tiny_config
 from trainer import checkpoints
 from trainer import config as config_lib
@@ -123,3 +127,30 @@ def test_every_resumable_field_exists():
     fields = config_lib.flatten_fields(config_lib.default_config().to_dict())
     for allowed in config_lib.RESUMABLE_FIELDS:
         assert any(f == allowed or f.startswith(allowed) for f in fields), allowed
+
+
+def test_cli_refuses_a_changed_config_with_the_fields_and_the_way_out(tmp_path):
+    config = load_config_file("quickstart")
+    checkpoints.write_config(config, str(tmp_path))
+    before = (tmp_path / "config.json").read_bytes()
+    d_model = config.model.d_model
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "--config=configs/quickstart.py",
+            f"--workdir={tmp_path}",
+            f"--config.model.d_model={2 * d_model}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert completed.returncode != 0
+    assert f"model.d_model: {d_model} -> {2 * d_model}" in completed.stderr
+    assert "--config.train.restart=True" in completed.stderr
+    assert (tmp_path / "config.json").read_bytes() == before
+    assert not (tmp_path / checkpoints.CHECKPOINT_DIR).exists()

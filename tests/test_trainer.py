@@ -111,6 +111,8 @@ def test_each_optimizer_and_mode_trains_checkpoints_and_evaluates(
     assert [e["step"] for e in read_events(events, Event.CHECKPOINT_SAVED)] == [4, 8]
     progress = read_events(events, Event.PROGRESS)
     assert progress[-1]["step"] == 8 and np.isfinite(progress[-1]["loss"])
+    # Staleness in the event: null without roots, as the log line says "none yet".
+    assert progress[-1]["staleness_min"] == (2 if mode == "sync" else None)
     assert [(e["step"], e["split"]) for e in read_events(events, Event.EVALUATED)] == [
         (8, "dev"),
         (8, "test"),
