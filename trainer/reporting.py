@@ -22,7 +22,9 @@ from trainer.evaluation import EvalResult
 from trainer.optimizers import Shampoo
 from trainer.optimizers.service_bridge import ServicePreconditioning, Staleness, staleness
 
-log = logging.getLogger(__name__)
+# The trainer's log lines keep the logger name they always had: scripts and
+# tests still filter the console by it.
+log = logging.getLogger("trainer.train")
 
 EVENTS_FILE = "events.jsonl"
 
