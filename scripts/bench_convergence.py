@@ -84,21 +84,7 @@ def main() -> None:
     adam = best["adam"]
     target = bt.best_dev_loss(adam)
     adam_point = bt.first_reaching(adam, target)
-    summary = {}
-    for label, result in best.items():
-        reached = bt.first_reaching(result, target)
-        summary[label] = {
-            "learning_rate": result["spec"]["learning_rate"],
-            "final_dev_loss": bt.final_dev_loss(result),
-            "best_dev_loss": bt.best_dev_loss(result),
-            "mean_step_seconds": result.get("mean_step_seconds"),
-            "test_loss": result.get("test_loss"),
-            "test_bleu": result.get("test_bleu"),
-            "steps_to_adam_best": reached and reached["step"],
-            "seconds_to_adam_best": reached and reached["wall_s"],
-            "steps_ratio_to_adam": reached and reached["step"] / adam_point["step"],
-            "seconds_ratio_to_adam": reached and reached["wall_s"] / adam_point["wall_s"],
-        }
+    summary = _summarise(best, target)
     shampoo = summary["shampoo-async"]
     targets = {
         "steps_ratio <= 0.6": _met(shampoo["steps_ratio_to_adam"], 0.6),
@@ -138,6 +124,27 @@ def main() -> None:
             f"{1000 * (row['mean_step_seconds'] or 0):.0f} ms/step test BLEU {row['test_bleu']:.2f}"
         )
     print("targets (async Shampoo):", targets)
+
+
+def _summarise(best: dict[str, dict], target: float) -> dict[str, dict]:
+    """Per optimizer: its best run's losses, speed, BLEU and steps/time to Adam's best loss."""
+    adam_point = bt.first_reaching(best["adam"], target)
+    summary = {}
+    for label, result in best.items():
+        reached = bt.first_reaching(result, target)
+        summary[label] = {
+            "learning_rate": result["spec"]["learning_rate"],
+            "final_dev_loss": bt.final_dev_loss(result),
+            "best_dev_loss": bt.best_dev_loss(result),
+            "mean_step_seconds": result.get("mean_step_seconds"),
+            "test_loss": result.get("test_loss"),
+            "test_bleu": result.get("test_bleu"),
+            "steps_to_adam_best": reached and reached["step"],
+            "seconds_to_adam_best": reached and reached["wall_s"],
+            "steps_ratio_to_adam": reached and reached["step"] / adam_point["step"],
+            "seconds_ratio_to_adam": reached and reached["wall_s"] / adam_point["wall_s"],
+        }
+    return summary
 
 
 def _met(ratio: float | None, limit: float) -> bool:

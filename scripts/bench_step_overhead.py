@@ -76,7 +76,8 @@ def specs(args: argparse.Namespace) -> dict[str, bt.RunSpec]:
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("trainer.train").setLevel(logging.WARNING)
+    logging.getLogger("trainer").setLevel(logging.WARNING)
+    from trainer.process_setup import setup_process
     from trainer.train import Trainer
 
     files, vocab_path = bt.shared_paths(args)
@@ -86,7 +87,9 @@ def main() -> None:
         trainers, bridges = {}, {}
         for label, spec in runs.items():
             workdir = str(Path(args.work_dir) / "step_overhead" / label)
-            trainer = Trainer(bt.bench_config(spec, files, vocab_path), workdir)
+            config = bt.bench_config(spec, files, vocab_path)
+            setup_process(config)
+            trainer = Trainer(config, workdir)
             if trainer.restored_step:
                 raise RuntimeError(f"{workdir} holds a checkpoint: delete it first")
             trainers[label] = trainer
@@ -110,24 +113,7 @@ def main() -> None:
             if label.startswith("shampoo-async")
         }
 
-    summary = {}
-    adam_mean = statistics.mean(times["adam"])
-    adam_median = statistics.median(times["adam"])
-    standalone = _standalone_step_times()
-    for label, values in times.items():
-        summary[label] = {
-            "mean_ms": 1000 * statistics.mean(values),
-            "median_ms": 1000 * statistics.median(values),
-            "p95_ms": 1000 * sorted(values)[int(0.95 * (len(values) - 1))],
-            "max_ms": 1000 * max(values),
-            "mean_ratio_to_adam": statistics.mean(values) / adam_mean,
-            "median_ratio_to_adam": statistics.median(values) / adam_median,
-            "standalone_mean_ms": standalone.get(label),
-        }
-    if standalone.get("adam"):
-        for label in summary:
-            if standalone.get(label):
-                summary[label]["standalone_ratio_to_adam"] = standalone[label] / standalone["adam"]
+    summary = _summarise(times)
     met = {
         f"{label} mean <= 1.15x Adam (interleaved)": summary[label]["mean_ratio_to_adam"] <= 1.15
         for label in summary
@@ -152,6 +138,29 @@ def main() -> None:
             f"max {row['max_ms']:6.0f} ms  standalone {_fmt(row['standalone_mean_ms'])} ms"
         )
     print("targets:", met)
+
+
+def _summarise(times: dict[str, list[float]]) -> dict[str, dict]:
+    """Per label: mean, median, p95 and max ms/step, and the ratios to Adam's."""
+    summary = {}
+    adam_mean = statistics.mean(times["adam"])
+    adam_median = statistics.median(times["adam"])
+    standalone = _standalone_step_times()
+    for label, values in times.items():
+        summary[label] = {
+            "mean_ms": 1000 * statistics.mean(values),
+            "median_ms": 1000 * statistics.median(values),
+            "p95_ms": 1000 * sorted(values)[int(0.95 * (len(values) - 1))],
+            "max_ms": 1000 * max(values),
+            "mean_ratio_to_adam": statistics.mean(values) / adam_mean,
+            "median_ratio_to_adam": statistics.median(values) / adam_median,
+            "standalone_mean_ms": standalone.get(label),
+        }
+    if standalone.get("adam"):
+        for label in summary:
+            if standalone.get(label):
+                summary[label]["standalone_ratio_to_adam"] = standalone[label] / standalone["adam"]
+    return summary
 
 
 def _staleness(trainer) -> dict:

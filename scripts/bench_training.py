@@ -1,3 +1,4 @@
+# Over 400 lines for a reason: the one module all training benchmarks share.
 """Training runs on Tatoeba English-French that the training benchmarks share.
 
 One run = one optimizer (Adam, AdaGrad, or Shampoo with its preconditioner
@@ -211,10 +212,12 @@ def run(spec: RunSpec, files: dict[str, str], vocab_path: str, workdir: str) -> 
 
     from trainer.optimizers import Shampoo
     from trainer.optimizers.service_bridge import staleness
+    from trainer.process_setup import setup_process
     from trainer.train import Trainer
 
     shutil.rmtree(workdir, ignore_errors=True)
     config = bench_config(spec, files, vocab_path)
+    setup_process(config)
     trainer = Trainer(config, workdir)
     variables = trainer.model.trainable_variables
     points: list[dict] = []
@@ -260,9 +263,12 @@ def run(spec: RunSpec, files: dict[str, str], vocab_path: str, workdir: str) -> 
 
 def test_scores(spec: RunSpec, files: dict[str, str], vocab_path: str, workdir: str) -> dict:
     """Test loss and greedy-decoding sacreBLEU of a finished run's final checkpoint."""
+    from trainer.process_setup import setup_process
     from trainer.train import Trainer
 
-    trainer = Trainer(bench_config(spec, files, vocab_path), workdir)
+    config = bench_config(spec, files, vocab_path)
+    setup_process(config)
+    trainer = Trainer(config, workdir)
     if trainer.restored_step != spec.num_steps:
         raise RuntimeError(f"{workdir} holds step {trainer.restored_step}, not {spec.num_steps}")
     test = trainer.evaluator.evaluate("test", max_bleu_examples=0)

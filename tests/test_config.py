@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from trainer import config as config_lib
+from trainer.optimizer_config import WarmupSchedule, make_optimizer
 from trainer.optimizers import Shampoo
-from trainer.train import WarmupSchedule, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,18 +71,26 @@ def test_text_config_needs_the_files_and_names_the_field():
         (
             "precond.mode",
             "fast",
-            r"config\.precond\.mode must be one of \['async', 'sync', 'off'\]",
+            r"config\.precond\.mode must be one of \['sync', 'async', 'off'\]",
         ),
         ("optimizer.name", "sgd", r"config\.optimizer\.name must be one of"),
         ("data.source", "web", r"config\.data\.source must be one of"),
         ("train.num_steps", 0, r"config\.train\.num_steps must be >= 1, got 0"),
+        (
+            "optimizer.shampoo.root_method",
+            "svd",
+            r"config\.optimizer\.shampoo\.root_method must be one of \['schur_newton', 'eigh'\]",
+        ),
         ("model.num_heads", 3, r"d_model must be divisible by config\.model\.num_heads"),
     ],
 )
 def test_validate_names_field_value_and_allowed_values(field, value, message):
     config = config_lib.default_config()
-    section, name = field.split(".")
-    config[section][name] = value
+    *sections, name = field.split(".")
+    parent = config
+    for section in sections:
+        parent = parent[section]
+    parent[name] = value
     with pytest.raises(ValueError, match=message):
         config_lib.validate(config)
 
@@ -131,7 +139,7 @@ def test_cli_rejects_misspelt_field_wrong_type_and_bad_choice(tmp_path):
         "--config=configs/quickstart.py:adam", f"--workdir={workdir}", "--config.precond.mode=fast"
     )
     assert bad_choice.returncode != 0
-    assert "config.precond.mode must be one of ['async', 'sync', 'off'], got 'fast'" in (
+    assert "config.precond.mode must be one of ['sync', 'async', 'off'], got 'fast'" in (
         bad_choice.stderr
     )
     # Nothing was trained: refused before any work.
@@ -168,3 +176,20 @@ def test_make_optimizer_follows_name_and_precond_mode(name, mode, cls):
     if cls is Shampoo:
         assert optimizer.precondition_mode == mode
         assert optimizer.preconditioning_compute_steps == 7
+        assert optimizer.root_method == "schur_newton"
+
+
+def test_root_method_reaches_shampoo():
+    config = config_lib.default_config()
+    config.optimizer.shampoo.root_method = "eigh"
+    config_lib.validate(config)
+    assert make_optimizer(config).root_method == "eigh"
+
+
+def test_constant_tuples_are_the_optimizer_and_service_ones():
+    from precond_service import roots
+    from trainer.optimizers import shampoo
+
+    assert config_lib.GRAFT_TYPES is shampoo.GRAFT_TYPES
+    assert config_lib.PRECONDITION_MODES is shampoo.PRECONDITION_MODES
+    assert config_lib.ROOT_METHODS is roots.METHODS

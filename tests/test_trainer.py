@@ -6,7 +6,6 @@ workdir; the quickstart command runs end to end (slow).
 """
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -19,9 +18,11 @@ import pytest
 import tensorflow as tf
 
 from precond_service.client import wait_for_serving
+from precond_service.events import Event, read_events
 from trainer import train
 from trainer.config import default_config
 from trainer.optimizers.service_bridge import staleness
+from trainer.process_setup import setup_process
 from trainer.translate import load_translator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +75,12 @@ def tiny_config(vocab_path: str, optimizer: str = "shampoo", mode: str = "sync")
     return config
 
 
+def make_trainer(config, workdir) -> train.Trainer:
+    """A Trainer in `workdir`, with the process set up for `config` as `__main__` does."""
+    setup_process(config)
+    return train.Trainer(config, str(workdir))
+
+
 def _weights(model) -> list[np.ndarray]:
     return [v.numpy() for v in model.weights]
 
@@ -83,11 +90,10 @@ def _weights(model) -> list[np.ndarray]:
     [("adam", "off"), ("adagrad", "off"), ("shampoo", "off"), ("shampoo", "sync")],
 )
 def test_each_optimizer_and_mode_trains_checkpoints_and_evaluates(
-    tmp_path, vocab_path, optimizer, mode, caplog
+    tmp_path, vocab_path, optimizer, mode
 ):
     config = tiny_config(vocab_path, optimizer, mode)
-    caplog.set_level(logging.INFO, logger="trainer.train")
-    trainer = train.Trainer(config, str(tmp_path))
+    trainer = make_trainer(config, tmp_path)
     before = _weights(trainer.model)
     result = trainer.train_and_evaluate()
 
@@ -101,7 +107,18 @@ def test_each_optimizer_and_mode_trains_checkpoints_and_evaluates(
     assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["name"] == optimizer
     assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-8")
     assert list((tmp_path / "summaries").glob("events.out.tfevents.*"))
-    assert any("step 8/8 | loss" in r.getMessage() for r in caplog.records)
+    events = tmp_path / "events.jsonl"
+    assert [e["step"] for e in read_events(events, Event.CHECKPOINT_SAVED)] == [4, 8]
+    progress = read_events(events, Event.PROGRESS)
+    assert progress[-1]["step"] == 8 and np.isfinite(progress[-1]["loss"])
+    # Staleness in the event: null without roots, as the log line says "none yet".
+    assert progress[-1]["staleness_min"] == (2 if mode == "sync" else None)
+    assert [(e["step"], e["split"]) for e in read_events(events, Event.EVALUATED)] == [
+        (8, "dev"),
+        (8, "test"),
+    ]
+    assert [e["event"] for e in read_events(events)][:1] == ["started"]
+    assert read_events(events, Event.FINISHED)[0]["step"] == 8
     held = staleness(trainer.optimizer) if optimizer == "shampoo" else None
     if mode == "sync":
         # Roots computed at steps 2, 4 and 6 inside the step: the last is 2 steps old.
@@ -112,7 +129,7 @@ def test_each_optimizer_and_mode_trains_checkpoints_and_evaluates(
 
 
 def test_run_steps_advances_the_step_and_loss_only_evaluation_matches(tmp_path, vocab_path):
-    trainer = train.Trainer(tiny_config(vocab_path, "adam", "off"), str(tmp_path))
+    trainer = make_trainer(tiny_config(vocab_path, "adam", "off"), tmp_path)
     values, seconds = trainer.run_steps(None, 3)
 
     assert int(trainer.step.numpy()) == 3
@@ -132,7 +149,7 @@ def test_mixed_precision_trains_shampoo_with_loss_scaling_for_float16(
     config = tiny_config(vocab_path, "shampoo", "sync")
     config.train.mixed_precision = policy
     try:
-        trainer = train.Trainer(config, str(tmp_path))
+        trainer = make_trainer(config, tmp_path)
         trainer.train(None)
         assert keras.mixed_precision.global_policy().name == policy
     finally:
@@ -149,7 +166,7 @@ def test_mixed_precision_trains_shampoo_with_loss_scaling_for_float16(
 def test_async_mode_gets_roots_from_a_real_service_child(tmp_path, vocab_path):
     config = tiny_config(vocab_path, "shampoo", "async")
     config.train.num_steps = 12
-    trainer = train.Trainer(config, str(tmp_path))
+    trainer = make_trainer(config, tmp_path)
     with trainer.preconditioning() as bridge:
         address = bridge.client.address
         assert address.startswith("127.0.0.1:")
@@ -175,7 +192,7 @@ def test_async_mode_gets_roots_from_a_real_service_child(tmp_path, vocab_path):
 
 def test_resume_restores_weights_optimizer_and_step(tmp_path, vocab_path):
     config = tiny_config(vocab_path, "shampoo", "sync")
-    first = train.Trainer(config, str(tmp_path))
+    first = make_trainer(config, tmp_path)
     initial = _weights(first.model)
     first.train(None, until_step=4)
     saved = _weights(first.model)
@@ -189,7 +206,7 @@ def test_resume_restores_weights_optimizer_and_step(tmp_path, vocab_path):
 
     # The same seed initialises the new model exactly as the first one was, so a
     # weight left out of the checkpoint would still hold its initial value.
-    second = train.Trainer(config, str(tmp_path))
+    second = make_trainer(config, tmp_path)
     assert second.restored_step == 4
     for path, start, a, b in zip(
         [v.path for v in second.model.weights], initial, saved, _weights(second.model)
@@ -205,7 +222,7 @@ def test_resume_restores_weights_optimizer_and_step(tmp_path, vocab_path):
 def test_diverging_loss_stops_with_the_step_and_what_to_try(tmp_path, vocab_path):
     config = tiny_config(vocab_path, "adam", "off")
     config.train.max_loss = 1e-3
-    trainer = train.Trainer(config, str(tmp_path))
+    trainer = make_trainer(config, tmp_path)
     with pytest.raises(FloatingPointError, match=r"at step 4 .*learning_rate"):
         trainer.train(None)
 
@@ -213,7 +230,7 @@ def test_diverging_loss_stops_with_the_step_and_what_to_try(tmp_path, vocab_path
 def test_translate_cli_and_library_use_the_newest_checkpoint(tmp_path, vocab_path):
     config = tiny_config(vocab_path, "adam", "off")
     config.train.num_steps = 4
-    trained = train.Trainer(config, str(tmp_path))
+    trained = make_trainer(config, tmp_path)
     trained.train(None)
     translator, checkpoint = load_translator(str(tmp_path), beam_size=1)
     assert checkpoint.endswith("ckpt-4")

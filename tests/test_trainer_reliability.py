@@ -6,7 +6,6 @@ All with the tiny model of tests/test_trainer.py on the generated numbers task.
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 import signal
@@ -19,9 +18,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.test_trainer import tiny_config
+from precond_service.events import Event, read_events
+from tests.test_trainer import make_trainer, tiny_config
+from trainer import checkpoints, train
 from trainer import config as config_lib
-from trainer import train
 from trainer.optimizers.service_bridge import staleness
 from trainer.optimizers.shampoo import NO_PRECONDITIONER
 
@@ -43,7 +43,7 @@ def _optimizer_state(trainer: train.Trainer) -> list[np.ndarray]:
 
 
 def test_nonfinite_step_is_skipped_and_counted_without_touching_any_state(tmp_path, vocab_path):
-    trainer = train.Trainer(tiny_config(vocab_path, "shampoo", "sync"), str(tmp_path))
+    trainer = make_trainer(tiny_config(vocab_path, "shampoo", "sync"), tmp_path)
     trainer.run_steps(None, 4)  # past start_preconditioning_step: statistics and roots exist
     embedding = _embedding(trainer)
     clean = embedding.numpy()
@@ -75,20 +75,23 @@ def test_nonfinite_step_is_skipped_and_counted_without_touching_any_state(tmp_pa
     assert all(np.all(np.isfinite(v.numpy())) for v in trainer.optimizer.variables)
 
 
-def test_nonfinite_steps_in_a_row_stop_the_run_naming_the_step(tmp_path, vocab_path, caplog):
+def test_nonfinite_steps_in_a_row_stop_the_run_naming_the_step(tmp_path, vocab_path):
     config = tiny_config(vocab_path, "shampoo", "sync")
     config.train.max_consecutive_skipped_steps = 3
     config.train.steps_per_loop = 2
-    trainer = train.Trainer(config, str(tmp_path))
+    trainer = make_trainer(config, tmp_path)
     trainer.train(None, until_step=2)
     embedding = _embedding(trainer)
     poisoned = embedding.numpy()
     poisoned[1, 1] = np.inf
     embedding.assign(poisoned)
-    with caplog.at_level(logging.WARNING, "trainer.train"):
-        with pytest.raises(FloatingPointError, match=r"last 4 steps, up to step 6 .*learning_rate"):
-            trainer.train(None)
-    assert "step 4: skipped 2 step(s) with NaN or infinite gradients" in caplog.text
+    with pytest.raises(FloatingPointError, match=r"last 4 steps, up to step 6 .*learning_rate"):
+        trainer.train(None)
+    skipped = read_events(tmp_path / "events.jsonl", Event.SKIPPED_STEPS)
+    assert [(e["step"], e["count"], e["in_a_row"], e["total"]) for e in skipped] == [
+        (4, 2, 2, 2),
+        (6, 2, 4, 4),
+    ]
     assert int(trainer.skipped_steps.numpy()) == 4
 
 
@@ -98,7 +101,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run_naming_the_step(tmp_path, vocab_p
 def _trained_with_checkpoints(workdir: Path, vocab_path: str) -> train.Trainer:
     config = tiny_config(vocab_path, "adam", "off")
     config.train.update(num_steps=12, checkpoint_every_steps=4, keep_checkpoints=5)
-    trainer = train.Trainer(config, str(workdir))
+    trainer = make_trainer(config, workdir)
     trainer.train(None)
     return trainer
 
@@ -125,19 +128,17 @@ def _damage(path: str, how: str) -> None:
 @pytest.mark.parametrize(
     "how", ["truncated data", "flipped bytes", "garbage index", "missing data"]
 )
-def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(
-    tmp_path, vocab_path, caplog, how
-):
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, vocab_path, how):
     trainer = _trained_with_checkpoints(tmp_path, vocab_path)
     directory = Path(trainer.manager.directory)
     previous = [v.numpy() for v in trainer.model.weights]  # at step 12
     _damage(str(directory / "ckpt-12"), how)
     del trainer
 
-    with caplog.at_level(logging.WARNING, "trainer.train"):
-        resumed = _trained_with_checkpoints_restore(tmp_path, vocab_path)
+    resumed = _trained_with_checkpoints_restore(tmp_path, vocab_path)
     assert resumed.restored_step == 8
-    assert f"checkpoint {directory / 'ckpt-12'} is corrupt or incomplete" in caplog.text
+    (event,) = read_events(tmp_path / "events.jsonl", Event.RESUMED)
+    assert (event["step"], event["checkpoint"]) == (8, str(directory / "ckpt-8"))
     assert not list(directory.glob("ckpt-12.*"))  # set aside...
     assert list((directory / "corrupt").glob("ckpt-12.*"))  # ...not deleted
     # The previous checkpoint's weights are not the damaged one's.
@@ -150,7 +151,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(
 def _trained_with_checkpoints_restore(workdir: Path, vocab_path: str) -> train.Trainer:
     config = tiny_config(vocab_path, "adam", "off")
     config.train.update(num_steps=12, checkpoint_every_steps=4, keep_checkpoints=5)
-    return train.Trainer(config, str(workdir))
+    return make_trainer(config, workdir)
 
 
 def test_half_written_checkpoint_state_file_does_not_stop_the_resume(tmp_path, vocab_path):
@@ -165,16 +166,17 @@ def test_half_written_checkpoint_state_file_does_not_stop_the_resume(tmp_path, v
     assert resumed.manager.latest_checkpoint.endswith("ckpt-16")
 
 
-def test_every_checkpoint_damaged_starts_afresh_keeping_them(tmp_path, vocab_path, caplog):
+def test_every_checkpoint_damaged_starts_afresh_keeping_them(tmp_path, vocab_path):
     trainer = _trained_with_checkpoints(tmp_path, vocab_path)
     directory = Path(trainer.manager.directory)
     del trainer
     for number in (4, 8, 12):
         _damage(str(directory / f"ckpt-{number}"), "missing data")
     # Nothing could be read, so nothing was restored: the run starts afresh, loudly.
-    with caplog.at_level(logging.WARNING, "trainer.train"):
-        assert _trained_with_checkpoints_restore(tmp_path, vocab_path).restored_step == 0
-    assert "no checkpoint could be restored" in caplog.text
+    assert _trained_with_checkpoints_restore(tmp_path, vocab_path).restored_step == 0
+    started = read_events(tmp_path / "events.jsonl", Event.STARTED)
+    assert [(e["step"], e["resumed"]) for e in started] == [(0, False), (0, False)]
+    assert not read_events(tmp_path / "events.jsonl", Event.RESUMED)
     assert len(list((directory / "corrupt").glob("ckpt-*.index"))) == 3
 
 
@@ -226,7 +228,7 @@ def _cli(workdir: Path, vocab_path: str, mode: str, num_steps: int) -> list[str]
 
 
 def _final_tensors(workdir: Path) -> dict[str, np.ndarray]:
-    reader = tf.train.load_checkpoint(str(workdir / train.CHECKPOINT_DIR))
+    reader = tf.train.load_checkpoint(str(workdir / checkpoints.CHECKPOINT_DIR))
     return {
         name: reader.get_tensor(name)
         for name, dtype in reader.get_variable_to_dtype_map().items()
@@ -249,7 +251,7 @@ def _kill_after_checkpoint(command: list[str], workdir: Path, seed: int) -> int:
     )
     try:
         deadline = time.monotonic() + 300
-        while not list((workdir / train.CHECKPOINT_DIR).glob("ckpt-*.index")):
+        while not list((workdir / checkpoints.CHECKPOINT_DIR).glob("ckpt-*.index")):
             assert process.poll() is None, "the trainer ended before its first checkpoint"
             assert time.monotonic() < deadline, "no checkpoint within 300 s"
             time.sleep(0.02)
@@ -276,8 +278,9 @@ def test_sigkilled_trainer_resumes_to_bitwise_the_same_weights(tmp_path, vocab_p
         if status == -signal.SIGKILL:
             kills += 1
     assert kills >= 1, "the trainer finished before it could be killed; use more steps"
-    resumed = _run(command)
-    assert "resumed from" in resumed.stderr
+    _run(command)
+    resumes = read_events(killed / "events.jsonl", Event.RESUMED)
+    assert len(resumes) >= 1 and all(e["step"] % 4 == 0 for e in resumes)
 
     got = _final_tensors(killed)
     assert set(got) == set(expected)
@@ -301,12 +304,13 @@ def _delay_config(vocab_path: str, delay: int):
 
 
 def _train_recording_roots(config, workdir: Path) -> tuple[train.Trainer, dict[int, dict]]:
-    trainer = train.Trainer(config, str(workdir))
+    trainer = make_trainer(config, workdir)
     held: dict[int, dict] = {}
     with trainer.preconditioning() as bridge:
         while int(trainer.step.numpy()) < config.train.num_steps:
             step = int(trainer.step.numpy())
-            trainer.run_steps(bridge, trainer._next_loop_length(step, config.train.num_steps))
+            length = trainer.controller(bridge).loop_length(step, config.train.num_steps)
+            trainer.run_steps(bridge, length)
             held[int(trainer.step.numpy())] = trainer.optimizer.preconditioner_stats_steps()
     return trainer, held
 
@@ -317,8 +321,9 @@ def test_delay_mode_installs_each_root_exactly_delay_steps_after_its_statistics(
     delay = 2
     config = _delay_config(vocab_path, delay)
     first, held = _train_recording_roots(config, tmp_path / "a")
-    # Loops end at every push (multiples of 4) and every install (4k + 2).
-    assert sorted(held) == [2, 4, 6, 8, 10, 12, 14, 16]
+    # Loops end at every push (multiples of 4) and every install of a pushed
+    # statistic's root (4k + 2, k >= 1: nothing is awaited at step 2).
+    assert sorted(held) == [4, 6, 8, 10, 12, 14, 16]
     for step, roots in held.items():
         steps = set(roots.values()) - {NO_PRECONDITIONER}
         # Statistics exist from step 1; pushes at 4, 8, 12 are installed at 6, 10, 14.

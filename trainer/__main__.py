@@ -32,8 +32,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     # Imported here so that --help and flag errors come without loading TensorFlow.
+    from trainer import checkpoints, process_setup, train
     from trainer import config as config_lib
-    from trainer import train
 
     config = _CONFIG.value
     try:
@@ -44,7 +44,11 @@ def main(argv: list[str]) -> None:
     handler = logging.FileHandler(os.path.join(_WORKDIR.value, "train.log"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
-    result = train.train_and_evaluate(config, _WORKDIR.value)
+    process_setup.setup_process(config)
+    try:
+        result = train.train_and_evaluate(config, _WORKDIR.value)
+    except checkpoints.ResumeRefusedError as e:
+        raise app.UsageError(str(e)) from None
     print(
         f"done at step {result.step}: dev loss {result.dev_loss:.4f}, dev BLEU "
         f"{result.dev_bleu:.2f}"

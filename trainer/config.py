@@ -1,3 +1,4 @@
+# Over 400 lines for a reason: the schema is one commented field per line, with its checks.
 """The one config schema every experiment shares, and its validation.
 
 Config files under `configs/` start from `default_config()` and override fields;
@@ -14,12 +15,52 @@ from typing import Any
 
 import ml_collections
 
+from precond_service.roots import METHODS as ROOT_METHODS
+from trainer.optimizers.shampoo import GRAFT_TYPES, PRECONDITION_MODES
+
 OPTIMIZERS = ("shampoo", "adam", "adagrad")
-PRECOND_MODES = ("async", "sync", "off")
 DATA_SOURCES = ("wmt14", "text", "numbers")
 SCHEDULES = ("rsqrt", "constant")
 MIXED_PRECISION = ("", "mixed_float16", "mixed_bfloat16")
-GRAFT_TYPES = ("adam", "adagrad", "sgd", "none")
+
+# Fields that may differ between a workdir's config.json and the config that
+# resumes it: how long and how often, where the service is, how to evaluate and
+# decode. Every other field shapes the checkpointed state or what the run means
+# (model, vocabulary and data, optimizer, precond.mode and update_steps, seed,
+# mixed precision ...), and a resume that changes one is refused (see
+# `config_differences`). A name ending in "." covers the whole section.
+RESUMABLE_FIELDS = (
+    "train.num_steps",
+    "train.steps_per_loop",
+    "train.log_every_s",
+    "train.summary_every_steps",
+    "train.checkpoint_every_steps",
+    "train.keep_checkpoints",
+    "train.eval_every_steps",
+    "train.max_loss",
+    "train.max_consecutive_skipped_steps",
+    "train.jit_compile",
+    "train.deterministic",
+    "train.restart",
+    "decode.",
+    "data.eval_batch_size",
+    "data.eval_bleu_examples",
+    "data.max_eval_length",
+    "data.numbers_eval_size",
+    "data.dev_files",
+    "data.test_files",
+    "data.tfds_data_dir",
+    "data.tfds_manual_dir",
+    "precond.address",
+    "precond.workers",
+    "precond.service_flags",
+    "precond.token_file",
+    "precond.tls_ca_file",
+    "precond.tls_cert_file",
+    "precond.tls_key_file",
+    "precond.pull_interval_s",
+    "precond.delay_timeout_s",
+)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -27,175 +68,213 @@ def default_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # Seed of parameter initialisation, dropout and data shuffling.
     config.seed = 0
+    config.train = _train_fields()
+    config.data = _data_fields()
+    config.model = _model_fields()
+    config.decode = _decode_fields()
+    config.optimizer = _optimizer_fields()
+    config.precond = _precond_fields()
+    return config
 
-    config.train = ml_collections.ConfigDict()
+
+def _train_fields() -> ml_collections.ConfigDict:
+    """`config.train`: How long and how the loop runs: cadences, precision, limits."""
+    section = ml_collections.ConfigDict()
     # Training steps in all (the run ends there; a resumed run counts from its checkpoint).
-    config.train.num_steps = 100_000
+    section.num_steps = 100_000
     # Steps run inside one tf.function call; host work (pushes, summaries,
     # checkpoints) happens between such inner loops.
-    config.train.steps_per_loop = 100
+    section.steps_per_loop = 100
     # Seconds between progress lines on the console.
-    config.train.log_every_s = 5.0
+    section.log_every_s = 5.0
     # Steps between TensorBoard training summaries (rounded up to inner loops).
-    config.train.summary_every_steps = 100
+    section.summary_every_steps = 100
     # Steps between checkpoints (rounded up to inner loops); the last step is always saved.
-    config.train.checkpoint_every_steps = 2000
+    section.checkpoint_every_steps = 2000
     # Checkpoints kept in the workdir.
-    config.train.keep_checkpoints = 3
+    section.keep_checkpoints = 3
     # Steps between evaluations on the dev set; 0 evaluates only at the end.
-    config.train.eval_every_steps = 5000
+    section.eval_every_steps = 5000
     # "" (float32), "mixed_float16" (GPU) or "mixed_bfloat16".
-    config.train.mixed_precision = ""
+    section.mixed_precision = ""
     # Compile the training step with XLA. Not possible with precond.mode="sync",
     # whose roots run on the host inside the step.
-    config.train.jit_compile = False
+    section.jit_compile = False
     # Loss above this (or non-finite) stops the run with a message.
-    config.train.max_loss = 1e4
+    section.max_loss = 1e4
     # A step whose gradients hold NaN or infinity is skipped (weights, optimizer
     # state and statistics untouched) and counted; this many skipped in a row
     # stops the run with a message. With float16 loss scaling the scale is
     # lowered instead, which may take several skipped steps.
-    config.train.max_consecutive_skipped_steps = 25
+    section.max_consecutive_skipped_steps = 25
     # Deterministic TensorFlow ops (tf.config.experimental.enable_op_determinism):
     # the same command gives the same weights, also across a kill and resume in
     # precond.mode="sync" or with precond.delay_steps. Slower on a GPU.
-    config.train.deterministic = False
+    section.deterministic = False
+    # Start afresh in a workdir that holds a run: its checkpoints, config.json,
+    # summaries and results.json are moved to WORKDIR/previous/<UTC time>/
+    # (never deleted). Without it, a config that changes a field outside
+    # RESUMABLE_FIELDS is refused.
+    section.restart = False
+    return section
 
-    config.data = ml_collections.ConfigDict()
+
+def _data_fields() -> ml_collections.ConfigDict:
+    """`config.data`: Where the sentence pairs come from, the vocabulary and the batches."""
+    section = ml_collections.ConfigDict()
     # Where the sentence pairs come from: "wmt14" (TensorFlow Datasets),
     # "text" (the user's parallel files) or "numbers" (generated, offline).
-    config.data.source = "wmt14"
+    section.source = "wmt14"
     # TFDS dataset of the "wmt14" source.
-    config.data.tfds_name = "wmt14_translate/fr-en"
+    section.tfds_name = "wmt14_translate/fr-en"
     # TFDS data directory; "" uses TFDS's default (~/tensorflow_datasets).
-    config.data.tfds_data_dir = ""
+    section.tfds_data_dir = ""
     # Directory holding manually downloaded WMT'14 archives; "" for none.
-    config.data.tfds_manual_dir = ""
+    section.tfds_manual_dir = ""
     # Comma-separated WMT'14 training corpora to use, "" for all of them
     # (e.g. "newscommentary_v9" for a small run).
-    config.data.train_subsets = ""
+    section.train_subsets = ""
     # Source and target language codes.
-    config.data.source_language = "en"
-    config.data.target_language = "fr"
+    section.source_language = "en"
+    section.target_language = "fr"
     # "text" source: each split is one tab-separated file (source<TAB>target) or
     # two line-aligned files joined by a comma ("train.en,train.fr").
-    config.data.train_files = ""
-    config.data.dev_files = ""
-    config.data.test_files = ""
+    section.train_files = ""
+    section.dev_files = ""
+    section.test_files = ""
     # "numbers" source: sizes of the generated splits and the largest number.
-    config.data.numbers_train_size = 20_000
-    config.data.numbers_eval_size = 500
-    config.data.numbers_max = 999_999
+    section.numbers_train_size = 20_000
+    section.numbers_eval_size = 500
+    section.numbers_max = 999_999
     # SentencePiece model path; "" puts it in the workdir. Trained on the
     # training data when missing, reused when present.
-    config.data.vocab_path = ""
+    section.vocab_path = ""
     # Joint source+target SentencePiece vocabulary size.
-    config.data.vocab_size = 32_000
+    section.vocab_size = 32_000
     # Sentences (source and target each count) sampled to train SentencePiece.
-    config.data.vocab_train_sentences = 1_000_000
+    section.vocab_train_sentences = 1_000_000
     # Training pairs with more tokens than this on either side are dropped.
-    config.data.max_length = 256
+    section.max_length = 256
     # Dev/test sources are cut to this many tokens.
-    config.data.max_eval_length = 512
+    section.max_eval_length = 512
     # Token budget of a training batch (padding included).
-    config.data.tokens_per_batch = 4096
+    section.tokens_per_batch = 4096
     # Examples held in the shuffle buffer.
-    config.data.shuffle_buffer = 100_000
+    section.shuffle_buffer = 100_000
     # Evaluation batch size, in sentences.
-    config.data.eval_batch_size = 64
+    section.eval_batch_size = 64
     # Dev sentences translated for BLEU during training; 0 for all.
-    config.data.eval_bleu_examples = 1000
+    section.eval_bleu_examples = 1000
+    return section
 
-    config.model = ml_collections.ConfigDict()
-    config.model.num_layers = 6
-    config.model.d_model = 512
-    config.model.num_heads = 8
-    config.model.d_ff = 2048
-    config.model.dropout = 0.1
-    config.model.attention_dropout = 0.1
+
+def _model_fields() -> ml_collections.ConfigDict:
+    """`config.model`: The Transformer."""
+    section = ml_collections.ConfigDict()
+    section.num_layers = 6
+    section.d_model = 512
+    section.num_heads = 8
+    section.d_ff = 2048
+    section.dropout = 0.1
+    section.attention_dropout = 0.1
     # Positions the model can embed (source and target).
-    config.model.max_length = 1024
-    config.model.label_smoothing = 0.1
+    section.max_length = 1024
+    section.label_smoothing = 0.1
+    return section
 
-    config.decode = ml_collections.ConfigDict()
+
+def _decode_fields() -> ml_collections.ConfigDict:
+    """`config.decode`: Beam search for translation and BLEU."""
+    section = ml_collections.ConfigDict()
     # 1 is greedy decoding.
-    config.decode.beam_size = 4
+    section.beam_size = 4
     # GNMT length penalty alpha: scores are divided by ((5 + length) / 6) ** alpha.
-    config.decode.length_penalty = 0.6
+    section.length_penalty = 0.6
     # Output may be this many tokens longer than the source.
-    config.decode.max_extra_length = 50
+    section.max_extra_length = 50
+    return section
 
-    config.optimizer = ml_collections.ConfigDict()
+
+def _optimizer_fields() -> ml_collections.ConfigDict:
+    """`config.optimizer`: The optimizer, its schedule and the Shampoo-only settings."""
+    section = ml_collections.ConfigDict()
     # "shampoo", "adam" or "adagrad".
-    config.optimizer.name = "shampoo"
+    section.name = "shampoo"
     # Peak learning rate, reached at the end of warmup.
-    config.optimizer.learning_rate = 1e-3
+    section.learning_rate = 1e-3
     # "rsqrt": linear warmup, then decay as 1/sqrt(step). "constant": warmup, then flat.
-    config.optimizer.schedule = "rsqrt"
-    config.optimizer.warmup_steps = 4000
+    section.schedule = "rsqrt"
+    section.warmup_steps = 4000
     # First moment (Adam and Shampoo momentum); 0 turns it off.
-    config.optimizer.beta1 = 0.9
+    section.beta1 = 0.9
     # Second-moment decay (Adam, Shampoo statistics and Adam grafting).
-    config.optimizer.beta2 = 0.98
+    section.beta2 = 0.98
     # Epsilon of Adam's and AdaGrad's denominators.
-    config.optimizer.epsilon = 1e-9
+    section.epsilon = 1e-9
     # Decoupled weight decay; 0 for none.
-    config.optimizer.weight_decay = 0.0
+    section.weight_decay = 0.0
     # Global gradient-norm clipping; 0 for none.
-    config.optimizer.clip_norm = 0.0
+    section.clip_norm = 0.0
     # Shampoo-only settings.
-    config.optimizer.shampoo = ml_collections.ConfigDict()
-    config.optimizer.shampoo.block_size = 128
+    section.shampoo = ml_collections.ConfigDict()
+    section.shampoo.block_size = 128
     # Layer-wise grafting: "adam", "adagrad", "sgd" or "none".
-    config.optimizer.shampoo.graft_type = "adam"
-    config.optimizer.shampoo.nesterov = False
+    section.shampoo.graft_type = "adam"
+    section.shampoo.nesterov = False
     # Graft-only steps before preconditioning starts.
-    config.optimizer.shampoo.start_preconditioning_step = 100
+    section.shampoo.start_preconditioning_step = 100
     # Steps between statistics updates.
-    config.optimizer.shampoo.statistics_compute_steps = 1
+    section.shampoo.statistics_compute_steps = 1
     # Dimensions larger than this are not preconditioned (vocabulary side of the embedding).
-    config.optimizer.shampoo.skip_preconditioning_dim_size_gt = 4096
-    config.optimizer.shampoo.matrix_epsilon = 1e-6
+    section.shampoo.skip_preconditioning_dim_size_gt = 4096
+    section.shampoo.matrix_epsilon = 1e-6
     # 0 uses the exponent -1/(2 * rank); p > 0 uses -1/p.
-    config.optimizer.shampoo.exponent_override = 0
+    section.shampoo.exponent_override = 0
     # Roots with a larger relative error are not installed.
-    config.optimizer.shampoo.inverse_failure_threshold = 0.1
+    section.shampoo.inverse_failure_threshold = 0.1
+    # Inverse-root solver: "schur_newton" (coupled Newton iteration) or "eigh"
+    # (eigendecomposition); used by the sync mode and sent with each push.
+    section.shampoo.root_method = "schur_newton"
+    return section
 
-    config.precond = ml_collections.ConfigDict()
+
+def _precond_fields() -> ml_collections.ConfigDict:
+    """`config.precond`: Where the preconditioners come from: the service, or the trainer itself."""
+    section = ml_collections.ConfigDict()
     # "async" (roots from the service), "sync" (roots inside the trainer every
     # update_steps) or "off" (grafting optimizer only).
-    config.precond.mode = "async"
+    section.mode = "async"
     # Service address HOST:PORT; "" starts a service child process on loopback.
-    config.precond.address = ""
+    section.address = ""
     # Steps between statistics pushes (async) or root computations (sync).
-    config.precond.update_steps = 100
+    section.update_steps = 100
     # Worker processes of a service the trainer starts itself.
-    config.precond.workers = 1
+    section.workers = 1
     # Further flags for a service the trainer starts, space-separated.
-    config.precond.service_flags = ""
+    section.service_flags = ""
     # Reproducible async mode: 0 installs roots as soon as they arrive; D > 0
     # installs the root computed from the statistics of step t exactly at step
     # t + D, waiting for it if it has not arrived (1 <= D <= update_steps).
-    config.precond.delay_steps = 0
+    section.delay_steps = 0
     # With delay_steps, how long the trainer waits for a root before it stops
     # with an error (the service is down, or could not compute the root).
-    config.precond.delay_timeout_s = 600.0
+    section.delay_timeout_s = 600.0
     # Run id at the service, also the key to the run's preconditioners; "" makes a
     # random one, kept in the workdir so that a resumed run uses it again.
-    config.precond.run_id = ""
+    section.run_id = ""
     # Seconds between the client's pulls of new preconditioners.
-    config.precond.pull_interval_s = 1.0
+    section.pull_interval_s = 1.0
     # File holding the service's shared token; "" reads the PRECOND_SERVICE_TOKEN
     # environment variable, if set. The token itself never goes into the config.
-    config.precond.token_file = ""
+    section.token_file = ""
     # PEM CA of the certificate of a TLS service at precond.address; "" connects
     # in plaintext. A service the trainer starts itself is plaintext on loopback.
-    config.precond.tls_ca_file = ""
+    section.tls_ca_file = ""
     # PEM certificate and private key of the trainer, for a service that requires
     # client certificates (--tls_client_ca); both or neither, with tls_ca_file.
-    config.precond.tls_cert_file = ""
-    config.precond.tls_key_file = ""
-    return config
+    section.tls_cert_file = ""
+    section.tls_key_file = ""
+    return section
 
 
 def _check_choice(config: ml_collections.ConfigDict, field: str, allowed: Sequence[Any]) -> None:
@@ -219,12 +298,20 @@ def _get(config: ml_collections.ConfigDict, field: str) -> Any:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks values a field's type does not; raises ValueError naming the field."""
+    _validate_values(config)
+    _validate_model_and_data(config)
+    _validate_precond(config)
+
+
+def _validate_values(config: ml_collections.ConfigDict) -> None:
+    """Choices and ranges of single fields."""
     _check_choice(config, "optimizer.name", OPTIMIZERS)
-    _check_choice(config, "precond.mode", PRECOND_MODES)
+    _check_choice(config, "precond.mode", PRECONDITION_MODES)
     _check_choice(config, "data.source", DATA_SOURCES)
     _check_choice(config, "optimizer.schedule", SCHEDULES)
     _check_choice(config, "train.mixed_precision", MIXED_PRECISION)
     _check_choice(config, "optimizer.shampoo.graft_type", GRAFT_TYPES)
+    _check_choice(config, "optimizer.shampoo.root_method", ROOT_METHODS)
     for field in (
         "train.num_steps",
         "train.steps_per_loop",
@@ -257,6 +344,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.precond.delay_timeout_s must be > 0, got {config.precond.delay_timeout_s!r}"
         )
+
+
+def _validate_model_and_data(config: ml_collections.ConfigDict) -> None:
+    """Model, data and training fields that only make sense together."""
     if config.model.d_model % config.model.num_heads:
         raise ValueError(
             "config.model.d_model must be divisible by config.model.num_heads, got "
@@ -284,6 +375,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             'config.train.jit_compile=True is not possible with config.precond.mode="sync" '
             "(its roots run on the host inside the step); use async or set jit_compile=False"
         )
+
+
+def _validate_precond(config: ml_collections.ConfigDict) -> None:
+    """The preconditioning fields that only make sense together."""
     precond = config.precond
     if bool(precond.tls_cert_file) != bool(precond.tls_key_file):
         raise ValueError(
@@ -324,3 +419,40 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f'config.precond.mode must be "off" for config.optimizer.name='
             f"{config.optimizer.name!r}, got {config.precond.mode!r}"
         )
+
+
+def flatten_fields(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as {"section.name": value}."""
+    flat: dict[str, Any] = {}
+    for name, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten_fields(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def is_resumable_field(field: str) -> bool:
+    """Whether `field` ("section.name") may change when a run resumes (RESUMABLE_FIELDS)."""
+    return any(
+        field.startswith(allowed) if allowed.endswith(".") else field == allowed
+        for allowed in RESUMABLE_FIELDS
+    )
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Fields outside RESUMABLE_FIELDS whose value differs: field -> (old, new).
+
+    A field the old config lacks (written before the field existed) is not
+    compared: the old run used the field's default then.
+
+    Args:
+        old: The config a run wrote (config.json, as plain dicts).
+        new: The config that would resume it (`config.to_dict()`).
+    """
+    old_flat, new_flat = flatten_fields(old), flatten_fields(new)
+    return {
+        field: (old_flat[field], value)
+        for field, value in sorted(new_flat.items())
+        if field in old_flat and old_flat[field] != value and not is_resumable_field(field)
+    }

@@ -35,11 +35,11 @@ def load_translator(
     """
     import tensorflow as tf
 
-    from trainer import evaluation, train
+    from trainer import checkpoints, evaluation, train
     from trainer.data.tokenizer import Tokenizer
     from trainer.model import transformer
 
-    config = train.load_workdir_config(workdir)
+    config = checkpoints.load_workdir_config(workdir)
     if beam_size is not None:
         config.decode.beam_size = beam_size
     if length_penalty is not None:
@@ -49,9 +49,10 @@ def load_translator(
         raise FileNotFoundError(f"no SentencePiece model at {vocab}")
     tokenizer = Tokenizer.load(vocab)
     model = transformer.build_transformer(config.model, tokenizer.vocab_size)
-    latest = tf.train.latest_checkpoint(os.path.join(workdir, train.CHECKPOINT_DIR))
+    directory = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
+    latest = tf.train.latest_checkpoint(directory)
     if not latest:
-        raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, train.CHECKPOINT_DIR)}")
+        raise FileNotFoundError(f"no checkpoint in {directory}")
     tf.train.Checkpoint(model=model).restore(latest).expect_partial()
     return evaluation.Evaluator(model, tokenizer, config), latest
 

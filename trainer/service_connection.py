@@ -1,0 +1,178 @@
+"""The async mode's connection to the preconditioner service, with its secrets.
+
+`preconditioning(config, workdir, optimizer)` starts the service as a child
+process unless `precond.address` names one, connects a client under the run's
+id, resets what the service holds of an earlier process of this run, and
+yields the `ServicePreconditioning` bridge the training loop drives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shlex
+import time
+from collections.abc import Iterator
+
+import ml_collections
+
+from precond_service.auth import TlsConfig, read_token, run_digest
+from precond_service.client import PreconditionerClient
+from trainer.optimizers import Shampoo
+from trainer.optimizers.service_bridge import ServicePreconditioning
+from trainer.service_process import local_service
+
+log = logging.getLogger(__name__)
+
+RUN_ID_FILE = "run_id"
+# Attempts at resetting the run at the service at start, and the first wait
+# between them (doubled after each failure).
+DROP_ATTEMPTS = 4
+DROP_BACKOFF_S = 0.5
+
+
+def run_id_for(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """The run's name at the service, which is also the key to its preconditioners.
+
+    `precond.run_id` if set; otherwise a random one made at the run's first start
+    and kept in `workdir/run_id` (readable by the owner only), so that a resumed
+    run uses it again and nobody can guess it to read the run's roots.
+    """
+    if config.precond.run_id:
+        return config.precond.run_id
+    path = os.path.join(workdir, RUN_ID_FILE)
+    with contextlib.suppress(FileNotFoundError):
+        with open(path) as f:
+            run_id = f.read().strip()
+        if run_id:
+            return run_id
+    run_id = f"{os.uname().nodename}-{secrets.token_hex(16)}"
+    tmp = f"{path}.tmp"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(run_id + "\n")
+    os.replace(tmp, path)
+    return run_id
+
+
+def service_token(config: ml_collections.ConfigDict) -> str | None:
+    """The service token from `precond.token_file` or $PRECOND_SERVICE_TOKEN; None if neither."""
+    try:
+        return read_token(config.precond.token_file)
+    except OSError as e:
+        raise ValueError(
+            f"config.precond.token_file={config.precond.token_file!r} cannot be read: {e}"
+        ) from e
+
+
+def service_tls(config: ml_collections.ConfigDict) -> TlsConfig | None:
+    """TLS settings from `precond.tls_*_file`; None (plaintext) without `precond.tls_ca_file`."""
+    precond = config.precond
+    if not precond.tls_ca_file:
+        return None
+    try:
+        return TlsConfig(precond.tls_ca_file, precond.tls_cert_file, precond.tls_key_file)
+    except ValueError as e:
+        raise ValueError(f"config.precond.tls_*_file: {e}") from e
+
+
+@contextlib.contextmanager
+def preconditioning(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    optimizer: Shampoo,
+) -> Iterator[ServicePreconditioning | None]:
+    """The service connection of the async mode (None in the other modes).
+
+    Starts the service as a child process unless `precond.address` names one,
+    and stops the client and the child when the block ends.
+
+    Args:
+        config: The run's config.
+        workdir: The run's workdir (where its run id is kept).
+        optimizer: The run's built Shampoo optimizer (restored, if resuming).
+    """
+    if config.precond.mode != "async":
+        yield None
+        return
+    with contextlib.ExitStack() as stack:
+        precond = config.precond
+        token, tls = service_token(config), service_tls(config)
+        address = precond.address
+        if not address:
+            flags = shlex.split(precond.service_flags)
+            if precond.token_file:
+                flags.append(f"--token_file={precond.token_file}")
+            address = stack.enter_context(local_service(workers=precond.workers, extra_args=flags))
+        run_id = run_id_for(config, workdir)
+        client = PreconditionerClient(
+            address, run_id, token=token, tls=tls, pull_interval_s=precond.pull_interval_s
+        )
+        drop_earlier_roots(client, int(optimizer.iterations.numpy()))
+        client.start()
+        stack.callback(client.close)
+        log.info(
+            "asynchronous preconditioning: service %s, run %s (sha256 prefix of its run_id)%s",
+            address,
+            run_digest(run_id),
+            f"; roots installed exactly {precond.delay_steps} steps after their statistics"
+            if precond.delay_steps
+            else "",
+        )
+        yield ServicePreconditioning(
+            optimizer,
+            client,
+            precond.update_steps,
+            delay_steps=precond.delay_steps,
+            delay_timeout_s=precond.delay_timeout_s,
+        )
+
+
+def drop_earlier_roots(
+    client: PreconditionerClient,
+    step: int,
+    attempts: int = DROP_ATTEMPTS,
+    backoff_s: float = DROP_BACKOFF_S,
+) -> bool:
+    """Asks the service to forget this run, retrying; returns whether it did.
+
+    The service may hold roots of this run id from an earlier process, computed
+    from statistics of steps after the checkpoint this process resumed from.
+    When every attempt fails, training goes on (the service may be down) and a
+    warning says what that risks.
+
+    Args:
+        client: The run's client (not started yet).
+        step: The optimizer's update count now, named in the warning.
+        attempts: Tries in all.
+        backoff_s: Wait after the first failure, doubled after each further one.
+    """
+    run_name = run_digest(client.run_id)
+    error: Exception | None = None
+    for attempt in range(attempts):
+        try:
+            released = client.drop_run()
+        except Exception as e:  # noqa: BLE001 - any failure is retried, then reported
+            error = e
+            log.info(
+                "reset of run %s failed (try %d of %d): %s", run_name, attempt + 1, attempts, e
+            )
+            if attempt + 1 < attempts:
+                time.sleep(backoff_s * 2**attempt)
+            continue
+        if released:
+            log.info("service released %d blocks of an earlier run %s", released, run_name)
+        return True
+    log.warning(
+        "could not reset run %s at %s after %d attempts (%s). Training goes on, but roots that "
+        "an earlier process of this run computed from statistics after update %d may be "
+        "installed; if that process trained past this checkpoint, restart the service or "
+        "set a new precond.run_id for an exact resume",
+        run_name,
+        client.address,
+        attempts,
+        error,
+        step,
+    )
+    return False
