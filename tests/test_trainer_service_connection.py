@@ -6,8 +6,8 @@ import logging
 import socket
 
 from precond_service.client import PreconditionerClient
+from precond_service.process import local_service
 from trainer.service_connection import drop_earlier_roots
-from trainer.service_process import local_service
 
 
 def _closed_port() -> int:

@@ -20,17 +20,21 @@ import ml_collections
 
 from precond_service.auth import TlsConfig, read_token, run_digest
 from precond_service.client import PreconditionerClient
+from precond_service.events import EventLog
+from precond_service.process import local_service
 from trainer.optimizers import Shampoo
 from trainer.optimizers.service_bridge import ServicePreconditioning
-from trainer.service_process import local_service
 
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "run_id"
 # Attempts at resetting the run at the service at start, and the first wait
 # between them (doubled after each failure).
-DROP_ATTEMPTS = 4
+DROP_ATTEMPTS = 3
 DROP_BACKOFF_S = 0.5
+# Longest wait for one reset: a service that is down costs at most about
+# DROP_ATTEMPTS * (this + backoff) seconds before training starts without it.
+DROP_TIMEOUT_S = 3.0
 
 
 def run_id_for(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -82,6 +86,7 @@ def preconditioning(
     config: ml_collections.ConfigDict,
     workdir: str,
     optimizer: Shampoo,
+    events: EventLog | None = None,
 ) -> Iterator[ServicePreconditioning | None]:
     """The service connection of the async mode (None in the other modes).
 
@@ -92,6 +97,8 @@ def preconditioning(
         config: The run's config.
         workdir: The run's workdir (where its run id is kept).
         optimizer: The run's built Shampoo optimizer (restored, if resuming).
+        events: The run's event log, for the service child's supervisor
+            (CHILD_STARTED, CHILD_RESTARTED).
     """
     if config.precond.mode != "async":
         yield None
@@ -104,7 +111,9 @@ def preconditioning(
             flags = shlex.split(precond.service_flags)
             if precond.token_file:
                 flags.append(f"--token_file={precond.token_file}")
-            address = stack.enter_context(local_service(workers=precond.workers, extra_args=flags))
+            address = stack.enter_context(
+                local_service(workers=precond.workers, extra_args=flags, events=events)
+            )
         run_id = run_id_for(config, workdir)
         client = PreconditionerClient(
             address, run_id, token=token, tls=tls, pull_interval_s=precond.pull_interval_s
@@ -120,12 +129,14 @@ def preconditioning(
             if precond.delay_steps
             else "",
         )
-        yield ServicePreconditioning(
-            optimizer,
-            client,
-            precond.update_steps,
-            delay_steps=precond.delay_steps,
-            delay_timeout_s=precond.delay_timeout_s,
+        yield stack.enter_context(
+            ServicePreconditioning(
+                optimizer,
+                client,
+                precond.update_steps,
+                delay_steps=precond.delay_steps,
+                delay_timeout_s=precond.delay_timeout_s,
+            )
         )
 
 
@@ -152,7 +163,7 @@ def drop_earlier_roots(
     error: Exception | None = None
     for attempt in range(attempts):
         try:
-            released = client.drop_run()
+            released = client.drop_run(timeout_s=DROP_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - any failure is retried, then reported
             error = e
             log.info(

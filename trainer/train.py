@@ -209,7 +209,9 @@ class Trainer:
 
     def preconditioning(self) -> contextlib.AbstractContextManager[ServicePreconditioning | None]:
         """The service connection of the async mode (None in the other modes)."""
-        return service_connection.preconditioning(self.config, self.workdir, self.optimizer)
+        return service_connection.preconditioning(
+            self.config, self.workdir, self.optimizer, self.events
+        )
 
     def train(self, bridge: ServicePreconditioning | None, until_step: int | None = None) -> None:
         """Trains from the current step to `until_step` (default `train.num_steps`).
