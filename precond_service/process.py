@@ -58,14 +58,16 @@ def parse_cpus(cpus: str) -> frozenset[int]:
     """The CPUs of a list like "1", "2-5" or "0,2"; "" is no pinning (an empty set).
 
     Raises:
-        ValueError: `cpus` is not such a list, or names a CPU this process may not use.
+        ValueError: `cpus` is not such a list, or names a CPU this machine does not have.
     """
     if not cpus.strip():
         return frozenset()
-    allowed = os.sched_getaffinity(0)
+    # The machine's CPUs, not only this process's: a trainer pinned to its own
+    # "device" cores still starts its service on the "host" cores.
+    allowed = set(range(os.cpu_count() or 1)) | os.sched_getaffinity(0)
     usage = (
-        f"cpus={cpus!r} is not a CPU list: use e.g. '1', '2-5' or '0,2' of the CPUs this "
-        f"process may use ({_format_cpus(allowed)}), or '' for no pinning"
+        f"cpus={cpus!r} is not a CPU list: use e.g. '1', '2-5' or '0,2' of this machine's "
+        f"CPUs ({_format_cpus(allowed)}), or '' for no pinning"
     )
     chosen: set[int] = set()
     for part in cpus.split(","):
@@ -78,8 +80,8 @@ def parse_cpus(cpus: str) -> frozenset[int]:
         chosen.update(range(first, last + 1))
     if not chosen <= allowed:
         raise ValueError(
-            f"cpus={cpus!r} names CPUs {_format_cpus(chosen - allowed)} this process may not "
-            f"use: choose among {_format_cpus(allowed)}, or '' for no pinning"
+            f"cpus={cpus!r} names CPUs {_format_cpus(chosen - allowed)} this machine does not "
+            f"have: choose among {_format_cpus(allowed)}, or '' for no pinning"
         )
     return frozenset(chosen)
 

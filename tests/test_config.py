@@ -82,6 +82,16 @@ def test_text_config_needs_the_files_and_names_the_field():
             r"config\.optimizer\.shampoo\.root_method must be one of \['schur_newton', 'eigh'\]",
         ),
         ("model.num_heads", 3, r"d_model must be divisible by config\.model\.num_heads"),
+        (
+            "optimizer.shampoo.momentum_type",
+            "nesterov",
+            r"momentum_type must be one of \['update', 'gradient'\], got 'nesterov'",
+        ),
+        ("optimizer.shampoo.graft_scope", "net", r"graft_scope must be one of \['layer'"),
+        ("optimizer.shampoo.statistics_beta2", 0.0, r"statistics_beta2 must be in \(0, 1\]"),
+        ("precond.cadence", "often", r"cadence must be one of \['fixed', 'adaptive'\]"),
+        ("train.device_cpus", "0-", r"config\.train\.device_cpus: cpus='0-' is not a CPU list"),
+        ("precond.host_cpus", "4096", r"config\.precond\.host_cpus: .*does not have"),
     ],
 )
 def test_validate_names_field_value_and_allowed_values(field, value, message):
@@ -179,11 +189,60 @@ def test_make_optimizer_follows_name_and_precond_mode(name, mode, cls):
         assert optimizer.root_method == "schur_newton"
 
 
-def test_root_method_reaches_shampoo():
+def test_root_method_and_update_choices_reach_shampoo():
     config = config_lib.default_config()
     config.optimizer.shampoo.root_method = "eigh"
+    config.optimizer.shampoo.momentum_type = "gradient"
+    config.optimizer.shampoo.graft_scope = "block"
     config_lib.validate(config)
-    assert make_optimizer(config).root_method == "eigh"
+    optimizer = make_optimizer(config)
+    assert (optimizer.root_method, optimizer.momentum_type, optimizer.graft_scope) == (
+        "eigh",
+        "gradient",
+        "block",
+    )
+    assert optimizer.statistics_beta2 == config.optimizer.beta2  # unset: tied
+    config.optimizer.shampoo.statistics_beta2 = 1.0
+    assert make_optimizer(config).statistics_beta2 == 1.0
+
+
+def test_repeatable_mode_needs_the_fixed_cadence():
+    config = config_lib.default_config()
+    config.precond.delay_steps = 10
+    config.precond.cadence = "adaptive"
+    with pytest.raises(ValueError, match='delay_steps needs config.precond.cadence="fixed"'):
+        config_lib.validate(config)
+
+
+def test_device_cpus_pin_every_thread_and_size_tensorflows_pools():
+    lowest = min(os.sched_getaffinity(0))
+    program = f"""
+import os, threading
+import tensorflow as tf
+from trainer.process_setup import pin_to_cpus
+started = threading.Event()
+early = threading.Thread(target=started.wait, daemon=True)  # a thread from before the pin
+early.start()
+assert pin_to_cpus("{lowest}") == {{{lowest}}}
+tasks = os.listdir("/proc/self/task")
+assert all(os.sched_getaffinity(int(t)) == {{{lowest}}} for t in tasks), tasks
+late = threading.Thread(target=lambda: None)
+late.start(); late.join()
+print(tf.config.threading.get_intra_op_parallelism_threads(),
+      tf.config.threading.get_inter_op_parallelism_threads(),
+      sorted(os.sched_getaffinity(early.native_id)))
+started.set()
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", program],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[-2] == f"1 1 [{lowest}]"
 
 
 def test_constant_tuples_are_the_optimizer_and_service_ones():

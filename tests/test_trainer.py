@@ -103,6 +103,9 @@ def test_each_optimizer_and_mode_trains_checkpoints_and_evaluates(
     assert any(not np.array_equal(a, b) for a, b in zip(before, _weights(trainer.model)))
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["step"] == 8
+    # The median step time comes from the loops after the first (tracing) one.
+    assert len(trainer.loop_step_ms) >= 2
+    assert results["step_ms_median"] == pytest.approx(float(np.median(trainer.loop_step_ms[1:])))
     assert "tok:13a" in results["bleu_signature"]
     assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["name"] == optimizer
     assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-8")

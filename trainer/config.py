@@ -15,8 +15,15 @@ from typing import Any
 
 import ml_collections
 
+from precond_service.process import parse_cpus
 from precond_service.roots import METHODS as ROOT_METHODS
-from trainer.optimizers.shampoo import GRAFT_TYPES, PRECONDITION_MODES
+from trainer.optimizers.service_bridge import CADENCES
+from trainer.optimizers.shampoo import (
+    GRAFT_SCOPES,
+    GRAFT_TYPES,
+    MOMENTUM_TYPES,
+    PRECONDITION_MODES,
+)
 
 OPTIMIZERS = ("shampoo", "adam", "adagrad")
 DATA_SOURCES = ("wmt14", "text", "numbers")
@@ -42,6 +49,7 @@ RESUMABLE_FIELDS = (
     "train.jit_compile",
     "train.deterministic",
     "train.restart",
+    "train.device_cpus",
     "decode.",
     "data.eval_batch_size",
     "data.eval_bleu_examples",
@@ -60,6 +68,7 @@ RESUMABLE_FIELDS = (
     "precond.tls_key_file",
     "precond.pull_interval_s",
     "precond.delay_timeout_s",
+    "precond.host_cpus",
 )
 
 
@@ -116,6 +125,11 @@ def _train_fields() -> ml_collections.ConfigDict:
     # (never deleted). Without it, a config that changes a field outside
     # RESUMABLE_FIELDS is refused.
     section.restart = False
+    # CPUs the trainer's TensorFlow thread pools run on ("0", "0-3", "0,2"), the
+    # "device" of a CPU-only machine; "" does not pin. With precond.host_cpus it
+    # emulates the paper's split of an accelerator that trains and host CPUs that
+    # compute roots (on a GPU machine the step runs on the GPU instead).
+    section.device_cpus = ""
     return section
 
 
@@ -235,6 +249,16 @@ def _optimizer_fields() -> ml_collections.ConfigDict:
     # Inverse-root solver: "schur_newton" (coupled Newton iteration) or "eigh"
     # (eigendecomposition); used by the sync mode and sent with each push.
     section.shampoo.root_method = "schur_newton"
+    # The first moment: "update" (EMA of the grafted update, after
+    # preconditioning) or "gradient" (bias-corrected EMA of the gradient, before
+    # preconditioning and grafting, as in the reference implementations).
+    section.shampoo.momentum_type = "update"
+    # The graft's norm is taken per "layer" (all preconditioned blocks of a
+    # variable) or per "block".
+    section.shampoo.graft_scope = "layer"
+    # Decay of the Kronecker statistics (1.0 sums them, also with an Adam graft);
+    # unset: optimizer.beta2.
+    section.shampoo.statistics_beta2 = ml_collections.config_dict.placeholder(float)
     return section
 
 
@@ -250,6 +274,13 @@ def _precond_fields() -> ml_collections.ConfigDict:
     section.update_steps = 100
     # Worker processes of a service the trainer starts itself.
     section.workers = 1
+    # CPUs that service and its workers are pinned to ("1", "2-5"), the "host"
+    # of train.device_cpus; "" does not pin.
+    section.host_cpus = ""
+    # "fixed": push statistics every update_steps updates. "adaptive": push again
+    # as soon as every root of the previous push has arrived (at the latest after
+    # update_steps), so staleness follows the service's throughput.
+    section.cadence = "fixed"
     # Further flags for a service the trainer starts, space-separated.
     section.service_flags = ""
     # Reproducible async mode: 0 installs roots as soon as they arrive; D > 0
@@ -312,6 +343,20 @@ def _validate_values(config: ml_collections.ConfigDict) -> None:
     _check_choice(config, "train.mixed_precision", MIXED_PRECISION)
     _check_choice(config, "optimizer.shampoo.graft_type", GRAFT_TYPES)
     _check_choice(config, "optimizer.shampoo.root_method", ROOT_METHODS)
+    _check_choice(config, "optimizer.shampoo.momentum_type", MOMENTUM_TYPES)
+    _check_choice(config, "optimizer.shampoo.graft_scope", GRAFT_SCOPES)
+    _check_choice(config, "precond.cadence", CADENCES)
+    for field in ("train.device_cpus", "precond.host_cpus"):
+        try:
+            parse_cpus(_get(config, field))
+        except ValueError as e:
+            raise ValueError(f"config.{field}: {e}") from None
+    statistics_beta2 = config.optimizer.shampoo.statistics_beta2
+    if statistics_beta2 is not None and not 0.0 < statistics_beta2 <= 1.0:
+        raise ValueError(
+            "config.optimizer.shampoo.statistics_beta2 must be in (0, 1] or unset, got "
+            f"{statistics_beta2!r}"
+        )
     for field in (
         "train.num_steps",
         "train.steps_per_loop",
@@ -396,6 +441,11 @@ def _validate_precond(config: ml_collections.ConfigDict) -> None:
             'trainer starts itself (address "") is plaintext on loopback'
         )
     if precond.delay_steps:
+        if precond.cadence != "fixed":
+            raise ValueError(
+                'config.precond.delay_steps needs config.precond.cadence="fixed", got '
+                f"{precond.cadence!r}: the repeatable mode pushes at multiples of update_steps"
+            )
         if precond.mode != "async":
             raise ValueError(
                 'config.precond.delay_steps applies to config.precond.mode="async" only, got '

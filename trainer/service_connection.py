@@ -112,7 +112,12 @@ def preconditioning(
             if precond.token_file:
                 flags.append(f"--token_file={precond.token_file}")
             address = stack.enter_context(
-                local_service(workers=precond.workers, extra_args=flags, events=events)
+                local_service(
+                    workers=precond.workers,
+                    extra_args=flags,
+                    cpus=precond.host_cpus,
+                    events=events,
+                )
             )
         run_id = run_id_for(config, workdir)
         client = PreconditionerClient(
@@ -136,6 +141,7 @@ def preconditioning(
                 precond.update_steps,
                 delay_steps=precond.delay_steps,
                 delay_timeout_s=precond.delay_timeout_s,
+                cadence=precond.cadence,
             )
         )
 

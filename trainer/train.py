@@ -66,6 +66,7 @@ class TrainResult:
     test_loss: float | None
     test_bleu: float | None
     train_seconds: float
+    step_ms_median: float | None
     bleu_signature: str
 
 
@@ -114,6 +115,9 @@ class Trainer:
         self.reporter = Reporter(config, self.optimizer, self.summary_writer, self.events)
         self.last_train_loss = float("nan")
         self.train_seconds = 0.0
+        # Per inner loop of this process: its milliseconds per step (the service's
+        # push and install work included).
+        self.loop_step_ms: list[float] = []
         self._restarts_seen = 0
 
     # ------------------------------------------------------------ building
@@ -206,6 +210,14 @@ class Trainer:
         result = self.final_evaluation()
         self.events.write(Event.FINISHED, step=result.step)
         return result
+
+    def step_ms_median(self) -> float | None:
+        """Median over this process's inner loops, after the first (tracing), of ms per step.
+
+        None when no step was trained; the first loop's when it is the only one.
+        """
+        loops = self.loop_step_ms[1:] or self.loop_step_ms
+        return float(np.median(loops)) if loops else None
 
     def preconditioning(self) -> contextlib.AbstractContextManager[ServicePreconditioning | None]:
         """The service connection of the async mode (None in the other modes)."""
@@ -331,6 +343,8 @@ class Trainer:
     def _check_loop(self, step: int, metrics: LoopMetrics) -> None:
         """Counts time and loss; stops on a diverging loss or too many skipped steps."""
         self.train_seconds += metrics.seconds
+        if metrics.steps:
+            self.loop_step_ms.append(1000 * metrics.seconds / metrics.steps)
         if metrics.skipped:
             self._report_skipped(step, metrics.skipped)
         if metrics.weight_sum > 0:  # at least one step was applied
@@ -388,6 +402,7 @@ class Trainer:
             test_loss=None if test is None else test.loss,
             test_bleu=None if test is None else test.bleu,
             train_seconds=self.train_seconds,
+            step_ms_median=self.step_ms_median(),
             bleu_signature=bleu.bleu_signature(),
         )
         with open(os.path.join(self.workdir, "results.json"), "w") as f:
