@@ -1,22 +1,24 @@
 """Step time of async Shampoo, sync Shampoo, Adam and AdaGrad, interleaved in one run.
 
 Builds the trainers of scripts/bench_training.py (same model, same seed, so the
-same batches in the same order) in one process: the four with N = 10 and, by
-default, async Shampoo with N = 100 too (`--more_async_periods`), brings each past Shampoo's
-graft-only warm-up, then times single steps in interleaved rounds: each round
-runs `--round_steps` steps of every optimizer in turn (rotating who goes first),
-so that load from the rest of the machine falls on all of them alike. A step's
-time is one inner loop of one step plus the host's service work after it (the
-statistics push every N steps and installing roots, in async mode); in sync
-mode the roots are computed inside every N-th step, so its stalls show.
+same batches in the same order) in one process: the four with N = 10, async
+Shampoo with the periods of `--async_periods` (default N = 1 and 100) and with
+the adaptive cadence, and "shampoo-in-graph": async Shampoo holding roots for
+every block but doing no service work, whose step is Shampoo's in-graph cost
+alone. It brings each past Shampoo's graft-only warm-up, then times single
+steps in interleaved rounds: each round runs `--round_steps` steps of every
+optimizer in turn (rotating who goes first), so that load from the rest of the
+machine falls on all of them alike. A step's time is one inner loop of one step
+plus the host's service work after it (reading the statistics every N steps and
+installing roots, in async mode); in sync mode the roots are computed inside
+every N-th step, so its stalls show.
 
-Target: async Shampoo's mean step time <= 1.15x Adam's. The service's share
-of the cores falls with N (one root computation per block every N steps).
+The paper's regime, emulated on a CPU machine: every trainer runs on the
+`--device_cpus` cores (default the lowest one; TensorFlow's pools sized to them)
+and the services and their workers on `--host_cpus` (default the others), so
+Adam gets exactly the compute Shampoo's training step gets.
 
-On this 2-core machine the service's worker shares the cores with the trainer,
-and it also computes while the other optimizers' steps run: the standalone step
-times of scripts/bench_convergence.py's runs (one optimizer at a time) are the
-fairer measure of what the service costs, and are reported beside these.
+Target: async Shampoo's median step time <= 1.10x Adam's (stretch 1.05x).
 
     .venv/bin/python scripts/bench_step_overhead.py [--data_dir=../shared/data]
 """
@@ -46,8 +48,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup_steps", type=int, default=80, help="untimed steps first")
     parser.add_argument("--update_steps", type=int, default=10, help="Shampoo's period N")
     parser.add_argument(
-        "--more_async_periods",
-        default="100",
+        "--async_periods",
+        default="1,100",
         help="further async Shampoo trainers with these periods N (comma-separated, or '')",
     )
     parser.add_argument("--out", default="benchmarks/step_overhead.json")
@@ -58,19 +60,48 @@ def parse_args() -> argparse.Namespace:
 def specs(args: argparse.Namespace) -> dict[str, bt.RunSpec]:
     """The optimizers at their centre rates; the budget covers warm-up and rounds."""
     steps = 1 + args.warmup_steps + args.rounds * args.round_steps
-    common = dict(num_steps=steps, update_steps=args.update_steps)
+    common = dict(num_steps=steps, **bt.regime(args))
     rates = bt.BASE_LEARNING_RATES
     runs = {
-        "adam": bt.first_order("adam", rates["adam"], **common),
-        "adagrad": bt.first_order("adagrad", rates["adagrad"], **common),
-        "shampoo-async": bt.shampoo("async", rates["shampoo"], **common),
-        "shampoo-sync": bt.shampoo("sync", rates["shampoo"], **common),
+        "adam": bt.first_order("adam", rates["adam"], update_steps=args.update_steps, **common),
+        "adagrad": bt.first_order(
+            "adagrad", rates["adagrad"], update_steps=args.update_steps, **common
+        ),
+        "shampoo-async": bt.shampoo(
+            "async", rates["shampoo"], update_steps=args.update_steps, **common
+        ),
+        "shampoo-sync": bt.shampoo(
+            "sync", rates["shampoo"], update_steps=args.update_steps, **common
+        ),
+        "shampoo-in-graph": bt.shampoo(
+            "async", rates["shampoo"], update_steps=args.update_steps, **common
+        ),
+        "shampoo-async-adaptive": bt.shampoo(
+            "async", rates["shampoo"], update_steps=100, cadence="adaptive", **common
+        ),
     }
-    for period in filter(None, args.more_async_periods.split(",")):
+    for period in filter(None, args.async_periods.split(",")):
         runs[f"shampoo-async-N{int(period)}"] = bt.shampoo(
-            "async", rates["shampoo"], num_steps=steps, update_steps=int(period)
+            "async", rates["shampoo"], update_steps=int(period), **common
         )
     return runs
+
+
+# Times its steps without service work, once it holds a root for every block.
+IN_GRAPH = "shampoo-in-graph"
+
+
+def _hold_every_root(trainer, bridge, timeout_s: float = 300.0) -> None:
+    """Steps `trainer` with its service until every block holds a root."""
+    import time
+
+    from trainer.optimizers.service_bridge import staleness
+
+    deadline = time.monotonic() + timeout_s
+    while staleness(trainer.optimizer).fraction_preconditioned < 1.0:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{IN_GRAPH}: not every block got a root in {timeout_s:.0f} s")
+        trainer.run_steps(bridge, 1)
 
 
 def main() -> None:
@@ -98,6 +129,9 @@ def main() -> None:
             trainer.run_steps(bridges[label], 1)  # traces the loop
             for _ in range(args.warmup_steps):
                 trainer.run_steps(bridges[label], 1)
+            if label == IN_GRAPH:
+                _hold_every_root(trainer, bridges[label])
+                bridges[label] = None  # from now on: the step alone
             log.info("%s warmed up", label)
         labels = list(runs)
         for round_index in range(args.rounds):
@@ -115,9 +149,9 @@ def main() -> None:
 
     summary = _summarise(times)
     met = {
-        f"{label} mean <= 1.15x Adam (interleaved)": summary[label]["mean_ratio_to_adam"] <= 1.15
+        f"{label} median <= 1.10x Adam": summary[label]["median_ratio_to_adam"] <= 1.10
         for label in summary
-        if label.startswith("shampoo-async")
+        if label.startswith("shampoo-async") or label == IN_GRAPH
     }
     bt.write_report(
         args.out,

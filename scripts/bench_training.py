@@ -66,6 +66,10 @@ class RunSpec:
         seed: Seed of initialisation, data order and dropout.
         delay_steps: Async Shampoo's `precond.delay_steps` (0: roots installed on
             arrival; D: exactly D steps after their statistics).
+        device_cpus: `train.device_cpus`, the cores every optimizer trains on.
+        host_cpus: `precond.host_cpus`, the cores of async Shampoo's service.
+        cadence: Async Shampoo's `precond.cadence`.
+        shampoo: Further `optimizer.shampoo.*` fields, as sorted (name, value) pairs.
     """
 
     optimizer: str
@@ -76,6 +80,10 @@ class RunSpec:
     eval_every: int = 50
     seed: int = 0
     delay_steps: int = 0
+    device_cpus: str = ""
+    host_cpus: str = ""
+    cadence: str = "fixed"
+    shampoo: tuple[tuple[str, Any], ...] = ()
 
     @property
     def label(self) -> str:
@@ -89,6 +97,9 @@ class RunSpec:
             f"{self.label}_lr{self.learning_rate:.3g}_N{self.update_steps}"
             f"_steps{self.num_steps}_every{self.eval_every}_seed{self.seed}"
             + (f"_D{self.delay_steps}" if self.delay_steps else "")
+            + (f"_cpu{self.device_cpus}-{self.host_cpus}" if self.device_cpus else "")
+            + (f"_{self.cadence}" if self.cadence != "fixed" else "")
+            + "".join(f"_{name}{value}" for name, value in self.shampoo)
         )
 
 
@@ -189,6 +200,11 @@ def bench_config(spec: RunSpec, files: dict[str, str], vocab_path: str):
     config.precond.update_steps = spec.update_steps
     config.precond.delay_steps = spec.delay_steps
     config.train.deterministic = bool(spec.delay_steps)
+    config.train.device_cpus = spec.device_cpus
+    config.precond.host_cpus = spec.host_cpus
+    config.precond.cadence = spec.cadence
+    for name, value in spec.shampoo:
+        config.optimizer.shampoo[name] = value
 
     train = config.train
     train.num_steps = spec.num_steps
@@ -290,6 +306,8 @@ def cached_run(spec: RunSpec, args: argparse.Namespace, test: bool = False) -> d
     # Runs cached before a field existed hold its default.
     defaults = dataclasses.asdict(RunSpec("", "", 0.0))
     stored = {**defaults, **result["spec"]} if "spec" in result else None
+    if stored is not None:  # JSON keeps tuples as lists
+        stored["shampoo"] = tuple(tuple(pair) for pair in stored["shampoo"])
     if stored != dataclasses.asdict(spec):
         _child(spec, args, "train", run_dir)
         result = json.loads(out.read_text())
@@ -323,6 +341,22 @@ def _child(spec: RunSpec, args: argparse.Namespace, task: str, run_dir: Path) ->
     log.info("%s: %s done in %.0f s", task, spec.name, time.monotonic() - began)
 
 
+def default_device_cpus() -> str:
+    """The lowest usable core: the emulated accelerator."""
+    return str(min(os.sched_getaffinity(0)))
+
+
+def default_host_cpus() -> str:
+    """The usable cores but the device's: the host CPUs the paper's roots run on."""
+    rest = sorted(os.sched_getaffinity(0) - {int(default_device_cpus())})
+    return ",".join(str(cpu) for cpu in rest) or default_device_cpus()
+
+
+def regime(args: argparse.Namespace) -> dict[str, str]:
+    """RunSpec fields that put a run on the benchmark's device and host cores."""
+    return {"device_cpus": args.device_cpus, "host_cpus": args.host_cpus}
+
+
 def shared_paths(args: argparse.Namespace) -> tuple[dict[str, str], str]:
     """The Tatoeba split files and the vocabulary path every run shares."""
     files = prepare_tatoeba(args.data_dir, args.work_dir)
@@ -332,6 +366,16 @@ def shared_paths(args: argparse.Namespace) -> tuple[dict[str, str], str]:
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     """Flags every training benchmark takes."""
+    parser.add_argument(
+        "--device_cpus",
+        default=default_device_cpus(),
+        help="cores every optimizer's training step runs on (the 'device'); '' for all",
+    )
+    parser.add_argument(
+        "--host_cpus",
+        default=default_host_cpus(),
+        help="cores of async Shampoo's service and workers (the 'host'); '' for all",
+    )
     parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR, help="holds tatoeba_en_fr/fra.txt")
     parser.add_argument(
         "--work_dir",
@@ -447,7 +491,9 @@ def main() -> None:
     add_common_flags(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    spec = RunSpec(**json.loads(args.spec))
+    fields = json.loads(args.spec)
+    fields["shampoo"] = tuple(tuple(pair) for pair in fields.get("shampoo", ()))
+    spec = RunSpec(**fields)
     files, vocab_path = shared_paths(args)
     out = Path(args.run_dir) / "result.json"
     workdir = str(Path(args.run_dir) / "workdir")

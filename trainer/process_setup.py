@@ -72,9 +72,15 @@ def pin_to_cpus(cpus: str) -> frozenset[int]:
     for task in os.listdir("/proc/self/task"):
         with contextlib.suppress(ProcessLookupError):
             os.sched_setaffinity(int(task), chosen)
+    threads = tf.config.threading
+    if (threads.get_intra_op_parallelism_threads(), threads.get_inter_op_parallelism_threads()) == (
+        len(chosen),
+        len(chosen),
+    ):
+        return chosen  # pinned before, in this process
     try:
-        tf.config.threading.set_intra_op_parallelism_threads(len(chosen))
-        tf.config.threading.set_inter_op_parallelism_threads(len(chosen))
+        threads.set_intra_op_parallelism_threads(len(chosen))
+        threads.set_inter_op_parallelism_threads(len(chosen))
     except RuntimeError as e:  # TensorFlow's runtime is already up
         log.warning("pinned to CPUs %s, but TensorFlow's thread pools keep their size: %s", cpus, e)
     return chosen
