@@ -1,4 +1,8 @@
-"""End-to-end tests of the service: real server on a loopback port, real worker processes."""
+"""End-to-end tests of the service: real server on a loopback port, real worker processes.
+
+(Over 400 lines: every RPC of the contract against one real server; the units behind it
+are in test_service_units.py, hostile input in test_service_hostile.py.)
+"""
 
 from __future__ import annotations
 

@@ -7,8 +7,11 @@ not change when the log's wording does.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
+import os
 import time
 
 import keras
@@ -210,3 +213,26 @@ def _service_scalars(bridge: ServicePreconditioning) -> dict[str, float | None]:
         "precond/connected": float(status.connected),
         "precond/delay_wait_seconds": bridge.wait_seconds if bridge.delay_steps else None,
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What a finished run reports (also written to `workdir/results.json`)."""
+
+    step: int
+    train_loss: float | None
+    dev_loss: float
+    dev_bleu: float
+    test_loss: float | None
+    test_bleu: float | None
+    train_seconds: float
+    step_ms_median: float | None
+    bleu_signature: str
+
+
+def write_results(workdir: str, result: TrainResult) -> str:
+    """Writes `result` to `workdir/results.json`; returns the path."""
+    path = os.path.join(workdir, "results.json")
+    with open(path, "w") as f:
+        json.dump(dataclasses.asdict(result), f, indent=2)
+    return path

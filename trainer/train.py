@@ -19,8 +19,6 @@ The whole job behind `python -m trainer`:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import logging
 import math
 import os
@@ -40,7 +38,7 @@ from trainer.data import tokenizer as tokenizer_lib
 from trainer.model import bleu, transformer
 from trainer.optimizer_config import make_optimizer
 from trainer.optimizers.service_bridge import ServicePreconditioning
-from trainer.reporting import EVENTS_FILE, Reporter
+from trainer.reporting import EVENTS_FILE, Reporter, TrainResult, write_results
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +51,6 @@ _WHAT_TO_TRY = (
 def vocab_path_for(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Where the SentencePiece model lives: `data.vocab_path` or the workdir."""
     return config.data.vocab_path or os.path.join(workdir, "spm.model")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainResult:
-    """What a finished run reports (also written to `workdir/results.json`)."""
-
-    step: int
-    train_loss: float | None
-    dev_loss: float
-    dev_bleu: float
-    test_loss: float | None
-    test_bleu: float | None
-    train_seconds: float
-    step_ms_median: float | None
-    bleu_signature: str
 
 
 class Trainer:
@@ -405,8 +388,7 @@ class Trainer:
             step_ms_median=self.step_ms_median(),
             bleu_signature=bleu.bleu_signature(),
         )
-        with open(os.path.join(self.workdir, "results.json"), "w") as f:
-            json.dump(dataclasses.asdict(result), f, indent=2)
+        write_results(self.workdir, result)
         return result
 
 
