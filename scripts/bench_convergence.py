@@ -12,10 +12,14 @@ final dev loss is kept. Reported:
   optimizer's best run.
 
 Paper's claim (WMT'14 En->Fr, Transformer): Shampoo reaches Adam's quality in
-about half the steps and 1/1.67 of the wall time. Targets here: <= 0.6x the steps
-and <= 0.75x the wall time, with test BLEU at least Adam's.
+about half the steps and 1/1.67 of the wall time. Targets here: <= 0.65x the steps
+and <= 0.75x the wall time, with test BLEU at least 1 above Adam's.
+
+Every run trains on the `--device_cpus` cores and async Shampoo's service
+computes on `--host_cpus` (the paper's device/host split; see bench_training.py).
 
     .venv/bin/python scripts/bench_convergence.py [--data_dir=../shared/data]
+        [--optimizers=adam,shampoo-async] [--shampoo_fields=momentum_type=gradient]
 
 Runs already finished under `--work_dir` are reused (delete it to start over).
 """
@@ -40,9 +44,11 @@ def spec_for(label: str, factor: float, args: argparse.Namespace) -> bt.RunSpec:
     """The run of optimizer `label` at `factor` times its centre learning rate."""
     optimizer, _, mode = label.partition("-")
     rate = float(f"{bt.BASE_LEARNING_RATES[optimizer] * factor:.3g}")
-    common = dict(num_steps=args.num_steps, update_steps=args.update_steps)
+    common = dict(num_steps=args.num_steps, update_steps=args.update_steps, **bt.regime(args))
     if optimizer == "shampoo":
-        return bt.shampoo(mode, rate, **common)
+        return bt.shampoo(
+            mode, rate, shampoo=bt.parse_shampoo_fields(args.shampoo_fields), **common
+        )
     return bt.first_order(optimizer, rate, **common)
 
 
@@ -50,7 +56,17 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     bt.add_common_flags(parser)
     parser.add_argument("--lr_factors", default="0.5,1,2", help="the learning-rate sweep")
-    parser.add_argument("--num_steps", type=int, default=600)
+    parser.add_argument("--num_steps", type=int, default=1000)
+    parser.add_argument(
+        "--optimizers",
+        default=",".join(OPTIMIZERS),
+        help=f"which of {','.join(OPTIMIZERS)} to run (adam is needed for the ratios)",
+    )
+    parser.add_argument(
+        "--shampoo_fields",
+        default="",
+        help="optimizer.shampoo fields of the Shampoo runs, e.g. momentum_type=gradient",
+    )
     parser.add_argument("--update_steps", type=int, default=10, help="Shampoo's period N")
     parser.add_argument(
         "--sync_sweep",
@@ -68,7 +84,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     factors = [float(f) for f in args.lr_factors.split(",")]
     sweeps: dict[str, list[dict]] = {}
-    for label in OPTIMIZERS:
+    for label in args.optimizers.split(","):
         if label == "shampoo-sync" and args.sync_sweep == "best":
             async_best = min(sweeps["shampoo-async"], key=bt.final_dev_loss)
             rate = async_best["spec"]["learning_rate"]
@@ -78,8 +94,7 @@ def main() -> None:
         sweeps[label] = [bt.cached_run(spec_for(label, f, args), args) for f in factors_here]
     best = {label: min(results, key=bt.final_dev_loss) for label, results in sweeps.items()}
     for label, result in best.items():
-        spec = bt.RunSpec(**result["spec"])
-        best[label] = bt.cached_run(spec, args, test=True)
+        best[label] = bt.cached_run(bt.spec_from_dict(result["spec"]), args, test=True)
 
     adam = best["adam"]
     target = bt.best_dev_loss(adam)
@@ -87,9 +102,9 @@ def main() -> None:
     summary = _summarise(best, target)
     shampoo = summary["shampoo-async"]
     targets = {
-        "steps_ratio <= 0.6": _met(shampoo["steps_ratio_to_adam"], 0.6),
+        "steps_ratio <= 0.65": _met(shampoo["steps_ratio_to_adam"], 0.65),
         "seconds_ratio <= 0.75": _met(shampoo["seconds_ratio_to_adam"], 0.75),
-        "test_bleu >= adam": shampoo["test_bleu"] >= summary["adam"]["test_bleu"],
+        "test_bleu >= adam + 1": shampoo["test_bleu"] >= summary["adam"]["test_bleu"] + 1,
     }
     sweep_table = {
         label: [
@@ -102,7 +117,7 @@ def main() -> None:
         ]
         for label, results in sweeps.items()
     }
-    specs = [bt.RunSpec(**r["spec"]) for results in sweeps.values() for r in results]
+    specs = [bt.spec_from_dict(r["spec"]) for results in sweeps.values() for r in results]
     bt.write_report(
         args.out,
         args,
@@ -172,7 +187,7 @@ def plot(best: dict[str, dict], target: float, path: Path) -> None:
         ax.set_ylim(top=min(ax.get_ylim()[1], target + 2.5))
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle("Tatoeba En-Fr, 2-layer d=128 Transformer, 2-core CPU")
+    fig.suptitle("Tatoeba En-Fr, 2-layer d=128 Transformer, trainer on 1 core, service on 1")
     bt.save_figure(fig, path)
 
 

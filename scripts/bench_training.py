@@ -113,6 +113,36 @@ def first_order(optimizer: str, learning_rate: float, **kwargs: Any) -> RunSpec:
     return RunSpec(optimizer, "off", learning_rate, **kwargs)
 
 
+def spec_from_dict(fields: dict[str, Any]) -> RunSpec:
+    """A RunSpec from its JSON form (where the `shampoo` pairs became lists)."""
+    fields = {**fields, "shampoo": tuple(tuple(pair) for pair in fields.get("shampoo", ()))}
+    return RunSpec(**fields)
+
+
+def parse_shampoo_fields(text: str) -> tuple[tuple[str, Any], ...]:
+    """ "momentum_type=gradient,statistics_beta2=1.0" -> sorted (name, value) pairs.
+
+    Raises:
+        ValueError: An entry is not name=value, or names no `optimizer.shampoo` field.
+    """
+    from trainer.config import default_config
+
+    known = default_config().optimizer.shampoo
+    pairs = []
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = entry.partition("=")
+        if not sep or name not in known:
+            raise ValueError(
+                f"{entry!r} is not name=value of an optimizer.shampoo field ({sorted(known)})"
+            )
+        try:
+            parsed: Any = float(value)
+        except ValueError:
+            parsed = value
+        pairs.append((name, parsed))
+    return tuple(sorted(pairs))
+
+
 # ----------------------------------------------------------------- data
 
 
@@ -307,7 +337,7 @@ def cached_run(spec: RunSpec, args: argparse.Namespace, test: bool = False) -> d
     defaults = dataclasses.asdict(RunSpec("", "", 0.0))
     stored = {**defaults, **result["spec"]} if "spec" in result else None
     if stored is not None:  # JSON keeps tuples as lists
-        stored["shampoo"] = tuple(tuple(pair) for pair in stored["shampoo"])
+        stored = dataclasses.asdict(spec_from_dict(stored))
     if stored != dataclasses.asdict(spec):
         _child(spec, args, "train", run_dir)
         result = json.loads(out.read_text())
@@ -491,9 +521,7 @@ def main() -> None:
     add_common_flags(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    fields = json.loads(args.spec)
-    fields["shampoo"] = tuple(tuple(pair) for pair in fields.get("shampoo", ()))
-    spec = RunSpec(**fields)
+    spec = spec_from_dict(json.loads(args.spec))
     files, vocab_path = shared_paths(args)
     out = Path(args.run_dir) / "result.json"
     workdir = str(Path(args.run_dir) / "workdir")

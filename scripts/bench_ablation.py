@@ -1,0 +1,110 @@
+"""Which of the reference implementations' update choices help Shampoo here (Tatoeba dev).
+
+Async Shampoo at its centre learning rate, in the device/host regime of
+bench_training.py, once with this project's defaults and once per choice that
+the reference implementations make differently (see `VARIANTS`); Adam at its
+centre rate gives the loss to reach. Reported per variant: final and best dev
+loss, steps to Adam's best dev loss (as a ratio to Adam's own), median step
+time. The defaults of `optimizer.shampoo` are picked from this table (dev split
+only; the test split is never looked at here).
+
+    .venv/bin/python scripts/bench_ablation.py [--variants=baseline,gradient_momentum]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_training as bt  # noqa: E402
+
+log = logging.getLogger("bench_ablation")
+
+# Name -> optimizer.shampoo fields that differ from the defaults.
+VARIANTS = {
+    "baseline": "",
+    "gradient_momentum": "momentum_type=gradient",
+    "block_graft": "graft_scope=block",
+    "statistics_sums": "statistics_beta2=1.0",
+    "gradient_momentum+block_graft": "graft_scope=block,momentum_type=gradient",
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    bt.add_common_flags(parser)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="which of VARIANTS")
+    parser.add_argument("--num_steps", type=int, default=1000)
+    parser.add_argument("--update_steps", type=int, default=10, help="Shampoo's period N")
+    parser.add_argument("--out", default="benchmarks/ablation.json")
+    parser.add_argument("--plot", default="benchmarks/ablation.png")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    common = dict(num_steps=args.num_steps, update_steps=args.update_steps, **bt.regime(args))
+    adam = bt.cached_run(bt.first_order("adam", bt.BASE_LEARNING_RATES["adam"], **common), args)
+    target = bt.best_dev_loss(adam)
+    adam_step = bt.first_reaching(adam, target)["step"]
+    results, table = {}, {}
+    for name in args.variants.split(","):
+        fields = bt.parse_shampoo_fields(VARIANTS[name])
+        spec = bt.shampoo("async", bt.BASE_LEARNING_RATES["shampoo"], shampoo=fields, **common)
+        results[name] = result = bt.cached_run(spec, args)
+        reached = bt.first_reaching(result, target)
+        table[name] = {
+            "fields": dict(fields),
+            "final_dev_loss": bt.final_dev_loss(result),
+            "best_dev_loss": bt.best_dev_loss(result),
+            "steps_ratio_to_adam": reached and reached["step"] / adam_step,
+            "mean_step_seconds": result.get("mean_step_seconds"),
+            "diverged": result["diverged"],
+        }
+    best = min(table, key=lambda name: table[name]["best_dev_loss"])
+    specs = [bt.spec_from_dict(r["spec"]) for r in [adam, *results.values()]]
+    bt.write_report(
+        args.out,
+        args,
+        specs,
+        {
+            "adam_best_dev_loss": target,
+            "adam_mean_step_seconds": adam.get("mean_step_seconds"),
+            "variants": table,
+            "lowest_best_dev_loss": best,
+        },
+    )
+    plot(adam, results, target, Path(bt.REPO_ROOT / args.plot))
+    for name, row in table.items():
+        ratio = row["steps_ratio_to_adam"]
+        print(
+            f"{name:32s} best dev {row['best_dev_loss']:.4f} final {row['final_dev_loss']:.4f} "
+            f"steps to Adam's best x{'n/a' if ratio is None else f'{ratio:.2f}'}"
+        )
+    print(f"Adam's best dev loss {target:.4f}; lowest best dev loss: {best}")
+
+
+def plot(adam: dict, results: dict[str, dict], target: float, path: Path) -> None:
+    """Dev loss against steps for Adam and each variant."""
+    plt = bt.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, result in {"adam": adam, **results}.items():
+        points = result["points"]
+        ax.plot([p["step"] for p in points], [p["dev_loss"] for p in points], label=name)
+    ax.axhline(target, color="gray", linestyle="--", linewidth=1, label="Adam's best")
+    ax.set_xlabel("step")
+    ax.set_ylabel("dev loss (nats/token)")
+    ax.set_ylim(top=target + 1.5)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.suptitle("Shampoo update choices, Tatoeba En-Fr dev")
+    bt.save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    main()
