@@ -108,23 +108,10 @@ def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("trainer").setLevel(logging.WARNING)
-    from trainer.process_setup import setup_process
-    from trainer.train import Trainer
-
-    files, vocab_path = bt.shared_paths(args)
     runs = specs(args)
     times: dict[str, list[float]] = {label: [] for label in runs}
     with contextlib.ExitStack() as stack:
-        trainers, bridges = {}, {}
-        for label, spec in runs.items():
-            workdir = str(Path(args.work_dir) / "step_overhead" / label)
-            config = bt.bench_config(spec, files, vocab_path)
-            setup_process(config)
-            trainer = Trainer(config, workdir)
-            if trainer.restored_step:
-                raise RuntimeError(f"{workdir} holds a checkpoint: delete it first")
-            trainers[label] = trainer
-            bridges[label] = stack.enter_context(trainer.preconditioning())
+        trainers, bridges = _build(runs, args, stack)
         for label, trainer in trainers.items():
             trainer.run_steps(bridges[label], 1)  # traces the loop
             for _ in range(args.warmup_steps):
@@ -172,6 +159,25 @@ def main() -> None:
             f"max {row['max_ms']:6.0f} ms  standalone {_fmt(row['standalone_mean_ms'])} ms"
         )
     print("targets:", met)
+
+
+def _build(runs: dict[str, bt.RunSpec], args: argparse.Namespace, stack: contextlib.ExitStack):
+    """One Trainer per run, in fresh workdirs, and its service connection (None if none)."""
+    from trainer.process_setup import setup_process
+    from trainer.train import Trainer
+
+    files, vocab_path = bt.shared_paths(args)
+    trainers, bridges = {}, {}
+    for label, spec in runs.items():
+        workdir = str(Path(args.work_dir) / "step_overhead" / label)
+        config = bt.bench_config(spec, files, vocab_path)
+        setup_process(config)
+        trainer = Trainer(config, workdir)
+        if trainer.restored_step:
+            raise RuntimeError(f"{workdir} holds a checkpoint: delete it first")
+        trainers[label] = trainer
+        bridges[label] = stack.enter_context(trainer.preconditioning())
+    return trainers, bridges
 
 
 def _summarise(times: dict[str, list[float]]) -> dict[str, dict]:

@@ -11,7 +11,6 @@ import dataclasses
 import datetime
 import ipaddress
 import pathlib
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from precond_service import process
 from precond_service.__main__ import main as service_main
 from precond_service.auth import TlsConfig, read_pem, server_credentials
 from precond_service.blocks import StatisticsBlock
@@ -140,44 +140,33 @@ def tls_server(pki: Pki) -> Iterator[RunningServer]:
     server.stop(grace_s=0.5)
 
 
-@dataclasses.dataclass
 class ServiceProcess:
-    """`python -m precond_service` started by a test, logging to a file."""
+    """`python -m precond_service` started with `precond_service.process`, logging to a file."""
 
-    process: subprocess.Popen
-    port_file: pathlib.Path
-    log_file: pathlib.Path
+    def __init__(self, service: process.ServiceProcess) -> None:
+        self.service = service
+        self.process = service.process
 
     @classmethod
     def start(cls, directory: pathlib.Path, flags: list[str]) -> ServiceProcess:
-        port_file, log_file = directory / "port", directory / "service.log"
-        with open(log_file, "wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "precond_service", "--port=0", f"--port_file={port_file}"]
-                + flags,
-                stderr=log,
-                env=subprocess_env(),
-            )
-        return cls(process, port_file, log_file)
+        host = next((f.split("=", 1)[1] for f in flags if f.startswith("--host=")), "127.0.0.1")
+        other = [f for f in flags if not f.startswith("--host=")]
+        # No health check: a TLS service needs the test's client certificate for it.
+        service = process.start_service(
+            other, host=host, log_path=directory / "service.log", check_health=False
+        )
+        return cls(service)
 
     def address(self) -> str:
-        """ "127.0.0.1:PORT" once the port file is written; fails if the service exited."""
-        assert wait_until(lambda: self.port_file.exists() or self.process.poll() is not None, 60)
-        assert self.process.poll() is None, self.log()
-        return f"127.0.0.1:{int(self.port_file.read_text())}"
+        """ "127.0.0.1:PORT" (the service has written its port)."""
+        return self.service.address
 
     def log(self) -> str:
-        return self.log_file.read_text()
+        return pathlib.Path(self.service.log_path).read_text()
 
     def stop(self) -> int:
         """SIGTERMs the service (SIGKILL after 30 s); returns its exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+        return self.service.stop(timeout_s=30.0)
 
 
 @pytest.fixture(scope="module")
