@@ -151,7 +151,8 @@ def test_model_fit_with_the_callback_trains_with_service_roots(client):
     assert losses[-1] < 0.5 * losses[0]
     held = opt.preconditioner_stats_steps().values()
     assert all(s != NO_PRECONDITIONER for s in held)
-    assert client.status().pushes_sent >= 2
+    assert bridge.pushes == 12  # every 4 of the 48 updates
+    assert bridge.wait_pushed() and wait_until(lambda: client.status().pushes_sent >= 2, 30)
 
 
 def test_bridge_needs_async_mode_and_positive_update_steps(client):

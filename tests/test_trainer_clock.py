@@ -36,16 +36,18 @@ def test_async_pushes_and_staleness_follow_the_update_count_across_skipped_steps
     config.train.update(num_steps=14, steps_per_loop=4, checkpoint_every_steps=100)
     config.precond.update_steps = UPDATE_STEPS
     trainer = make_trainer(config, tmp_path)
-    pushes: list[tuple[int, int, set[int]]] = []  # (batch step, updates, statistics' steps)
+    # (batch step, update count) on the training thread when the statistics are read
+    # for a push, and the step the snapshot names them by.
+    reads: list[tuple[int, int, int]] = []
+    read_statistics = trainer.optimizer.read_statistics
+
+    def recording_read():
+        snapshot = read_statistics()
+        reads.append((int(trainer.step.numpy()), int(trainer.optimizer.iterations), snapshot.step))
+        return snapshot
+
+    trainer.optimizer.read_statistics = recording_read
     with trainer.preconditioning() as bridge:
-        push = bridge.client.push
-
-        def recording_push(blocks):
-            steps = {block.step for block in blocks}
-            pushes.append((int(trainer.step.numpy()), bridge.step, steps))
-            push(blocks)
-
-        bridge.client.push = recording_push
         trainer.train(bridge, until_step=4)
         embedding = _embedding(trainer)
         clean = embedding.numpy()
@@ -65,11 +67,10 @@ def test_async_pushes_and_staleness_follow_the_update_count_across_skipped_steps
     assert (skipped["step"], skipped["count"], skipped["total"]) == (6, POISONED, POISONED)
     # Each push names its statistics by the update count at the push, which is
     # a multiple of update_steps; the batch count is 2 ahead after the skips.
-    assert [(batch, count) for batch, count, _ in pushes] == [(3, 3), (8, 6), (11, 9), (14, 12)]
-    for _, count, steps in pushes:
-        assert steps == {count}
+    assert [(batch, count) for batch, count, _ in reads] == [(3, 3), (8, 6), (11, 9), (14, 12)]
+    assert all(step == count for _, count, step in reads)
     # Roots are named by pushed update counts; their age is counted in updates.
-    assert roots <= {count for _, count, _ in pushes}
+    assert roots <= {count for _, count, _ in reads}
     assert held.min == updates - max(roots) and held.max == updates - min(roots)
     installed = read_events(tmp_path / "events.jsonl", Event.ROOTS_INSTALLED)
     assert installed and all(e["count"] > 0 for e in installed)
@@ -83,4 +84,4 @@ def _wait_for_roots(bridge, trainer, timeout_s: float = 60.0) -> None:
         assert time.monotonic() < deadline, bridge.client.status()
         bridge.client.pull_now()
         time.sleep(0.05)
-        bridge.after_steps()
+        trainer.service_work(bridge, int(trainer.step.numpy()))  # installs, with events

@@ -231,7 +231,7 @@ class Trainer:
             sum(int(np.prod(v.shape)) for v in self.model.trainable_variables),
         )
         if bridge is not None:
-            self._service_work(bridge, step)  # a resumed run pushes at once
+            self.service_work(bridge, step)  # a resumed run pushes at once
         self.controller(bridge).run(until)
 
     def run_steps(
@@ -278,7 +278,7 @@ class Trainer:
             actions.append(
                 Action(
                     "service",
-                    lambda step, _: self._service_work(bridge, step),
+                    lambda step, _: self.service_work(bridge, step),
                     part_of_step=True,
                     steps_until_due=bridge.steps_until_due,
                 )
@@ -312,7 +312,7 @@ class Trainer:
             )
         return actions
 
-    def _service_work(self, bridge: ServicePreconditioning, step: int) -> None:
+    def service_work(self, bridge: ServicePreconditioning, step: int) -> None:
         """Pushes statistics when due and installs roots that arrived (`bridge.after_steps`)."""
         installed = bridge.after_steps()
         if installed:
