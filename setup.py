@@ -2,9 +2,10 @@
 
 from setuptools import find_packages, setup
 
-# The preconditioner service needs only these, so a CPU host can run it without
-# TensorFlow: `pip install --no-deps .` and then these four there;
-# `pip install -e .[test]` for development and training.
+# Three kinds of host: `pip install .` (or ".[service]") installs the
+# preconditioner service alone, which needs only these four and no TensorFlow;
+# `pip install ".[trainer]"` adds the trainer; `pip install -e ".[test]"` adds the
+# test tools on top, for development.
 SERVICE_REQUIRES = [
     "numpy>=1.26,<3",
     "grpcio>=1.62,<2",
@@ -49,8 +50,10 @@ setup(
     ),
     python_requires=">=3.11",
     packages=find_packages(include=["trainer*", "precond_service*", "protos*"]),
-    install_requires=SERVICE_REQUIRES + TRAINER_REQUIRES,
+    install_requires=SERVICE_REQUIRES,
     extras_require={
-        "test": TEST_REQUIRES,
+        "service": [],
+        "trainer": TRAINER_REQUIRES,
+        "test": TRAINER_REQUIRES + TEST_REQUIRES,
     },
 )

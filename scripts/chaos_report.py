@@ -117,10 +117,8 @@ def describe_progress(event: dict[str, Any]) -> str:
     line = f"step {event['step']} | loss {_number(event.get('loss'))}"
     if event.get("staleness_max") is None:
         return line + " | precond: none yet"
-    return line + (
-        f" | staleness {_number(event['staleness_min'])}/{_number(event['staleness_mean'])}/"
-        f"{_number(event['staleness_max'])}"
-    )
+    ages = (event["staleness_min"], event["staleness_mean"], event["staleness_max"])
+    return line + " | staleness min/mean/max " + "/".join(_number(age) for age in ages)
 
 
 def _number(value: float | None) -> str:

@@ -252,3 +252,22 @@ def test_constant_tuples_are_the_optimizer_and_service_ones():
     assert config_lib.GRAFT_TYPES is shampoo.GRAFT_TYPES
     assert config_lib.PRECONDITION_MODES is shampoo.PRECONDITION_MODES
     assert config_lib.ROOT_METHODS is roots.METHODS
+
+
+def test_trainer_command_without_the_trainer_packages_says_what_to_install():
+    # As on a host where only the service was installed (`pip install .`).
+    program = (
+        "import runpy, sys; sys.modules['absl'] = None; "
+        "runpy.run_module('trainer', run_name='__main__')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "pip install 'async-shampoo[trainer]'" in result.stderr
+    assert "Traceback" not in result.stderr

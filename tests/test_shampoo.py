@@ -191,6 +191,17 @@ def test_grafted_update_has_shampoo_direction_and_adagrad_norm():
     np.testing.assert_allclose(np.linalg.norm(update), np.linalg.norm(graft), rtol=1e-4)
     cosine = np.sum(update * shampoo_dir) / np.linalg.norm(update) / np.linalg.norm(shampoo_dir)
     assert cosine == pytest.approx(1.0, abs=1e-5)
+    # The diagnostic: how far Shampoo's direction turned the graft's update.
+    turned = np.sum(shampoo_dir * graft) / np.linalg.norm(shampoo_dir) / np.linalg.norm(graft)
+    (reported,) = opt.direction_cosines().values()
+    assert reported == pytest.approx(turned, abs=1e-5) and turned < 0.99
+
+
+def test_direction_cosine_is_nan_before_preconditioning_starts():
+    var = make_var((6, 4))
+    opt = plain_shampoo(start_preconditioning_step=5)
+    opt.apply_gradients([(tf.constant(grads_for((6, 4), 1)[0]), var)])
+    assert np.isnan(list(opt.direction_cosines().values())).all()
 
 
 @pytest.mark.parametrize("graft_type", ["adagrad", "adam", "sgd", "none"])

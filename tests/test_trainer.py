@@ -191,6 +191,12 @@ def test_async_mode_gets_roots_from_a_real_service_child(tmp_path, vocab_path):
     assert status.pushes_sent >= 2 and status.preconditioners_received > 0
     assert status.push_failures == 0 and status.blocks_rejected == 0
     assert int(trainer.optimizer.iterations.numpy()) == 12
+    # The pictures: staleness and root error over blocks, and per variable how far
+    # Shampoo turned the graft's step, once roots were held (summaries at 8 and 12).
+    tags = summary_tags(tmp_path / "summaries")
+    assert {"precond/staleness", "precond/root_error"} <= tags["histo"]
+    cosines = {tag for tag in tags["simple_value"] if tag.startswith("precond/direction_cosine/")}
+    assert len(cosines) == len(trainer.optimizer.direction_cosines())
     # The child is gone once the block ends.
     assert not wait_for_serving(address, 1.0)
 
@@ -285,3 +291,17 @@ def test_quickstart_command_end_to_end(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["dev_bleu"] > 20.0
     assert "staleness" in completed.stderr
+
+
+def summary_tags(directory) -> dict[str, set[str]]:
+    """Tags in the TensorBoard event files under `directory`, by summary kind."""
+    tags: dict[str, set[str]] = {"histo": set(), "simple_value": set()}
+    for path in directory.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                kind = value.metadata.plugin_data.plugin_name
+                if kind == "histograms" or value.HasField("histo"):
+                    tags["histo"].add(value.tag)
+                elif kind == "scalars" or value.HasField("simple_value"):
+                    tags["simple_value"].add(value.tag)
+    return tags

@@ -23,7 +23,12 @@ from precond_service.events import Event, EventLog
 from trainer.controller import LoopMetrics
 from trainer.evaluation import EvalResult
 from trainer.optimizers import Shampoo
-from trainer.optimizers.service_bridge import ServicePreconditioning, Staleness, staleness
+from trainer.optimizers.service_bridge import (
+    ServicePreconditioning,
+    Staleness,
+    block_ages,
+    staleness,
+)
 
 # The trainer's log lines keep the logger name they always had: scripts and
 # tests still filter the console by it.
@@ -32,12 +37,20 @@ log = logging.getLogger("trainer.train")
 EVENTS_FILE = "events.jsonl"
 
 
-def write_scalars(writer: tf.summary.SummaryWriter, step: int, scalars: dict[str, float]) -> None:
-    """Writes `scalars` (name -> value; None values are left out) at `step`, and flushes."""
+def write_scalars(
+    writer: tf.summary.SummaryWriter,
+    step: int,
+    scalars: dict[str, float | None],
+    histograms: dict[str, np.ndarray] | None = None,
+) -> None:
+    """Writes `scalars` (None values left out) and `histograms` at `step`, and flushes."""
     with writer.as_default(step=step):
         for name, value in scalars.items():
             if value is not None:
                 tf.summary.scalar(name, value)
+        for name, values in (histograms or {}).items():
+            if len(values):
+                tf.summary.histogram(name, values)
     writer.flush()
 
 
@@ -93,7 +106,7 @@ class Reporter:
             precond = " | precond: none yet"
         elif held is not None:
             precond = (
-                f" | staleness {held.min:.0f}/{held.mean:.0f}/{held.max:.0f}"
+                f" | staleness min/mean/max {held.min:.0f}/{held.mean:.0f}/{held.max:.0f}"
                 f" ({held.fraction_preconditioned:.0%} of blocks)"
             )
         if bridge is not None:
@@ -129,7 +142,12 @@ class Reporter:
         total_skipped: int,
         bridge: ServicePreconditioning | None,
     ) -> None:
-        """TensorBoard scalars of training, the preconditioners and the service."""
+        """TensorBoard scalars of training, the preconditioners and the service.
+
+        Also, for Shampoo: histograms over blocks of the roots' staleness and (from
+        the service) their solver error, and per variable the cosine between
+        Shampoo's direction and the graft's update (`precond/direction_cosine/...`).
+        """
         scalars: dict[str, float | None] = {
             "train/loss": metrics.loss,
             "train/learning_rate": float(self.optimizer.learning_rate.numpy()),
@@ -138,6 +156,7 @@ class Reporter:
             "train/step_time_ms": 1000 * metrics.step_time,
             "train/skipped_steps": total_skipped,
         }
+        histograms: dict[str, np.ndarray] = {}
         held = self.staleness()
         if held is not None:
             some = held.fraction_preconditioned > 0
@@ -145,9 +164,15 @@ class Reporter:
             scalars["precond/staleness_min"] = held.min if some else None
             scalars["precond/staleness_mean"] = held.mean if some else None
             scalars["precond/staleness_max"] = held.max if some else None
+            histograms["precond/staleness"] = block_ages(self.optimizer)
+            for path, cosine in self.optimizer.direction_cosines().items():
+                if math.isfinite(cosine):
+                    scalars[f"precond/direction_cosine/{path}"] = cosine
         if bridge is not None:
             scalars.update(_service_scalars(bridge))
-        write_scalars(self.writer, step, scalars)
+            errors = [block.error for block in bridge.client.latest().values()]
+            histograms["precond/root_error"] = np.array(errors, dtype=np.float64)
+        write_scalars(self.writer, step, scalars, histograms)
 
     def skipped(self, step: int, count: int, in_a_row: int, total: int) -> None:
         """Steps skipped for non-finite gradients: a warning and a SKIPPED_STEPS event."""

@@ -28,6 +28,8 @@ from trainer.optimizers.service_bridge import ServicePreconditioning
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "run_id"
+# The address of the run's service ("HOST:PORT"), for `python -m precond_service.status`.
+SERVICE_ADDRESS_FILE = "service_address"
 # Attempts at resetting the run at the service at start, and the first wait
 # between them (doubled after each failure).
 DROP_ATTEMPTS = 3
@@ -58,6 +60,16 @@ def run_id_for(config: ml_collections.ConfigDict, workdir: str) -> str:
         f.write(run_id + "\n")
     os.replace(tmp, path)
     return run_id
+
+
+def write_service_address(workdir: str, address: str) -> str:
+    """Writes the run's service address to `workdir/service_address`; returns the path."""
+    path = os.path.join(workdir, SERVICE_ADDRESS_FILE)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(address + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def service_token(config: ml_collections.ConfigDict) -> str | None:
@@ -119,6 +131,7 @@ def preconditioning(
                     events=events,
                 )
             )
+        write_service_address(workdir, address)
         run_id = run_id_for(config, workdir)
         client = PreconditionerClient(
             address, run_id, token=token, tls=tls, pull_interval_s=precond.pull_interval_s
@@ -127,8 +140,10 @@ def preconditioning(
         client.start()
         stack.callback(client.close)
         log.info(
-            "asynchronous preconditioning: service %s, run %s (sha256 prefix of its run_id)%s",
+            "asynchronous preconditioning: service %s (also in %s), run %s (sha256 prefix of "
+            "its run_id)%s",
             address,
+            os.path.join(workdir, SERVICE_ADDRESS_FILE),
             run_digest(run_id),
             f"; roots installed exactly {precond.delay_steps} steps after their statistics"
             if precond.delay_steps

@@ -186,8 +186,10 @@ class Trainer:
                 self.train(bridge)
             except KeyboardInterrupt:
                 step = int(self.step.numpy())
-                log.warning("interrupted at step %d: saving a checkpoint before exiting", step)
-                self._save_checkpoint(step)
+                path = self._save_checkpoint(step, quiet=True)
+                log.warning(
+                    "interrupted at step %d: saved %s; the same command resumes", step, path
+                )
                 self.events.write(Event.INTERRUPTED, step=step)
                 raise
         result = self.final_evaluation()
@@ -350,10 +352,12 @@ class Trainer:
                 f"{_WHAT_TO_TRY}"
             )
 
-    def _save_checkpoint(self, step: int) -> None:
+    def _save_checkpoint(self, step: int, quiet: bool = False) -> str:
         path = self.manager.save(checkpoint_number=step)
-        log.info("step %d: saved %s", step, path)
+        if not quiet:
+            log.info("step %d: saved %s", step, path)
         self.events.write(Event.CHECKPOINT_SAVED, step=step, path=path)
+        return path
 
     def _periodic_evaluation(self, step: int, _: LoopMetrics) -> None:
         if step < self.config.train.num_steps:  # the final evaluation follows the loop

@@ -41,16 +41,24 @@ class Staleness:
     fraction_preconditioned: float
 
 
+def block_ages(optimizer: Shampoo) -> np.ndarray:
+    """Per block factor that holds a root: its age (update count - stats_step)."""
+    return _ages(optimizer, np.array(list(optimizer.preconditioner_stats_steps().values())))
+
+
+def _ages(optimizer: Shampoo, held: np.ndarray) -> np.ndarray:
+    return int(optimizer.iterations.numpy()) - held[held != NO_PRECONDITIONER]
+
+
 def staleness(optimizer: Shampoo) -> Staleness:
     """Summarises the age of the preconditioners `optimizer` holds now."""
     held = np.array(list(optimizer.preconditioner_stats_steps().values()), dtype=np.int64)
-    if held.size == 0:
-        return Staleness(float("nan"), float("nan"), float("nan"), 0.0)
-    ages = int(optimizer.iterations.numpy()) - held[held != NO_PRECONDITIONER]
-    fraction = ages.size / held.size
+    ages = _ages(optimizer, held)
     if ages.size == 0:
         return Staleness(float("nan"), float("nan"), float("nan"), 0.0)
-    return Staleness(float(ages.min()), float(ages.mean()), float(ages.max()), fraction)
+    return Staleness(
+        float(ages.min()), float(ages.mean()), float(ages.max()), ages.size / held.size
+    )
 
 
 # When pushes happen: every `update_steps` updates ("fixed"), or as soon as the

@@ -243,7 +243,11 @@ class Shampoo(keras.optimizers.Optimizer):
             momentum = self.add_variable(
                 variable.shape, "zeros", "float32", name=f"{slot}_momentum"
             )
-        return VariableState(path, plan, self.exponent(plan), factors, graft, momentum)
+        cosine = None
+        if plan.groups:
+            with tf.init_scope():  # a diagnostic outside Keras's tracked state
+                cosine = tf.Variable(float("nan"), trainable=False, name=f"{slot}_cosine")
+        return VariableState(path, plan, self.exponent(plan), factors, graft, momentum, cosine)
 
     def exponent(self, plan: blocking.BlockPlan) -> int:
         """p of the inverse p-th root used for a variable with `plan`."""
@@ -411,6 +415,7 @@ class Shampoo(keras.optimizers.Optimizer):
             masks.append(tf.reshape(mask, [-1] + [1] * len(group.block_shape)))
 
         scales = self._graft_scales(directions, grafts, masks)
+        state.direction_cosine.assign(_masked_cosine(directions, grafts, masks))
         updates = [
             m * scale * d + (1.0 - m) * g
             for m, scale, d, g in zip(masks, scales, directions, grafts)
@@ -443,6 +448,15 @@ class Shampoo(keras.optimizers.Optimizer):
         shampoo_sq = tf.add_n([tf.reduce_sum(m * tf.square(d)) for m, d in zip(masks, directions)])
         scale = tf.math.divide_no_nan(tf.sqrt(graft_sq), tf.sqrt(shampoo_sq))
         return [scale for _ in directions]
+
+    def direction_cosines(self) -> dict[str, float]:
+        """Per variable (key path): cosine of Shampoo's direction with the graft's update.
+
+        Over the blocks preconditioned at the last step; NaN while none is. 1 means
+        Shampoo moved like the grafting optimizer; lower, how much it turned the step.
+        """
+        self._check_built("direction_cosines")
+        return self._registry.direction_cosines()
 
     # ------------------------------------------------------- asynchronous seam
 
@@ -538,3 +552,14 @@ def run_then_true(fn) -> tf.Tensor:
     """Runs `fn` for its assignments; `tf.cond` needs both branches to return alike."""
     fn()
     return tf.constant(True)
+
+
+def _masked_cosine(
+    directions: Sequence[tf.Tensor], grafts: Sequence[tf.Tensor], masks: Sequence[tf.Tensor]
+) -> tf.Tensor:
+    """cos(d, g) over the masked blocks of all groups; NaN when no block is masked in."""
+    dot = tf.add_n([tf.reduce_sum(m * d * g) for m, d, g in zip(masks, directions, grafts)])
+    d_sq = tf.add_n([tf.reduce_sum(m * tf.square(d)) for m, d in zip(masks, directions)])
+    g_sq = tf.add_n([tf.reduce_sum(m * tf.square(g)) for m, g in zip(masks, grafts)])
+    norms = tf.sqrt(d_sq) * tf.sqrt(g_sq)
+    return tf.where(norms > 0, dot / tf.maximum(norms, 1e-30), float("nan"))

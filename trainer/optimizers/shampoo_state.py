@@ -58,6 +58,10 @@ class VariableState:
     factors: list[list[Factor]]  # per plan group, per preconditioned dim
     graft: keras.Variable | None  # AdaGrad / Adam second-moment accumulator
     momentum: keras.Variable | None
+    # Diagnostics, not optimizer state (never checkpointed): the cosine between
+    # the Shampoo direction and the graft's update over the preconditioned
+    # blocks, at the last step (NaN while no block is preconditioned).
+    direction_cosine: tf.Variable | None = None
 
 
 def block_key(path: str, coords: Sequence[int], dim: int) -> str:
@@ -213,6 +217,14 @@ class Registry:
         if not np.all(np.isfinite(root)):
             raise ValueError(f"root for {key!r} has non-finite values")
         return factor, index
+
+    def direction_cosines(self) -> dict[str, float]:
+        """Variable key path -> its `direction_cosine` (NaN while none is preconditioned)."""
+        return {
+            state.path: float(state.direction_cosine.numpy())
+            for state in self.by_variable.values()
+            if state.direction_cosine is not None
+        }
 
     def held_steps(self) -> dict[str, int]:
         """Key -> stats_step of the root each block uses (NO_PRECONDITIONER if none)."""
