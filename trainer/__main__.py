@@ -6,12 +6,12 @@ type-checked and a misspelt field is an error), checks it, and trains.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
+import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-
-import logging  # noqa: E402
-import sys  # noqa: E402
+from trainer.quiet import quiet_tensorflow_start
 
 try:
     from absl import app, flags
@@ -34,18 +34,62 @@ _WORKDIR = flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (which loads the config file), quietly, with one-line errors."""
+    with quiet_tensorflow_start():
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            message = str(e)
+        except (AttributeError, KeyError) as e:  # a misspelt --config.<field>
+            message = _unknown_field(argv) or str(e)
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    _refuse(lines[-1] if lines else message)
+
+
+def _refuse(message: str) -> None:
+    """Exits with status 1 and `message` on one line, before any work."""
+    sys.exit(f"python -m trainer: {message}")
+
+
+def _unknown_field(argv: list[str]) -> str | None:
+    """'config has no field X; did you mean Y?' for the first override naming no field."""
+    from trainer.config import default_config
+
+    fields = _field_names(default_config())
+    for arg in argv[1:]:
+        if arg.startswith("--config."):
+            name = arg[len("--config.") :].split("=", 1)[0]
+            if name not in fields:
+                nearest = difflib.get_close_matches(name, sorted(fields), n=1)
+                hint = f"; did you mean config.{nearest[0]}?" if nearest else ""
+                return f"config has no field config.{name}{hint}"
+    return None
+
+
+def _field_names(config, prefix: str = "") -> set[str]:
+    names = set()
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            names |= _field_names(value, f"{prefix}{key}.")
+        else:
+            names.add(f"{prefix}{key}")
+    return names
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    # Imported here so that --help and flag errors come without loading TensorFlow.
-    from trainer import checkpoints, process_setup, train
-    from trainer import config as config_lib
+        _refuse(f"unexpected arguments: {' '.join(argv[1:])}")
+    # Imported here so that --help comes without loading TensorFlow.
+    with quiet_tensorflow_start():
+        from trainer import checkpoints, process_setup, train
+        from trainer import config as config_lib
 
     config = _CONFIG.value
     try:
         config_lib.validate(config)
     except ValueError as e:
-        raise app.UsageError(str(e)) from None
+        _refuse(str(e))
     os.makedirs(_WORKDIR.value, exist_ok=True)
     handler = logging.FileHandler(os.path.join(_WORKDIR.value, "train.log"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -54,7 +98,7 @@ def main(argv: list[str]) -> None:
     try:
         result = train.train_and_evaluate(config, _WORKDIR.value)
     except checkpoints.ResumeRefusedError as e:
-        raise app.UsageError(str(e)) from None
+        _refuse(str(e))
     except KeyboardInterrupt:
         # The trainer has saved a checkpoint, said so in one line and stopped its
         # service child; no traceback, the shell's status for SIGINT.
@@ -81,4 +125,4 @@ def _leave(status: int) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
