@@ -168,34 +168,11 @@ def prepare_tatoeba(
     source = Path(data_dir) / "tatoeba_en_fr" / "fra.txt"
     if not source.is_file():
         sys.exit(f"{source} does not exist; pass --data_dir=<folder with tatoeba_en_fr/fra.txt>")
-    out_dir = Path(work_dir) / f"tatoeba_seed{seed}_dev{dev_sentences}_test{test_sentences}"
-    paths = {split: str(out_dir / f"{split}.tsv") for split in ("train", "dev", "test")}
-    if all(Path(path).is_file() for path in paths.values()):
-        return paths
-    import numpy as np
+    from trainer.data.sources import split_parallel_file
 
-    pairs: dict[str, list[str]] = {}
-    for line in source.read_text(encoding="utf-8").splitlines():
-        columns = line.split("\t")
-        if len(columns) >= 2 and columns[0].strip() and columns[1].strip():
-            pairs.setdefault(columns[0].strip(), []).append(columns[1].strip())
-    english = sorted(pairs)
-    if len(english) <= dev_sentences + test_sentences:
-        raise ValueError(
-            f"{source} has {len(english)} distinct English sentences: too few for "
-            f"{dev_sentences} dev and {test_sentences} test sentences and a training split"
-        )
-    order = np.random.default_rng(seed).permutation(len(english))
-    bounds = {"dev": (0, dev_sentences), "test": (dev_sentences, dev_sentences + test_sentences)}
-    bounds["train"] = (dev_sentences + test_sentences, len(english))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for split, (lo, hi) in bounds.items():
-        lines = [f"{english[i]}\t{fr}" for i in sorted(order[lo:hi]) for fr in pairs[english[i]]]
-        tmp = Path(paths[split] + ".tmp")
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        os.replace(tmp, paths[split])
-        log.info("%s: %d English sentences, %d pairs", paths[split], hi - lo, len(lines))
-    return paths
+    out_dir = Path(work_dir) / f"tatoeba_seed{seed}_dev{dev_sentences}_test{test_sentences}"
+    files = split_parallel_file([source], out_dir, dev_sentences, test_sentences, seed)
+    return {split: str(path) for split, path in files.items()}
 
 
 # ----------------------------------------------------------------- config

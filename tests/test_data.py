@@ -26,7 +26,7 @@ import sentencepiece as spm
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from trainer.config import default_config
+from trainer.config import default_config, validate
 from trainer.data import numbers, pipeline, sources, tokenizer
 from trainer.data.tokenizer import EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
@@ -231,6 +231,76 @@ def test_load_pairs_text_strips_and_keeps_extra_columns_out(tmp_path):
     tsv.write_bytes(b"  Hello .\t Bonjour .  \r\nYes\tOui\tattribution #1\n")
     pairs = as_pairs(sources.load_pairs(data_config(source="text", train_files=str(tsv)), "train"))
     assert pairs == [("Hello .", "Bonjour ."), ("Yes", "Oui")]
+
+
+def test_split_file_splits_by_distinct_source_sentence_seeded_and_reused(tmp_path):
+    # 60 source sentences, some with several translations.
+    lines = [f"source {i}\ttarget {i}.{j}" for i in range(60) for j in range(1 + i % 3)]
+    corpus = tmp_path / "corpus.tsv"
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config = data_config(
+        source="text",
+        split_file=str(corpus),
+        split_dev_size=10,
+        split_test_size=5,
+        split_cache_dir=str(tmp_path / "cache"),
+    )
+    splits = {split: as_pairs(sources.load_pairs(config, split)) for split in sources.SPLITS}
+
+    by_split = {split: {src for src, _ in pairs} for split, pairs in splits.items()}
+    assert [len(by_split[s]) for s in ("dev", "test", "train")] == [10, 5, 45]
+    assert not (by_split["dev"] & by_split["test"] or by_split["train"] & by_split["dev"])
+    assert not by_split["train"] & by_split["test"]
+    # Every pair is in exactly one split, all translations of a source together.
+    everything = sorted(pair for pairs in splits.values() for pair in pairs)
+    assert everything == sorted(tuple(line.split("\t")) for line in lines)
+    # The same seed gives the same split, read back from the cache; another seed another.
+    paths = sources.split_file_paths(config)
+    before = {split: path.stat().st_mtime_ns for split, path in paths.items()}
+    assert sources.split_file_paths(config) == paths
+    assert {split: path.stat().st_mtime_ns for split, path in paths.items()} == before
+    config.split_seed = 1
+    other = as_pairs(sources.load_pairs(config, "dev"))
+    assert {src for src, _ in other} != by_split["dev"]
+
+
+def test_split_file_config_errors(tmp_path):
+    corpus = tmp_path / "corpus.tsv"
+    corpus.write_text("a\tb\nc\td\n", encoding="utf-8")
+    config = default_config()
+    config.data.update(source="text", split_file=str(corpus), train_files=str(corpus))
+    with pytest.raises(ValueError, match=r"split_file splits one file.*config\.data\.train_files"):
+        validate(config)
+    config.data.update(train_files="", split_dev_size=0)
+    with pytest.raises(ValueError, match="split_dev_size must be >= 1"):
+        validate(config)
+    config.data.update(split_dev_size=5, split_test_size=0, split_cache_dir=str(tmp_path))
+    validate(config)
+    with pytest.raises(ValueError, match="2 distinct source sentences: too few for 5 dev"):
+        sources.load_pairs(config.data, "train")
+
+
+def test_split_file_of_tatoeba_keeps_every_english_sentence_in_one_split(tmp_path):
+    config = data_config(
+        source="text",
+        split_file=str(needs(TATOEBA)),
+        split_dev_size=2000,
+        split_test_size=2000,
+        split_cache_dir=str(tmp_path),
+    )
+    files = sources.split_file_paths(config)
+    english = {}
+    for split, path in files.items():
+        english[split] = {line.split("\t", 1)[0] for line in path.read_text().splitlines()}
+    assert len(english["dev"]) == len(english["test"]) == 2000
+    assert not english["dev"] & english["test"] and not english["train"] & english["dev"]
+    assert not english["train"] & english["test"]
+    distinct = set()
+    for line in TATOEBA.read_text(encoding="utf-8").splitlines():
+        columns = [column.strip() for column in line.split("\t")]
+        if len(columns) >= 2 and columns[0] and columns[1]:
+            distinct.add(columns[0])
+    assert sum(len(names) for names in english.values()) == len(distinct)
 
 
 def test_load_pairs_text_errors(tmp_path):

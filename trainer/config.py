@@ -59,6 +59,7 @@ RESUMABLE_FIELDS = (
     "data.test_files",
     "data.tfds_data_dir",
     "data.tfds_manual_dir",
+    "data.split_cache_dir",
     "precond.address",
     "precond.workers",
     "precond.service_flags",
@@ -156,6 +157,15 @@ def _data_fields() -> ml_collections.ConfigDict:
     section.train_files = ""
     section.dev_files = ""
     section.test_files = ""
+    # "text" source from ONE parallel file (a TSV, or "a.en,a.fr"), split here into
+    # train/dev/test by distinct source sentence (no source sentence in two splits),
+    # shuffled with split_seed; then train/dev/test_files stay empty. The split files
+    # are made once under split_cache_dir ("" = ~/.cache/async_shampoo) and reused.
+    section.split_file = ""
+    section.split_dev_size = 2000
+    section.split_test_size = 2000
+    section.split_seed = 0
+    section.split_cache_dir = ""
     # "numbers" source: sizes of the generated splits and the largest number.
     section.numbers_train_size = 20_000
     section.numbers_eval_size = 500
@@ -320,6 +330,21 @@ def _check_min(config: ml_collections.ConfigDict, field: str, minimum: float) ->
         raise ValueError(f"config.{field} must be >= {minimum}, got {value!r}")
 
 
+def _check_split(data: ml_collections.ConfigDict) -> None:
+    """config.data.split_file goes alone, with a dev split and sizes >= 0."""
+    given = [f"config.data.{f}" for f in ("train_files", "dev_files", "test_files") if data[f]]
+    if given:
+        raise ValueError(
+            f"config.data.split_file splits one file into train/dev/test; leave {given} "
+            "empty, or give the three splits' files and no split_file"
+        )
+    if data.split_dev_size < 1 or data.split_test_size < 0:
+        raise ValueError(
+            "config.data.split_dev_size must be >= 1 and config.data.split_test_size >= 0, "
+            f"got {data.split_dev_size} and {data.split_test_size}"
+        )
+
+
 def _get(config: ml_collections.ConfigDict, field: str) -> Any:
     value: Any = config
     for part in field.split("."):
@@ -408,7 +433,9 @@ def _validate_model_and_data(config: ml_collections.ConfigDict) -> None:
             "config.model.max_length must cover config.data.max_length and "
             f"config.data.max_eval_length, got {config.model.max_length}"
         )
-    if config.data.source == "text":
+    if config.data.source == "text" and config.data.split_file:
+        _check_split(config.data)
+    elif config.data.source == "text":
         for split in ("train", "dev"):
             if not config.data[f"{split}_files"]:
                 raise ValueError(

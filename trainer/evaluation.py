@@ -67,9 +67,12 @@ class Evaluator:
 
     def has_split(self, split: str) -> bool:
         """Whether the data source has `split` ("dev" or "test")."""
-        if self.config.data.source != "text":
+        data = self.config.data
+        if data.source != "text":
             return True
-        return bool(self.config.data[f"{split}_files"])
+        if data.split_file:
+            return split != "test" or data.split_test_size > 0
+        return bool(data[f"{split}_files"])
 
     def _dataset(self, split: str) -> tf.data.Dataset:
         if split not in self._datasets:

@@ -10,11 +10,14 @@ a training iterator built on it can be saved and restored.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 import requests
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -172,22 +175,12 @@ def _prepare(builder: tfds.core.DatasetBuilder, data_config: ml_collections.Conf
 
 
 def _text_pairs(data_config: ml_collections.ConfigDict, split: str) -> tf.data.Dataset:
-    field = _TEXT_FIELDS[split]
-    spec = data_config[field].strip()
-    if not spec:
-        raise ValueError(
-            f'config.data.{field} is empty; with config.data.source="text" give one '
-            f'tab-separated file or two line-aligned files as "{split}.en,{split}.fr"'
-        )
-    paths = [Path(part.strip()) for part in spec.split(",")]
-    if len(paths) not in (1, 2) or not all(str(path) for path in paths):
-        raise ValueError(
-            f"config.data.{field} must be one tab-separated file or two comma-separated "
-            f"line-aligned files, got {spec!r}"
-        )
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"config.data.{field}: file {path} does not exist")
+    if data_config.split_file:
+        field = "split_file"
+        paths = [split_file_paths(data_config)[split]]
+    else:
+        field = _TEXT_FIELDS[split]
+        paths = _parallel_paths(data_config[field], field, split)
     if len(paths) == 1:
         _check_tsv(paths[0], field)
         lines = tf.data.TextLineDataset(str(paths[0])).batch(_PARSE_BATCH)
@@ -209,6 +202,106 @@ def _text_pairs(data_config: ml_collections.ConfigDict, split: str) -> tf.data.D
         },
         num_parallel_calls=tf.data.AUTOTUNE,
     ).unbatch()
+
+
+def _parallel_paths(spec: str, field: str, split: str = "train") -> list[Path]:
+    """The one TSV file or two line-aligned files of `config.data.<field>`; they must exist."""
+    spec = spec.strip()
+    if not spec:
+        raise ValueError(
+            f'config.data.{field} is empty; with config.data.source="text" give one '
+            f'tab-separated file or two line-aligned files as "{split}.en,{split}.fr"'
+        )
+    paths = [Path(part.strip()) for part in spec.split(",")]
+    if len(paths) not in (1, 2) or not all(str(path) for path in paths):
+        raise ValueError(
+            f"config.data.{field} must be one tab-separated file or two comma-separated "
+            f"line-aligned files, got {spec!r}"
+        )
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"config.data.{field}: file {path} does not exist")
+    return paths
+
+
+def split_file_paths(data_config: ml_collections.ConfigDict) -> dict[str, Path]:
+    """`config.data.split_file` split into train/dev/test TSV files (made once, then reused).
+
+    See `split_parallel_file`; the files go to a folder under `data.split_cache_dir`
+    named after the source files' contents, the sizes and `data.split_seed`.
+    """
+    paths = _parallel_paths(data_config.split_file, "split_file")
+    sizes = (data_config.split_dev_size, data_config.split_test_size, data_config.split_seed)
+    digest = hashlib.sha256(repr(([_file_key(p) for p in paths], sizes)).encode()).hexdigest()
+    cache = Path(data_config.split_cache_dir or Path.home() / ".cache" / "async_shampoo")
+    out_dir = cache / "splits" / f"{paths[0].stem}-{digest[:12]}"
+    return split_parallel_file(paths, out_dir, *sizes)
+
+
+def split_parallel_file(
+    paths: list[Path], out_dir: Path, dev_size: int, test_size: int, seed: int
+) -> dict[str, Path]:
+    """Splits parallel text by distinct source sentence into train/dev/test TSV files.
+
+    The distinct source sentences are shuffled with `seed`: the first `dev_size` go
+    to dev, the next `test_size` to test, the rest to train, each with all its
+    translations, so that no source sentence is in two splits. Files that exist in
+    `out_dir` are reused.
+
+    Args:
+        paths: One TSV file (source<TAB>target) or two line-aligned files.
+        out_dir: Where train.tsv, dev.tsv and test.tsv go.
+        dev_size: Source sentences in dev.
+        test_size: Source sentences in test (0: no test file is written).
+        seed: Seed of the shuffle.
+
+    Returns:
+        {"train": path, "dev": path, "test": path}.
+
+    Raises:
+        ValueError: Too few distinct source sentences for the sizes.
+    """
+    files = {split: out_dir / f"{split}.tsv" for split in SPLITS}
+    wanted = [split for split in SPLITS if split != "test" or test_size]
+    if all(files[split].is_file() for split in wanted):
+        return files
+    translations: dict[str, list[str]] = {}
+    for source, target in _read_parallel(paths):
+        if source and target:
+            translations.setdefault(source, []).append(target)
+    sentences = sorted(translations)
+    if len(sentences) <= dev_size + test_size:
+        raise ValueError(
+            f"{paths[0]} has {len(sentences)} distinct source sentences: too few for "
+            f"{dev_size} dev and {test_size} test sentences and a training split"
+        )
+    order = np.random.default_rng(seed).permutation(len(sentences))
+    bounds = {"dev": (0, dev_size), "test": (dev_size, dev_size + test_size)}
+    bounds["train"] = (dev_size + test_size, len(sentences))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split in wanted:
+        lo, hi = bounds[split]
+        chosen = (sentences[i] for i in sorted(order[lo:hi]))
+        lines = [f"{src}\t{tgt}" for src in chosen for tgt in translations[src]]
+        tmp = files[split].with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        os.replace(tmp, files[split])
+        logger.info("%s: %d source sentences, %d pairs", files[split], hi - lo, len(lines))
+    return files
+
+
+def _read_parallel(paths: list[Path]) -> Iterator[tuple[str, str]]:
+    """(source, target) of every line of a TSV file or of two line-aligned files."""
+    if len(paths) == 1:
+        with open(paths[0], encoding="utf-8") as lines:
+            for line in lines:
+                columns = line.rstrip("\n").split("\t")
+                if len(columns) >= 2:
+                    yield columns[0].strip(), columns[1].strip()
+        return
+    with open(paths[0], encoding="utf-8") as sources, open(paths[1], encoding="utf-8") as targets:
+        for source, target in zip(sources, targets):
+            yield source.strip(), target.strip()
 
 
 def _split_tsv_lines(lines: tf.Tensor) -> dict[str, tf.Tensor]:
