@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
@@ -153,7 +154,10 @@ def test_a_run_records_its_curve_and_test_scores_and_is_reused(tmp_path):
     assert result["diverged"] is None and result["mean_step_seconds"] > 0
     assert all(point["dev_loss"] > 0 and point["wall_s"] > 0 for point in result["points"])
     assert result["points"][1]["wall_s"] > result["points"][0]["wall_s"]
-    assert result["test_sentences"] == 2932 and 0 <= result["test_bleu"] <= 100
+    files, _ = bt.shared_paths(args)
+    with open(files["test"], encoding="utf-8") as test_split:
+        assert result["test_sentences"] == sum(1 for _ in test_split)
+    assert np.isfinite(result["test_bleu"]) and np.isfinite(result["test_loss"])
     staleness_keys = {"min", "mean", "max", "fraction_preconditioned"}
     assert all(set(point["staleness"]) == staleness_keys for point in result["points"])
     run_dir = tmp_path / "runs" / spec.name

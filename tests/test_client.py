@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -32,14 +32,12 @@ FAST = {"pull_interval_s": 0.02, "backoff_initial_s": 0.02, "backoff_max_s": 0.2
 
 
 class Trainer(threading.Thread):
-    """Stands for the training loop: pushes and reads roots, timing every call."""
+    """Stands for the training loop: pushes statistics and reads roots, over and over."""
 
     def __init__(self, client: PreconditionerClient) -> None:
         super().__init__(daemon=True)
         self.client = client
         self.step = 0
-        self.latest_seconds: list[float] = []
-        self.push_seconds: list[float] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -47,13 +45,9 @@ class Trainer(threading.Thread):
         while not self.stop.is_set():
             self.step += 1
             blocks = [StatisticsBlock(key, self.step, 4, m) for key, m in matrices.items()]
-            start = time.perf_counter()
             self.client.push(blocks)
-            self.push_seconds.append(time.perf_counter() - start)
             for _ in range(20):
-                start = time.perf_counter()
                 self.client.latest()
-                self.latest_seconds.append(time.perf_counter() - start)
                 time.sleep(0.001)
 
 
@@ -100,13 +94,35 @@ def test_client_recovers_from_down_killed_and_restarted_service(tmp_path) -> Non
                 process.terminate()
                 process.wait(30)
 
-    # latest() never waits for the network: a dict copy, whatever the service state.
-    latest = np.array(trainer.latest_seconds)
-    assert len(latest) > 200
-    assert statistics.median(latest) < 1e-3
-    assert np.quantile(latest, 0.99) < 1e-3, np.quantile(latest, 0.99)
-    assert latest.max() < 5e-3, latest.max()
-    assert max(trainer.push_seconds) < 5e-3, max(trainer.push_seconds)
+
+def test_push_and_latest_return_while_an_rpc_hangs(tmp_path) -> None:
+    process, address = start_service_process(tmp_path / "service.log")
+    client = PreconditionerClient(address, "run", **FAST)
+    client.start()
+    try:
+        client.push([StatisticsBlock("k", 1, 2, np.eye(4))])
+        assert wait_until(lambda: "k" in client.latest(), 30)
+        # A stopped service answers nothing: the push thread's next RPC hangs.
+        os.kill(process.pid, signal.SIGSTOP)
+        before = client.status()
+        client.push([StatisticsBlock("k", 2, 2, np.eye(4))])
+        assert wait_until(lambda: client.status().pending_blocks == 0, 30)  # in flight
+        # The training thread's calls do not wait for it: they all return while
+        # that RPC is still outstanding (neither sent nor failed).
+        for step in range(3, 103):
+            client.push([StatisticsBlock("k", step, 2, np.eye(4))])
+            held = client.latest()
+        after = client.status()
+        assert (after.pushes_sent, after.push_failures) == (
+            before.pushes_sent,
+            before.push_failures,
+        )
+        assert held["k"].stats_step == 1 and after.pending_blocks == 1
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+        client.close()
+        process.terminate()
+        process.wait(30)
 
 
 def test_unsent_statistics_are_replaced_by_newer_ones(start_service) -> None:
@@ -188,17 +204,15 @@ def test_close_is_quick_and_idempotent_while_service_is_down() -> None:
     client.start()
     client.push([StatisticsBlock("k", 1, 2, np.eye(4))])
     assert wait_until(lambda: client.status().push_failures >= 1, 10)
-    start = time.perf_counter()
-    client.close(timeout=5)
+    client.close(timeout=60)
     client.close()
-    assert time.perf_counter() - start < 2
+    # Its threads ended (woken from their backoff), rather than being left behind.
+    assert not any(thread.is_alive() for thread in client._threads)
     assert client.latest() == {}
 
 
 def test_wait_for_serving(start_service) -> None:
-    start = time.perf_counter()
     assert not wait_for_serving(f"127.0.0.1:{free_port()}", timeout_s=0.5)
-    assert time.perf_counter() - start < 3
     assert wait_for_serving(start_service(workers=1).address, timeout_s=10)
 
 

@@ -6,12 +6,13 @@ are in test_service_units.py, hostile input in test_service_hostile.py.)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
-import time
 import uuid
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -85,10 +86,22 @@ def serving(address: str) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def busy_until_computing(stub, run_id: str, n: int = 768) -> None:
-    """Gives the (single) worker a long Schur-Newton job and waits until it starts."""
+@contextlib.contextmanager
+def worker_held_busy(stub, run_id: str, n: int = 768) -> Iterator[int]:
+    """Gives the (single) worker a long job and holds it there (SIGSTOP) until the block ends.
+
+    However fast the machine, the job is in flight for as long as the block lasts.
+    Yields the worker's pid.
+    """
     push(stub, run_id, StatisticsBlock("blocker", 1, 4, random_statistic(n, seed=99)))
     assert wait_until(lambda: status(stub).in_flight == 1, 10)
+    (pid,) = status(stub).worker_pids
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
 
 
 def test_roots_of_several_blocks_and_runs_match_eigh(start_service, stub_for) -> None:
@@ -176,11 +189,11 @@ def test_each_statistic_is_rooted_with_its_own_settings(start_service, stub_for)
 def test_only_newest_of_rapid_pushes_is_computed(start_service, stub_for) -> None:
     server = start_service(workers=1)
     stub = stub_for(server.address)
-    busy_until_computing(stub, "run")
-    for step in range(1, 11):
-        reply = push(stub, "run", StatisticsBlock("k", step, 2, random_statistic(16, step)))
-        assert reply.accepted == 1, reply
-    assert run_status(stub, "run").pending == 1
+    with worker_held_busy(stub, "run"):
+        for step in range(1, 11):
+            reply = push(stub, "run", StatisticsBlock("k", step, 2, random_statistic(16, step)))
+            assert reply.accepted == 1, reply
+        assert run_status(stub, "run").pending == 1
     roots = pull_until(stub, "run", {"blocker": 1, "k": 10})
     assert_close_root(
         wire.tensor_to_array(roots["k"].root), eigh_inverse_root(random_statistic(16, 10), 2, RIDGE)
@@ -379,9 +392,8 @@ def test_failed_root_is_not_published_and_previous_stays(start_service, stub_for
 def test_crashed_worker_is_replaced_and_its_job_failed(start_service, stub_for) -> None:
     server = start_service(workers=1)
     stub = stub_for(server.address)
-    busy_until_computing(stub, "run")
-    (pid,) = status(stub).worker_pids
-    os.kill(pid, signal.SIGKILL)
+    with worker_held_busy(stub, "run") as pid:
+        os.kill(pid, signal.SIGKILL)
 
     def replaced() -> bool:
         now = status(stub)
@@ -408,11 +420,10 @@ def test_job_past_timeout_is_failed_and_worker_replaced(start_service, stub_for)
 def test_pull_returns_at_once_while_workers_are_busy(start_service, stub_for) -> None:
     server = start_service(workers=1)
     stub = stub_for(server.address)
-    busy_until_computing(stub, "run")
-    start = time.perf_counter()
-    assert pull(stub, "run") == {}
-    assert time.perf_counter() - start < 0.5
-    assert status(stub).in_flight == 1
+    with worker_held_busy(stub, "run"):
+        # The pull answers while the computation is still going on.
+        assert pull(stub, "run") == {}
+        assert status(stub).in_flight == 1
 
 
 def test_drop_run_releases_everything(start_service, stub_for) -> None:
