@@ -29,14 +29,22 @@ import bench_training as bt  # noqa: E402
 
 log = logging.getLogger("bench_lr_tolerance")
 
-OPTIMIZERS = ("shampoo-async", "adagrad")
+# Shampoo grafting Adam's step size, Shampoo grafting AdaGrad's (with summed
+# statistics, as the paper's AdaGrad comparison), and AdaGrad itself.
+OPTIMIZERS = ("shampoo-async", "shampoo-async-adagrad-graft", "adagrad")
+ADAGRAD_GRAFT = (("graft_type", "adagrad"), ("statistics_beta2", 1.0))
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     bt.add_common_flags(parser)
     parser.add_argument("--lr_factors", default="0.3,0.5,1,2,3")
-    parser.add_argument("--num_steps", type=int, default=600)
+    parser.add_argument("--num_steps", type=int, default=1000)
+    parser.add_argument(
+        "--shampoo_fields",
+        default="",
+        help="optimizer.shampoo fields of the Shampoo runs, e.g. momentum_type=gradient",
+    )
     parser.add_argument("--update_steps", type=int, default=10, help="Shampoo's period N")
     parser.add_argument("--out", default="benchmarks/lr_tolerance.json")
     parser.add_argument("--plot", default="benchmarks/lr_tolerance.png")
@@ -47,20 +55,25 @@ def centre_rates() -> dict[str, float]:
     """Each optimizer's best rate in benchmarks/convergence.json, else the sweep's centre."""
     path = bt.REPO_ROOT / "benchmarks" / "convergence.json"
     summary = json.loads(path.read_text())["summary"] if path.is_file() else {}
+    # Grafting AdaGrad's step size, Shampoo takes AdaGrad's scale of rates.
+    own = {label: label for label in OPTIMIZERS} | {"shampoo-async-adagrad-graft": "adagrad"}
     return {
-        label: summary[label]["learning_rate"]
-        if label in summary
-        else bt.BASE_LEARNING_RATES[label.partition("-")[0]]
+        label: summary[own[label]]["learning_rate"]
+        if own[label] in summary
+        else bt.BASE_LEARNING_RATES[own[label].partition("-")[0]]
         for label in OPTIMIZERS
     }
 
 
 def spec_for(label: str, rate: float, args: argparse.Namespace) -> bt.RunSpec:
-    """The run of `label` ("shampoo-async" or "adagrad") at `rate`, 3 significant digits."""
+    """The run of `label` (one of OPTIMIZERS) at `rate`, 3 significant digits."""
     rate = float(f"{rate:.3g}")
-    common = dict(num_steps=args.num_steps, update_steps=args.update_steps)
-    if label == "shampoo-async":
-        return bt.shampoo("async", rate, **common)
+    common = dict(num_steps=args.num_steps, update_steps=args.update_steps, **bt.regime(args))
+    fields = dict(bt.parse_shampoo_fields(args.shampoo_fields))
+    if label == "shampoo-async-adagrad-graft":
+        fields.update(ADAGRAD_GRAFT)
+    if label.startswith("shampoo"):
+        return bt.shampoo("async", rate, shampoo=tuple(sorted(fields.items())), **common)
     return bt.first_order(label, rate, **common)
 
 

@@ -34,8 +34,15 @@ log = logging.getLogger("bench_staleness")
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     bt.add_common_flags(parser)
-    parser.add_argument("--periods", default="1,10,100,150", help="values of N")
-    parser.add_argument("--num_steps", type=int, default=600)
+    parser.add_argument(
+        "--periods", default="1,10,100,adaptive", help="values of N, or adaptive (N = 100 at most)"
+    )
+    parser.add_argument("--num_steps", type=int, default=1000)
+    parser.add_argument(
+        "--shampoo_fields",
+        default="",
+        help="optimizer.shampoo fields of the Shampoo runs, e.g. momentum_type=gradient",
+    )
     parser.add_argument(
         "--learning_rate",
         type=float,
@@ -59,8 +66,15 @@ def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     rate = args.learning_rate or default_learning_rate()
-    periods = [int(n) for n in args.periods.split(",")]
-    specs = [bt.shampoo("async", rate, update_steps=n, num_steps=args.num_steps) for n in periods]
+    common = dict(
+        num_steps=args.num_steps, shampoo=bt.parse_shampoo_fields(args.shampoo_fields)
+    ) | bt.regime(args)
+    specs = [
+        bt.shampoo("async", rate, update_steps=100, cadence="adaptive", **common)
+        if period == "adaptive"
+        else bt.shampoo("async", rate, update_steps=int(period), **common)
+        for period in args.periods.split(",")
+    ]
     rows = []
     for spec in specs:
         result = bt.cached_run(spec, args)
@@ -72,6 +86,7 @@ def main() -> None:
         ]
         rows.append(
             {
+                "period": "adaptive" if spec.cadence == "adaptive" else spec.update_steps,
                 "update_steps": spec.update_steps,
                 "final_dev_loss": bt.final_dev_loss(result),
                 "staleness_mean": statistics.mean(s["mean"] for s in held) if held else None,
@@ -83,7 +98,7 @@ def main() -> None:
     reference = rows[0]["final_dev_loss"]
     for row in rows:
         row["relative_to_first"] = row["final_dev_loss"] / reference - 1
-    by_period = {row["update_steps"]: row for row in rows}
+    by_period = {row["period"]: row for row in rows}
     target = None
     if 1 in by_period and 100 in by_period:
         target = abs(by_period[100]["final_dev_loss"] / by_period[1]["final_dev_loss"] - 1) <= 0.01
@@ -96,8 +111,8 @@ def main() -> None:
     plot(rows, Path(bt.REPO_ROOT / args.plot))
     for row in rows:
         print(
-            f"N={row['update_steps']:<4d} final dev {row['final_dev_loss']:.4f} "
-            f"({100 * row['relative_to_first']:+.2f}% vs N={periods[0]}) staleness mean "
+            f"N={row['period']!s:<8s} final dev {row['final_dev_loss']:.4f} "
+            f"({100 * row['relative_to_first']:+.2f}% vs N={rows[0]['period']}) staleness mean "
             f"{_fmt(row['staleness_mean'])} max {_fmt(row['staleness_max'])}"
         )
     print("target met (N=100 within 1% of N=1):", target)
@@ -117,12 +132,13 @@ def plot(rows: list[dict], path: Path) -> None:
             [p["step"] for p in curve],
             [p["dev_loss"] for p in curve],
             marker=".",
-            label=f"N={row['update_steps']}",
+            label=f"N={row['period']}",
         )
     axes[0].set_xlabel("step")
     axes[0].set_ylabel("dev loss (nats/token)")
     axes[0].grid(alpha=0.3)
     axes[0].legend()
+    rows = [row for row in rows if row["period"] != "adaptive"]  # a period N on the x axis
     periods = [row["update_steps"] for row in rows]
     axes[1].plot(periods, [row["final_dev_loss"] for row in rows], marker="o", color="C0")
     axes[1].set_xscale("log")
