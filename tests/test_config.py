@@ -237,14 +237,7 @@ print(tf.config.threading.get_intra_op_parallelism_threads(),
       sorted(os.sched_getaffinity(early.native_id)))
 started.set()
 """
-    result = subprocess.run(
-        [sys.executable, "-c", program],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        timeout=120,
-    )
+    result = _run_python(program)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split("\n")[-2] == f"1 1 [{lowest}]"
 
@@ -264,14 +257,7 @@ def test_trainer_command_without_the_trainer_packages_says_what_to_install():
         "import runpy, sys; sys.modules['absl'] = None; "
         "runpy.run_module('trainer', run_name='__main__')"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", program],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        timeout=120,
-    )
+    result = _run_python(program)
     assert result.returncode == 1
     assert "pip install 'async-shampoo[trainer]'" in result.stderr
     assert "Traceback" not in result.stderr
@@ -287,13 +273,18 @@ def test_tensorflow_start_up_noise_is_filtered_and_other_lines_kept():
         "print(int(tf.constant(1) + 1))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    result = subprocess.run(
+    result = _run_python(program, env)
+    assert result.returncode == 0 and result.stdout == "2\n"
+    assert result.stderr.strip().splitlines() == ["a line of the run"]
+
+
+def _run_python(program: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -c program` in the repository, its output captured."""
+    return subprocess.run(
         [sys.executable, "-c", program],
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env=dict(env, PYTHONPATH=str(ROOT)),
+        env=dict(os.environ if env is None else env, PYTHONPATH=str(ROOT)),
         timeout=120,
     )
-    assert result.returncode == 0 and result.stdout == "2\n"
-    assert result.stderr.strip().splitlines() == ["a line of the run"]
