@@ -69,7 +69,7 @@ def test_tatoeba_split_depends_on_the_seed_only_and_is_reused(tmp_path):
 
 def test_a_corpus_too_small_for_the_held_out_splits_is_refused(tmp_path):
     _write_corpus(tmp_path / "data", english=20, translations=1)
-    with pytest.raises(ValueError, match="20 distinct English sentences.*10 dev.*10 test"):
+    with pytest.raises(ValueError, match="20 distinct source sentences.*10 dev.*10 test"):
         bt.prepare_tatoeba(
             str(tmp_path / "data"), str(tmp_path / "w"), dev_sentences=10, test_sentences=10
         )
