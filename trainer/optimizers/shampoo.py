@@ -414,8 +414,17 @@ class Shampoo(keras.optimizers.Optimizer):
             mask = tf.cast(tf.logical_and(ready, started), tf.float32)
             masks.append(tf.reshape(mask, [-1] + [1] * len(group.block_shape)))
 
-        scales = self._graft_scales(directions, grafts, masks)
-        state.direction_cosine.assign(_masked_cosine(directions, grafts, masks))
+        # Masked sums over the variable's blocks, shared by the per-layer graft
+        # scale and the direction cosine: d·g, |d|², |g|².
+        dot, d_sq, g_sq = (
+            tf.add_n([tf.reduce_sum(m * x * y) for m, x, y in zip(masks, xs, ys)])
+            for xs, ys in ((directions, grafts), (directions, directions), (grafts, grafts))
+        )
+        scales = self._graft_scales(directions, grafts, tf.sqrt(g_sq), tf.sqrt(d_sq))
+        norms = tf.sqrt(d_sq) * tf.sqrt(g_sq)
+        state.direction_cosine.assign(
+            tf.where(norms > 0, dot / tf.maximum(norms, 1e-30), float("nan"))
+        )
         updates = [
             m * scale * d + (1.0 - m) * g
             for m, scale, d, g in zip(masks, scales, directions, grafts)
@@ -426,13 +435,15 @@ class Shampoo(keras.optimizers.Optimizer):
         self,
         directions: Sequence[tf.Tensor],
         grafts: Sequence[tf.Tensor],
-        masks: Sequence[tf.Tensor],
+        graft_norm: tf.Tensor,
+        shampoo_norm: tf.Tensor,
     ) -> list[tf.Tensor]:
         """Per block group, what the Shampoo direction is multiplied by.
 
         "Decoupling step size and direction": the direction takes the norm of the
         grafting update, over the preconditioned blocks of the whole variable
-        (`graft_scope="layer"`) or of each block alone ("block").
+        (`graft_scope="layer"`, from `graft_norm` and `shampoo_norm` over the
+        preconditioned blocks) or of each block alone ("block").
         """
         if self.graft_type == "none":
             return [tf.constant(1.0) for _ in directions]
@@ -444,9 +455,7 @@ class Shampoo(keras.optimizers.Optimizer):
                 shampoo_sq = tf.reduce_sum(tf.square(d), axis=axes, keepdims=True)
                 scales.append(tf.math.divide_no_nan(tf.sqrt(graft_sq), tf.sqrt(shampoo_sq)))
             return scales
-        graft_sq = tf.add_n([tf.reduce_sum(m * tf.square(g)) for m, g in zip(masks, grafts)])
-        shampoo_sq = tf.add_n([tf.reduce_sum(m * tf.square(d)) for m, d in zip(masks, directions)])
-        scale = tf.math.divide_no_nan(tf.sqrt(graft_sq), tf.sqrt(shampoo_sq))
+        scale = tf.math.divide_no_nan(graft_norm, shampoo_norm)
         return [scale for _ in directions]
 
     def direction_cosines(self) -> dict[str, float]:
@@ -552,14 +561,3 @@ def run_then_true(fn) -> tf.Tensor:
     """Runs `fn` for its assignments; `tf.cond` needs both branches to return alike."""
     fn()
     return tf.constant(True)
-
-
-def _masked_cosine(
-    directions: Sequence[tf.Tensor], grafts: Sequence[tf.Tensor], masks: Sequence[tf.Tensor]
-) -> tf.Tensor:
-    """cos(d, g) over the masked blocks of all groups; NaN when no block is masked in."""
-    dot = tf.add_n([tf.reduce_sum(m * d * g) for m, d, g in zip(masks, directions, grafts)])
-    d_sq = tf.add_n([tf.reduce_sum(m * tf.square(d)) for m, d in zip(masks, directions)])
-    g_sq = tf.add_n([tf.reduce_sum(m * tf.square(g)) for m, g in zip(masks, grafts)])
-    norms = tf.sqrt(d_sq) * tf.sqrt(g_sq)
-    return tf.where(norms > 0, dot / tf.maximum(norms, 1e-30), float("nan"))
