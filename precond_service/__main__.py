@@ -31,7 +31,7 @@ import grpc
 
 from precond_service.auth import TOKEN_ENV, read_pem, read_token, server_credentials
 from precond_service.events import EventLog
-from precond_service.roots import METHODS
+from precond_service.roots import METHODS, RIDGE_MODES
 from precond_service.server import RunningServer, serve
 from precond_service.service_records import ServiceConfig
 
@@ -44,6 +44,8 @@ _CONFIG_FLAGS = {
     "method": "root solver, where a statistic does not name one",
     "ridge_epsilon": "ridge added to each statistic, relative to its largest eigenvalue, where "
     "a statistic does not carry its own",
+    "ridge_mode": "'relative' (epsilon * largest eigenvalue, always) or 'absolute_if_needed' "
+    "(epsilon, only when the smallest eigenvalue is below it), where a statistic does not say",
     "failure_threshold": "largest solver error of a root that is published, where a statistic "
     "does not carry its own",
     "max_iterations": "most Schur-Newton iterations",
@@ -82,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"--{name}",
             type=type(default),
             default=default,
-            choices=METHODS if name == "method" else None,
+            choices={"method": METHODS, "ridge_mode": RIDGE_MODES}.get(name),
             help=help_text,
         )
     _add_security_flags(parser)

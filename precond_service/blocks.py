@@ -27,7 +27,8 @@ class StatisticsBlock:
         exponent: p of the inverse p-th root (2r for a rank-r block, or an override).
         statistics: Square [n, n] float32 or float64 matrix.
         ridge_epsilon: Ridge added before the root, relative to the largest
-            eigenvalue; in (0, 1).
+            eigenvalue or absolute as `ridge_mode` says; in (0, 1).
+        ridge_mode: How the ridge is added, one of `precond_service.roots.RIDGE_MODES`.
         failure_threshold: A root whose final residual is above this (or not
             finite) is not published; > 0.
         method: Solver, one of `precond_service.roots.METHODS`.
@@ -40,6 +41,7 @@ class StatisticsBlock:
     ridge_epsilon: float | None = None
     failure_threshold: float | None = None
     method: str | None = None
+    ridge_mode: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

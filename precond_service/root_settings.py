@@ -17,14 +17,16 @@ class RootSettings:
     """Root settings of one statistic; None leaves one to the service's flag.
 
     Attributes:
-        ridge_epsilon: Relative ridge, in (0, 1).
+        ridge_epsilon: Ridge ε, in (0, 1); relative or absolute as `ridge_mode` says.
         failure_threshold: Largest final error of a published root; finite, > 0.
         method: One of `roots.METHODS`.
+        ridge_mode: One of `roots.RIDGE_MODES`.
     """
 
     ridge_epsilon: float | None = None
     failure_threshold: float | None = None
     method: str | None = None
+    ridge_mode: str | None = None
 
     def overrides(self) -> dict[str, Any]:
         """The settings that are set, by name, to apply over the service's defaults."""

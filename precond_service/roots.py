@@ -9,9 +9,16 @@ here. Two methods:
   runs at BLAS-3 speed. The production method.
 * `"eigh"`: an eigendecomposition. The reference the first is checked against.
 
-The ridge is relative: `A_r = A + ε·λmax(A)·I`, with λmax from a seeded power iteration
-(`estimate_max_eigenvalue`). When λmax is not positive (the all-zero statistic early in
-training) the ridge falls back to the absolute `ε·I`, so the root `ε^(-1/p)·I` is finite.
+Two ridges (`RIDGE_MODES`):
+
+* `"relative"` (the default, Anil et al.'s): `A_r = A + ε·λmax(A)·I` always, with λmax
+  from a seeded power iteration (`estimate_max_eigenvalue`). When λmax is not positive
+  (the all-zero statistic early in training) the ridge falls back to the absolute `ε·I`,
+  so the root `ε^(-1/p)·I` is finite.
+* `"absolute_if_needed"` (the choice of Meta's DistributedShampoo): `A_r = A` when its
+  smallest eigenvalue is at least ε (a Cholesky factorization of `A − ε·I` succeeds),
+  else `A + ε·I`. Either way ε bounds the spectrum of A_r from below. ε is then an
+  absolute value (the reference uses 1e-12); a retry adds ε ten times larger.
 
 Coupled Newton keeps `M = H^p·A_r` invariant while M goes to I, so H goes to
 `A_r^(-1/p)`. One step, with a positive scalar c:
@@ -46,7 +53,8 @@ triangle is multiplied (`_symmetric_product`, about 0.65 of a general product's 
 n = 1024). A step costs log2(p) + 2 such products when p is a power of two.
 
 A result whose error is above `failure_threshold` or not finite is retried with a ridge
-ten times larger, up to `max_retries` times, and then returned with `converged=False`.
+ten times larger (always added), up to `max_retries` times, and then returned with
+`converged=False`.
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ import numbers
 import numpy as np
 
 METHODS = ("schur_newton", "eigh")
+RIDGE_MODES = ("relative", "absolute_if_needed")
 SCALINGS = ("dynamic", "none")
 
 # Power-iteration steps for λmax. After this many, a random start underestimates λmax
@@ -103,7 +112,8 @@ class RootResult:
             amplified by about `cond(A_r)^(2/p)`: 4e-7 at condition 1e5 and p = 2 for a
             root within 1e-11 of the exact one.
         iterations: Iterations of the last attempt (0 for eigh).
-        ridge_epsilon: The relative ridge ε actually used, after any retries.
+        ridge_epsilon: The ridge ε of the last attempt (relative or absolute, as the
+            ridge mode says); for "absolute_if_needed" it was added only if needed.
         method: "schur_newton" or "eigh".
         converged: True when `error` is finite and at most `failure_threshold`.
     """
@@ -217,6 +227,7 @@ def inverse_pth_root(
     p: int,
     *,
     ridge_epsilon: float = 1e-6,
+    ridge_mode: str = "relative",
     method: str = "schur_newton",
     tolerance: float = 1e-6,
     max_iterations: int = 100,
@@ -225,12 +236,15 @@ def inverse_pth_root(
     scaling: str = "dynamic",
     symmetry_tolerance: float = 1e-4,
 ) -> RootResult:
-    """Computes `(A + ε·λmax(A)·I)^(-1/p)` in float64.
+    """Computes `(A + ε·λmax(A)·I)^(-1/p)` in float64 (or another ridge, see `ridge_mode`).
 
     Args:
         matrix: Symmetric PSD [n, n] statistic, float32 or float64.
         p: Exponent; the result is the inverse p-th root. A positive integer.
-        ridge_epsilon: Relative ridge ε (absolute when λmax(A) is not positive).
+        ridge_epsilon: Ridge ε: relative to λmax(A) (absolute when λmax(A) is not
+            positive), or absolute, as `ridge_mode` says.
+        ridge_mode: One of `RIDGE_MODES`: "relative" adds ε·λmax(A)·I always;
+            "absolute_if_needed" adds ε·I only when λmin(A) < ε.
         method: One of `METHODS`.
         tolerance: Schur–Newton stops when `max|M − I|` falls below this. With the
             default the roots agree with the eigendecomposition's to about 1e-9
@@ -250,7 +264,14 @@ def inverse_pth_root(
         ValueError: For an invalid statistic (see `validate_statistic`) or argument.
     """
     options = _checked_options(
-        ridge_epsilon, method, tolerance, max_iterations, failure_threshold, max_retries, scaling
+        ridge_epsilon,
+        ridge_mode,
+        method,
+        tolerance,
+        max_iterations,
+        failure_threshold,
+        max_retries,
+        scaling,
     )
     statistic = validate_statistic(matrix, p, symmetry_tolerance=symmetry_tolerance)
     return _solve(statistic, p, *options)
@@ -261,6 +282,7 @@ def batched_inverse_pth_root(
     p: int,
     *,
     ridge_epsilon: float = 1e-6,
+    ridge_mode: str = "relative",
     method: str = "schur_newton",
     tolerance: float = 1e-6,
     max_iterations: int = 100,
@@ -278,8 +300,9 @@ def batched_inverse_pth_root(
     Args:
         matrices: [k, n, n] stack of symmetric PSD statistics.
         p: Exponent of the inverse root.
-        ridge_epsilon, method, tolerance, max_iterations, failure_threshold,
-            max_retries, scaling, symmetry_tolerance: See `inverse_pth_root`.
+        ridge_epsilon, ridge_mode, method, tolerance, max_iterations,
+            failure_threshold, max_retries, scaling, symmetry_tolerance: See
+            `inverse_pth_root`.
 
     Returns:
         A `BatchedRootResult` with one entry per block.
@@ -289,7 +312,14 @@ def batched_inverse_pth_root(
             invalid.
     """
     options = _checked_options(
-        ridge_epsilon, method, tolerance, max_iterations, failure_threshold, max_retries, scaling
+        ridge_epsilon,
+        ridge_mode,
+        method,
+        tolerance,
+        max_iterations,
+        failure_threshold,
+        max_retries,
+        scaling,
     )
     _check_exponent(p)
     stack = np.asarray(matrices)
@@ -325,14 +355,17 @@ def _check_exponent(p: int) -> None:
 
 def _checked_options(
     ridge_epsilon: float,
+    ridge_mode: str,
     method: str,
     tolerance: float,
     max_iterations: int,
     failure_threshold: float,
     max_retries: int,
     scaling: str,
-) -> tuple[float, str, float, int, float, int, str]:
+) -> tuple[float, str, str, float, int, float, int, str]:
     """Checks the solver options; returns them in the order `_solve` takes them."""
+    if ridge_mode not in RIDGE_MODES:
+        raise ValueError(f"ridge_mode must be one of {RIDGE_MODES}, got {ridge_mode!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if scaling not in SCALINGS:
@@ -355,13 +388,23 @@ def _checked_options(
         or max_retries < 0
     ):
         raise ValueError(f"max_retries must be a non-negative integer, got {max_retries!r}")
-    return ridge_epsilon, method, tolerance, max_iterations, failure_threshold, max_retries, scaling
+    return (
+        ridge_epsilon,
+        ridge_mode,
+        method,
+        tolerance,
+        max_iterations,
+        failure_threshold,
+        max_retries,
+        scaling,
+    )
 
 
 def _solve(
     statistic: np.ndarray,
     p: int,
     ridge_epsilon: float,
+    ridge_mode: str,
     method: str,
     tolerance: float,
     max_iterations: int,
@@ -372,15 +415,19 @@ def _solve(
     """Runs the attempts with growing ridge on a validated statistic."""
     p = int(p)
     lambda_max = estimate_max_eigenvalue(statistic)
-    ridge_scale = lambda_max if lambda_max > 0 else 1.0
+    relative = ridge_mode == "relative"
+    ridge_scale = lambda_max if relative and lambda_max > 0 else 1.0
     frobenius = float(np.linalg.norm(statistic))
     epsilon = float(ridge_epsilon)
+    needed = relative or not _smallest_eigenvalue_at_least(statistic, epsilon)
     for attempt in range(max_retries + 1):
-        ridge = epsilon * ridge_scale
+        # `lower` bounds the spectrum of A_r from below; the ridge is what is added.
+        lower = epsilon * ridge_scale
+        ridge = lower if needed or attempt > 0 else 0.0
         damped = statistic.copy()
         damped.reshape(-1)[:: damped.shape[0] + 1] += ridge
         if method == "eigh":
-            root, error = _eigh_root(damped, p, ridge)
+            root, error = _eigh_root(damped, p, lower)
             iterations = 0
         else:
             # Upper end of the spectrum of A_r: the Frobenius norm always bounds it;
@@ -390,7 +437,7 @@ def _solve(
             if attempt == 0:
                 upper = min(upper, _LAMBDA_MARGIN * max(lambda_max, 0.0) + ridge)
             root, error, iterations = _coupled_newton(
-                damped, p, ridge, upper, tolerance, max_iterations, scaling
+                damped, p, lower, upper, tolerance, max_iterations, scaling
             )
         converged = bool(np.isfinite(error) and error <= failure_threshold)
         if converged or attempt == max_retries:
@@ -399,15 +446,26 @@ def _solve(
     return RootResult(root, float(error), int(iterations), epsilon, method, converged)
 
 
-def _eigh_root(damped: np.ndarray, p: int, ridge: float) -> tuple[np.ndarray, float]:
-    """Root by eigendecomposition, eigenvalues clamped from below at the ridge.
+def _smallest_eigenvalue_at_least(statistic: np.ndarray, epsilon: float) -> bool:
+    """Whether λmin(A) ≥ ε, decided by a Cholesky factorization of `A − ε·I`."""
+    shifted = statistic.copy()
+    shifted.reshape(-1)[:: shifted.shape[0] + 1] -= epsilon
+    try:
+        np.linalg.cholesky(shifted)
+    except np.linalg.LinAlgError:
+        return False
+    return True
+
+
+def _eigh_root(damped: np.ndarray, p: int, lower: float) -> tuple[np.ndarray, float]:
+    """Root by eigendecomposition, eigenvalues clamped from below at `lower` (the ridge).
 
     Returns the root and the residual `max|root^p · A_r − I|`, the measure that
     Schur–Newton reports (it is large where the clamp changed an eigenvalue, that
     is, where A had a negative eigenvalue beyond the ridge).
     """
     eigenvalues, vectors = np.linalg.eigh(damped)
-    eigenvalues = np.maximum(eigenvalues, ridge)
+    eigenvalues = np.maximum(eigenvalues, lower)
     root = (vectors * eigenvalues ** (-1.0 / p)) @ vectors.T
     root = 0.5 * (root + root.T)
     scratch = [np.empty_like(root) for _ in range(3)]

@@ -116,6 +116,7 @@ class RootService:
             SolverOptions(
                 method=config.method,
                 ridge_epsilon=config.ridge_epsilon,
+                ridge_mode=config.ridge_mode,
                 failure_threshold=config.failure_threshold,
                 max_iterations=config.max_iterations,
                 symmetry_tolerance=validation.SYMMETRY_TOLERANCE,

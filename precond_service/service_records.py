@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from precond_service.roots import METHODS
+from precond_service.roots import METHODS, RIDGE_MODES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,7 +19,9 @@ class ServiceConfig:
     Attributes:
         workers: Worker processes W; each computes one root at a time.
         method: Root solver, "schur_newton" (coupled Newton) or "eigh" (reference).
-        ridge_epsilon: Ridge added to a statistic, relative to its largest eigenvalue.
+        ridge_epsilon: Ridge added to a statistic, relative to its largest eigenvalue
+            (or absolute, see ridge_mode).
+        ridge_mode: "relative" or "absolute_if_needed" (`roots.RIDGE_MODES`).
         failure_threshold: Largest solver error of a root that is published; a root
             above it, or with a non-finite error, is counted failed and dropped.
         max_iterations: Most Schur-Newton iterations per root.
@@ -41,6 +43,7 @@ class ServiceConfig:
     workers: int = 1
     method: str = "schur_newton"
     ridge_epsilon: float = 1e-6
+    ridge_mode: str = "relative"
     failure_threshold: float = 0.1
     max_iterations: int = 100
     max_matrix_size: int = 4096
@@ -61,6 +64,8 @@ class ServiceConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if not self.ridge_epsilon > 0:
             raise ValueError(f"ridge_epsilon must be > 0, got {self.ridge_epsilon}")
+        if self.ridge_mode not in RIDGE_MODES:
+            raise ValueError(f"ridge_mode must be one of {RIDGE_MODES}, got {self.ridge_mode!r}")
         if not self.failure_threshold > 0:
             raise ValueError(f"failure_threshold must be > 0, got {self.failure_threshold}")
         if self.max_iterations < 1:

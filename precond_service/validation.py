@@ -24,7 +24,7 @@ import numpy as np
 
 from precond_service import wire
 from precond_service.root_settings import RootSettings
-from precond_service.roots import METHODS
+from precond_service.roots import METHODS, RIDGE_MODES
 from protos import precond_service_pb2 as pb
 
 # Longest block key accepted, in characters; keys are names, not payloads.
@@ -121,8 +121,8 @@ def decode_settings(message: pb.BlockStatistics) -> RootSettings:
 
     Raises:
         ValueError: With the reason, if ridge_epsilon is set and not in (0, 1),
-            failure_threshold is set and not finite and > 0, or method is set and not
-            one of `roots.METHODS`.
+            failure_threshold is set and not finite and > 0, or method or ridge_mode
+            is set and not one of `roots.METHODS` or `roots.RIDGE_MODES`.
     """
     ridge = message.ridge_epsilon if message.HasField("ridge_epsilon") else None
     threshold = message.failure_threshold if message.HasField("failure_threshold") else None
@@ -136,12 +136,17 @@ def decode_settings(message: pb.BlockStatistics) -> RootSettings:
             f"failure_threshold must be finite and > 0, got {threshold!r}; leave it unset for "
             "the service's --failure_threshold"
         )
+    if message.ridge_mode and message.ridge_mode not in RIDGE_MODES:
+        raise ValueError(
+            f"ridge_mode must be one of {RIDGE_MODES} (or empty for the service's "
+            f"--ridge_mode), got {message.ridge_mode[:_ECHOED_CHARACTERS]!r}"
+        )
     if message.method and message.method not in METHODS:
         raise ValueError(
             f"method must be one of {METHODS} (or empty for the service's --method), got "
             f"{message.method[:_ECHOED_CHARACTERS]!r}"
         )
-    return RootSettings(ridge, threshold, message.method or None)
+    return RootSettings(ridge, threshold, message.method or None, message.ridge_mode or None)
 
 
 def _sampled_asymmetry(matrix: np.ndarray) -> float:

@@ -290,6 +290,7 @@ def _statistics_header(block: StatisticsBlock) -> pb.BlockStatistics:
             None if block.failure_threshold is None else float(block.failure_threshold)
         ),
         method=block.method or "",
+        ridge_mode=block.ridge_mode or "",
     )
 
 

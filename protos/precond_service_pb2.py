@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/precond_service.proto\x12\nprecond.v1\"G\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.precond.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xda\x01\n\x0f\x42lockStatistics\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x10\n\x08\x65xponent\x18\x03 \x01(\x05\x12&\n\nstatistics\x18\x04 \x01(\x0b\x32\x12.precond.v1.Tensor\x12\x1a\n\rridge_epsilon\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x1e\n\x11\x66\x61ilure_threshold\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x0e\n\x06method\x18\x07 \x01(\tB\x10\n\x0e_ridge_epsilonB\x14\n\x12_failure_threshold\"T\n\x15PushStatisticsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12+\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x1b.precond.v1.BlockStatistics\"7\n\nBlockError\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\"f\n\x13PushStatisticsReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12(\n\x08rejected\x18\x02 \x03(\x0b\x32\x16.precond.v1.BlockError\x12\x13\n\x0bincarnation\x18\x03 \x01(\t\"\xaa\x01\n\x19GetPreconditionersRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12J\n\x0bknown_steps\x18\x02 \x03(\x0b\x32\x35.precond.v1.GetPreconditionersRequest.KnownStepsEntry\x1a\x31\n\x0fKnownStepsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"Y\n\x17GetPreconditionersReply\x12\x13\n\x0bincarnation\x18\x01 \x01(\t\x12)\n\x05roots\x18\x02 \x03(\x0b\x32\x1a.precond.v1.Preconditioner\"\xd3\x01\n\x0ePreconditioner\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\nstats_step\x18\x02 \x01(\x03\x12 \n\x04root\x18\x03 \x01(\x0b\x32\x12.precond.v1.Tensor\x12\r\n\x05\x65rror\x18\x04 \x01(\x01\x12\x12\n\niterations\x18\x05 \x01(\x05\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\x17\n\x0f\x63ompute_seconds\x18\x07 \x01(\x01\x12\x1b\n\x13published_unix_time\x18\x08 \x01(\x01\x12\x15\n\rridge_epsilon\x18\t \x01(\x01\"\x1f\n\rStatusRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\xa9\x02\n\tRunStatus\x12\x12\n\nrun_digest\x18\x0e \x01(\t\x12\x14\n\x0c\x62locks_known\x18\x02 \x01(\x03\x12\x18\n\x10\x62locks_published\x18\x03 \x01(\x03\x12\x0f\n\x07pending\x18\x04 \x01(\x03\x12\x10\n\x08received\x18\x05 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x06 \x01(\x03\x12\x10\n\x08rejected\x18\x07 \x01(\x03\x12\x11\n\tcoalesced\x18\x08 \x01(\x03\x12\x11\n\tpublished\x18\t \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\n \x01(\x03\x12\x13\n\x0blatest_step\x18\x0b \x01(\x03\x12\x1b\n\x13max_staleness_steps\x18\x0c \x01(\x03\x12\x1b\n\x13last_push_unix_time\x18\r \x01(\x01J\x04\x08\x01\x10\x02R\x06run_id\"\xa8\x03\n\rServiceStatus\x12\x13\n\x0bincarnation\x18\x01 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x01\x12\x0f\n\x07workers\x18\x03 \x01(\x05\x12\x15\n\rworkers_alive\x18\x04 \x01(\x05\x12\x17\n\x0fworker_restarts\x18\x05 \x01(\x03\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\x03\x12\x11\n\tin_flight\x18\x07 \x01(\x03\x12\x14\n\x0c\x62locks_known\x18\x08 \x01(\x03\x12\x10\n\x08received\x18\t \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\n \x01(\x03\x12\x10\n\x08rejected\x18\x0b \x01(\x03\x12\x11\n\tcoalesced\x18\x0c \x01(\x03\x12\x11\n\tpublished\x18\r \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x0e \x01(\x03\x12\x0e\n\x06method\x18\x0f \x01(\t\x12\x17\n\x0fmax_matrix_size\x18\x10 \x01(\x03\x12#\n\x04runs\x18\x11 \x03(\x0b\x32\x15.precond.v1.RunStatus\x12\x13\n\x0bworker_pids\x18\x12 \x03(\x03\x12\x1c\n\x14mean_compute_seconds\x18\x13 \x01(\x01\" \n\x0e\x44ropRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"8\n\x0c\x44ropRunReply\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x08\x12\x17\n\x0f\x62locks_released\x18\x02 \x01(\x03*8\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x32\xd7\x02\n\x15PreconditionerService\x12V\n\x0ePushStatistics\x12!.precond.v1.PushStatisticsRequest\x1a\x1f.precond.v1.PushStatisticsReply(\x01\x12\x62\n\x12GetPreconditioners\x12%.precond.v1.GetPreconditionersRequest\x1a#.precond.v1.GetPreconditionersReply0\x01\x12\x41\n\tGetStatus\x12\x19.precond.v1.StatusRequest\x1a\x19.precond.v1.ServiceStatus\x12?\n\x07\x44ropRun\x12\x1a.precond.v1.DropRunRequest\x1a\x18.precond.v1.DropRunReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/precond_service.proto\x12\nprecond.v1\"G\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.precond.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xee\x01\n\x0f\x42lockStatistics\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x10\n\x08\x65xponent\x18\x03 \x01(\x05\x12&\n\nstatistics\x18\x04 \x01(\x0b\x32\x12.precond.v1.Tensor\x12\x1a\n\rridge_epsilon\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x1e\n\x11\x66\x61ilure_threshold\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x0e\n\x06method\x18\x07 \x01(\t\x12\x12\n\nridge_mode\x18\x08 \x01(\tB\x10\n\x0e_ridge_epsilonB\x14\n\x12_failure_threshold\"T\n\x15PushStatisticsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12+\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x1b.precond.v1.BlockStatistics\"7\n\nBlockError\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\"f\n\x13PushStatisticsReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12(\n\x08rejected\x18\x02 \x03(\x0b\x32\x16.precond.v1.BlockError\x12\x13\n\x0bincarnation\x18\x03 \x01(\t\"\xaa\x01\n\x19GetPreconditionersRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12J\n\x0bknown_steps\x18\x02 \x03(\x0b\x32\x35.precond.v1.GetPreconditionersRequest.KnownStepsEntry\x1a\x31\n\x0fKnownStepsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"Y\n\x17GetPreconditionersReply\x12\x13\n\x0bincarnation\x18\x01 \x01(\t\x12)\n\x05roots\x18\x02 \x03(\x0b\x32\x1a.precond.v1.Preconditioner\"\xd3\x01\n\x0ePreconditioner\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\nstats_step\x18\x02 \x01(\x03\x12 \n\x04root\x18\x03 \x01(\x0b\x32\x12.precond.v1.Tensor\x12\r\n\x05\x65rror\x18\x04 \x01(\x01\x12\x12\n\niterations\x18\x05 \x01(\x05\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\x17\n\x0f\x63ompute_seconds\x18\x07 \x01(\x01\x12\x1b\n\x13published_unix_time\x18\x08 \x01(\x01\x12\x15\n\rridge_epsilon\x18\t \x01(\x01\"\x1f\n\rStatusRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\xa9\x02\n\tRunStatus\x12\x12\n\nrun_digest\x18\x0e \x01(\t\x12\x14\n\x0c\x62locks_known\x18\x02 \x01(\x03\x12\x18\n\x10\x62locks_published\x18\x03 \x01(\x03\x12\x0f\n\x07pending\x18\x04 \x01(\x03\x12\x10\n\x08received\x18\x05 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x06 \x01(\x03\x12\x10\n\x08rejected\x18\x07 \x01(\x03\x12\x11\n\tcoalesced\x18\x08 \x01(\x03\x12\x11\n\tpublished\x18\t \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\n \x01(\x03\x12\x13\n\x0blatest_step\x18\x0b \x01(\x03\x12\x1b\n\x13max_staleness_steps\x18\x0c \x01(\x03\x12\x1b\n\x13last_push_unix_time\x18\r \x01(\x01J\x04\x08\x01\x10\x02R\x06run_id\"\xa8\x03\n\rServiceStatus\x12\x13\n\x0bincarnation\x18\x01 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x01\x12\x0f\n\x07workers\x18\x03 \x01(\x05\x12\x15\n\rworkers_alive\x18\x04 \x01(\x05\x12\x17\n\x0fworker_restarts\x18\x05 \x01(\x03\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\x03\x12\x11\n\tin_flight\x18\x07 \x01(\x03\x12\x14\n\x0c\x62locks_known\x18\x08 \x01(\x03\x12\x10\n\x08received\x18\t \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\n \x01(\x03\x12\x10\n\x08rejected\x18\x0b \x01(\x03\x12\x11\n\tcoalesced\x18\x0c \x01(\x03\x12\x11\n\tpublished\x18\r \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x0e \x01(\x03\x12\x0e\n\x06method\x18\x0f \x01(\t\x12\x17\n\x0fmax_matrix_size\x18\x10 \x01(\x03\x12#\n\x04runs\x18\x11 \x03(\x0b\x32\x15.precond.v1.RunStatus\x12\x13\n\x0bworker_pids\x18\x12 \x03(\x03\x12\x1c\n\x14mean_compute_seconds\x18\x13 \x01(\x01\" \n\x0e\x44ropRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"8\n\x0c\x44ropRunReply\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x08\x12\x17\n\x0f\x62locks_released\x18\x02 \x01(\x03*8\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x32\xd7\x02\n\x15PreconditionerService\x12V\n\x0ePushStatistics\x12!.precond.v1.PushStatisticsRequest\x1a\x1f.precond.v1.PushStatisticsReply(\x01\x12\x62\n\x12GetPreconditioners\x12%.precond.v1.GetPreconditionersRequest\x1a#.precond.v1.GetPreconditionersReply0\x01\x12\x41\n\tGetStatus\x12\x19.precond.v1.StatusRequest\x1a\x19.precond.v1.ServiceStatus\x12?\n\x07\x44ropRun\x12\x1a.precond.v1.DropRunRequest\x1a\x18.precond.v1.DropRunReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -23,36 +23,36 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
   _globals['_GETPRECONDITIONERSREQUEST_KNOWNSTEPSENTRY']._options = None
   _globals['_GETPRECONDITIONERSREQUEST_KNOWNSTEPSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=1915
-  _globals['_DTYPE']._serialized_end=1971
+  _globals['_DTYPE']._serialized_start=1935
+  _globals['_DTYPE']._serialized_end=1991
   _globals['_TENSOR']._serialized_start=44
   _globals['_TENSOR']._serialized_end=115
   _globals['_BLOCKSTATISTICS']._serialized_start=118
-  _globals['_BLOCKSTATISTICS']._serialized_end=336
-  _globals['_PUSHSTATISTICSREQUEST']._serialized_start=338
-  _globals['_PUSHSTATISTICSREQUEST']._serialized_end=422
-  _globals['_BLOCKERROR']._serialized_start=424
-  _globals['_BLOCKERROR']._serialized_end=479
-  _globals['_PUSHSTATISTICSREPLY']._serialized_start=481
-  _globals['_PUSHSTATISTICSREPLY']._serialized_end=583
-  _globals['_GETPRECONDITIONERSREQUEST']._serialized_start=586
-  _globals['_GETPRECONDITIONERSREQUEST']._serialized_end=756
-  _globals['_GETPRECONDITIONERSREQUEST_KNOWNSTEPSENTRY']._serialized_start=707
-  _globals['_GETPRECONDITIONERSREQUEST_KNOWNSTEPSENTRY']._serialized_end=756
-  _globals['_GETPRECONDITIONERSREPLY']._serialized_start=758
-  _globals['_GETPRECONDITIONERSREPLY']._serialized_end=847
-  _globals['_PRECONDITIONER']._serialized_start=850
-  _globals['_PRECONDITIONER']._serialized_end=1061
-  _globals['_STATUSREQUEST']._serialized_start=1063
-  _globals['_STATUSREQUEST']._serialized_end=1094
-  _globals['_RUNSTATUS']._serialized_start=1097
-  _globals['_RUNSTATUS']._serialized_end=1394
-  _globals['_SERVICESTATUS']._serialized_start=1397
-  _globals['_SERVICESTATUS']._serialized_end=1821
-  _globals['_DROPRUNREQUEST']._serialized_start=1823
-  _globals['_DROPRUNREQUEST']._serialized_end=1855
-  _globals['_DROPRUNREPLY']._serialized_start=1857
-  _globals['_DROPRUNREPLY']._serialized_end=1913
-  _globals['_PRECONDITIONERSERVICE']._serialized_start=1974
-  _globals['_PRECONDITIONERSERVICE']._serialized_end=2317
+  _globals['_BLOCKSTATISTICS']._serialized_end=356
+  _globals['_PUSHSTATISTICSREQUEST']._serialized_start=358
+  _globals['_PUSHSTATISTICSREQUEST']._serialized_end=442
+  _globals['_BLOCKERROR']._serialized_start=444
+  _globals['_BLOCKERROR']._serialized_end=499
+  _globals['_PUSHSTATISTICSREPLY']._serialized_start=501
+  _globals['_PUSHSTATISTICSREPLY']._serialized_end=603
+  _globals['_GETPRECONDITIONERSREQUEST']._serialized_start=606
+  _globals['_GETPRECONDITIONERSREQUEST']._serialized_end=776
+  _globals['_GETPRECONDITIONERSREQUEST_KNOWNSTEPSENTRY']._serialized_start=727
+  _globals['_GETPRECONDITIONERSREQUEST_KNOWNSTEPSENTRY']._serialized_end=776
+  _globals['_GETPRECONDITIONERSREPLY']._serialized_start=778
+  _globals['_GETPRECONDITIONERSREPLY']._serialized_end=867
+  _globals['_PRECONDITIONER']._serialized_start=870
+  _globals['_PRECONDITIONER']._serialized_end=1081
+  _globals['_STATUSREQUEST']._serialized_start=1083
+  _globals['_STATUSREQUEST']._serialized_end=1114
+  _globals['_RUNSTATUS']._serialized_start=1117
+  _globals['_RUNSTATUS']._serialized_end=1414
+  _globals['_SERVICESTATUS']._serialized_start=1417
+  _globals['_SERVICESTATUS']._serialized_end=1841
+  _globals['_DROPRUNREQUEST']._serialized_start=1843
+  _globals['_DROPRUNREQUEST']._serialized_end=1875
+  _globals['_DROPRUNREPLY']._serialized_start=1877
+  _globals['_DROPRUNREPLY']._serialized_end=1933
+  _globals['_PRECONDITIONERSERVICE']._serialized_start=1994
+  _globals['_PRECONDITIONERSERVICE']._serialized_end=2337
 # @@protoc_insertion_point(module_scope)

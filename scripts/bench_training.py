@@ -224,6 +224,17 @@ def bench_config(spec: RunSpec, files: dict[str, str], vocab_path: str):
     return config
 
 
+def resolved_optimizer(spec: RunSpec) -> dict[str, Any]:
+    """`config.optimizer` of a run as JSON, defaults resolved; what a cached run must match.
+
+    A run cached before a default changed no longer matches, though its spec does.
+    """
+    optimizer = bench_config(spec, {"train": "", "dev": "", "test": ""}, "").optimizer.to_dict()
+    if spec.optimizer != "shampoo":
+        del optimizer["shampoo"]
+    return json.loads(json.dumps(optimizer))
+
+
 # ----------------------------------------------------------------- one run
 
 
@@ -273,6 +284,7 @@ def run(spec: RunSpec, files: dict[str, str], vocab_path: str, workdir: str) -> 
         log.info("%s step %d: dev loss %.4f", spec.name, point["step"], point["dev_loss"])
     result: dict[str, Any] = {
         "spec": dataclasses.asdict(spec),
+        "optimizer_config": resolved_optimizer(spec),
         "compile_seconds": compile_seconds,
         "points": points,
         "diverged": diverged,
@@ -315,7 +327,8 @@ def cached_run(spec: RunSpec, args: argparse.Namespace, test: bool = False) -> d
     stored = {**defaults, **result["spec"]} if "spec" in result else None
     if stored is not None:  # JSON keeps tuples as lists
         stored = dataclasses.asdict(spec_from_dict(stored))
-    if stored != dataclasses.asdict(spec):
+    same_optimizer = result.get("optimizer_config") == resolved_optimizer(spec)
+    if stored != dataclasses.asdict(spec) or not same_optimizer:
         _child(spec, args, "train", run_dir)
         result = json.loads(out.read_text())
     else:

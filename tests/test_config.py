@@ -88,6 +88,11 @@ def test_text_config_needs_the_files_and_names_the_field():
             r"momentum_type must be one of \['update', 'gradient'\], got 'nesterov'",
         ),
         ("optimizer.shampoo.graft_scope", "net", r"graft_scope must be one of \['layer'"),
+        (
+            "optimizer.shampoo.ridge_mode",
+            "absolute",
+            r"ridge_mode must be one of \['relative', 'absolute_if_needed'\]",
+        ),
         ("optimizer.shampoo.statistics_beta2", 0.0, r"statistics_beta2 must be in \(0, 1\]"),
         ("precond.cadence", "often", r"cadence must be one of \['fixed', 'adaptive'\]"),
         ("train.device_cpus", "0-", r"config\.train\.device_cpus: cpus='0-' is not a CPU list"),
@@ -196,15 +201,14 @@ def test_make_optimizer_follows_name_and_precond_mode(name, mode, cls):
 def test_root_method_and_update_choices_reach_shampoo():
     config = config_lib.default_config()
     config.optimizer.shampoo.root_method = "eigh"
-    config.optimizer.shampoo.momentum_type = "gradient"
-    config.optimizer.shampoo.graft_scope = "block"
+    config.optimizer.shampoo.momentum_type = "update"  # Each not the default.
+    config.optimizer.shampoo.graft_scope = "layer"
+    config.optimizer.shampoo.ridge_mode = "absolute_if_needed"
     config_lib.validate(config)
     optimizer = make_optimizer(config)
-    assert (optimizer.root_method, optimizer.momentum_type, optimizer.graft_scope) == (
-        "eigh",
-        "gradient",
-        "block",
-    )
+    chosen = (optimizer.root_method, optimizer.momentum_type, optimizer.graft_scope)
+    assert chosen == ("eigh", "update", "layer")
+    assert optimizer.ridge_mode == "absolute_if_needed"
     assert optimizer.statistics_beta2 == config.optimizer.beta2  # unset: tied
     config.optimizer.shampoo.statistics_beta2 = 1.0
     assert make_optimizer(config).statistics_beta2 == 1.0

@@ -156,6 +156,42 @@ def test_zero_statistic_uses_absolute_ridge(method):
     assert result.converged and result.error <= 1e-12
 
 
+@pytest.mark.parametrize("method", roots.METHODS)
+def test_absolute_ridge_is_not_added_where_the_smallest_eigenvalue_is_above_it(method):
+    vectors = random_orthogonal(30, np.random.default_rng(3))
+    eigenvalues = np.geomspace(1e-3, 10.0, 30)
+    matrix = build(vectors, eigenvalues)
+
+    result = roots.inverse_pth_root(
+        matrix, 4, method=method, ridge_epsilon=1e-4, ridge_mode="absolute_if_needed"
+    )
+
+    exact = (vectors * eigenvalues ** (-1 / 4)) @ vectors.T
+    assert result.converged
+    assert relative_distance(result.root, exact) <= 1e-6
+    # The relative ridge (1e-4 * 10 = 1e-3, as large as the smallest eigenvalue) is not.
+    relative = roots.inverse_pth_root(matrix, 4, method=method, ridge_epsilon=1e-4)
+    assert relative_distance(relative.root, exact) > 1e-2
+
+
+@pytest.mark.parametrize("method", roots.METHODS)
+@pytest.mark.parametrize("rank", [0, 5])
+def test_absolute_ridge_is_added_where_the_statistic_is_singular(method, rank):
+    n = 40
+    gradients = np.random.default_rng(rank).standard_normal((n, rank))
+    matrix = 100.0 * gradients @ gradients.T
+
+    result = roots.inverse_pth_root(
+        matrix, 4, method=method, ridge_epsilon=1e-6, ridge_mode="absolute_if_needed"
+    )
+
+    eigenvalues, vectors = np.linalg.eigh(matrix)
+    eigenvalues = np.maximum(eigenvalues, 0.0)
+    expected = (vectors * (eigenvalues + 1e-6) ** (-1 / 4)) @ vectors.T  # ε·I, not ε·λmax·I
+    assert result.converged and result.ridge_epsilon == 1e-6
+    assert relative_distance(result.root, expected) <= 1e-6
+
+
 def test_one_by_one():
     result = roots.inverse_pth_root(np.array([[16.0]]), 4)
     np.testing.assert_allclose(result.root, [[(16.0 * (1 + 1e-6)) ** -0.25]], rtol=1e-6)
@@ -324,6 +360,7 @@ def test_numpy_integer_exponent_is_accepted():
     ("keyword", "value", "message"),
     [
         ("method", "cholesky", r"one of \('schur_newton', 'eigh'\), got 'cholesky'"),
+        ("ridge_mode", "absolute", r"\('relative', 'absolute_if_needed'\), got 'absolute'"),
         ("scaling", "static", "got 'static'"),
         ("ridge_epsilon", 0.0, "ridge_epsilon must be positive, got 0.0"),
         ("tolerance", -1.0, "got -1.0"),

@@ -325,6 +325,7 @@ BAD_BLOCKS = [
             ({"failure_threshold": 0.0}, "failure_threshold must be finite and > 0, got 0.0"),
             ({"failure_threshold": float("inf")}, "failure_threshold must be finite and > 0"),
             ({"method": "magic"}, "method must be one of ('schur_newton', 'eigh')"),
+            ({"ridge_mode": "always"}, "ridge_mode must be one of ('relative', 'absolute_if"),
         ]
     ),
 ]

@@ -100,10 +100,11 @@ def _one_step_model(precondition_mode, **shampoo_args):
     return opt
 
 
-def test_async_roots_use_the_optimizers_own_root_settings_as_sync_does(client):
+@pytest.mark.parametrize("ridge", [{}, {"ridge_mode": "absolute_if_needed"}])
+def test_async_roots_use_the_optimizers_own_root_settings_as_sync_does(client, ridge):
     # Settings far from the service's defaults (--ridge_epsilon 1e-6): the statistic
     # of one step is rank-deficient, so the ridge decides the root.
-    settings = {"matrix_epsilon": 1e-2, "inverse_failure_threshold": 0.5}
+    settings = {"matrix_epsilon": 1e-2, "inverse_failure_threshold": 0.5, **ridge}
     sync = _one_step_model("sync", **settings)
     opt = _one_step_model("async", **settings)
     bridge = ServicePreconditioning(opt, client, update_steps=1)
@@ -119,6 +120,7 @@ def test_async_roots_use_the_optimizers_own_root_settings_as_sync_does(client):
     )
     for key, block in snapshot.items():
         assert block.ridge_epsilon == 1e-2 and block.failure_threshold == 0.5
+        assert block.ridge_mode == ridge.get("ridge_mode", "relative")
         held, expected = _held_root(opt, key), _held_root(sync, key)
         np.testing.assert_allclose(held, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
     # The service's own default would have given a different root.

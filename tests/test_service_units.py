@@ -67,10 +67,14 @@ class TestValidation:
         assert block.settings == RootSettings()  # Unset: the service's flags.
 
     def test_root_settings_are_decoded_and_override_only_what_is_set(self) -> None:
-        message = _block(ridge_epsilon=1e-3, method="eigh")
+        message = _block(ridge_epsilon=1e-3, method="eigh", ridge_mode="absolute_if_needed")
         block = validation.decode_block(message, max_matrix_size=8)
-        assert block.settings == RootSettings(1e-3, None, "eigh")
-        assert block.settings.overrides() == {"ridge_epsilon": 1e-3, "method": "eigh"}
+        assert block.settings == RootSettings(1e-3, None, "eigh", "absolute_if_needed")
+        assert block.settings.overrides() == {
+            "ridge_epsilon": 1e-3,
+            "method": "eigh",
+            "ridge_mode": "absolute_if_needed",
+        }
 
     @pytest.mark.parametrize(
         ("fields", "reason"),
@@ -93,6 +97,7 @@ class TestValidation:
             ({"ridge_epsilon": -1e-3}, r"ridge_epsilon must be in \(0, 1\), got -0.001"),
             ({"failure_threshold": float("nan")}, "failure_threshold must be finite and > 0"),
             ({"method": "newton"}, "method must be one of"),
+            ({"ridge_mode": "absolute"}, "ridge_mode must be one of"),
         ],
     )
     def test_bad_block_is_rejected_with_reason(self, fields: dict, reason: str) -> None:

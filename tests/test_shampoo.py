@@ -176,6 +176,7 @@ def test_grafted_update_has_shampoo_direction_and_adagrad_norm():
         beta1=0.0,
         beta2=1.0,
         block_size=5,  # several blocks, ragged ones included: the norm is per layer
+        graft_scope="layer",
         matrix_epsilon=RIDGE,
         graft_type="adagrad",
         start_preconditioning_step=0,
@@ -251,6 +252,7 @@ def test_momentum_and_nesterov_follow_the_moving_average():
             beta1=0.9,
             graft_type="sgd",
             nesterov=nesterov,
+            momentum_type="update",  # The EMA of the update, uncorrected.
             start_preconditioning_step=100,
         )
         expected = var.numpy().astype(np.float64)
@@ -386,6 +388,7 @@ def test_mixed_variables_each_get_their_own_update():
         ({"graft_scope": "model"}, r"graft_scope must be one of \['layer', 'block'\]"),
         ({"statistics_beta2": 2.0}, r"statistics_beta2 must be a number in \[0, 1\], got 2.0"),
         ({"root_method": "svd"}, r"root_method must be one of \['schur_newton', 'eigh'\]"),
+        ({"ridge_mode": "always"}, r"ridge_mode must be one of \['relative', 'absolute_if"),
     ],
 )
 def test_bad_hyperparameters_name_the_field_and_value(kwargs, message):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from precond_service import validation, wire
-from precond_service.roots import METHODS
+from precond_service.roots import METHODS, RIDGE_MODES
 from protos import precond_service_pb2 as pb
 
 MAX_MATRIX_SIZE = 64
@@ -96,6 +96,7 @@ def block_messages(draw: st.DrawFn) -> pb.BlockStatistics:
         if value is not None:
             setattr(message, name, value)
     message.method = draw(st.sampled_from(["", "eigh", "schur_newton", "other", "x" * 2000]))
+    message.ridge_mode = draw(st.sampled_from(["", *RIDGE_MODES, "absolute", "y" * 2000]))
     return message
 
 
@@ -152,6 +153,7 @@ def test_block_decodes_valid_or_raises_value_error(message: pb.BlockStatistics) 
     assert settings.ridge_epsilon is None or 0 < settings.ridge_epsilon < 1
     assert settings.failure_threshold is None or 0 < settings.failure_threshold < math.inf
     assert settings.method in (None, *METHODS)
+    assert settings.ridge_mode in (None, *RIDGE_MODES)
     assert np.isfinite(result.matrix).all()
     scale = np.abs(result.matrix).max()
     asymmetry = np.abs(result.matrix - result.matrix.T).max()

@@ -65,6 +65,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> keras.optimizers.Optimi
         beta2=opt.beta2,
         nesterov=sh.nesterov,
         matrix_epsilon=sh.matrix_epsilon,
+        ridge_mode=sh.ridge_mode,
         diagonal_epsilon=opt.epsilon,
         graft_type=sh.graft_type,
         start_preconditioning_step=sh.start_preconditioning_step,

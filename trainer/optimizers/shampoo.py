@@ -94,8 +94,11 @@ class Shampoo(keras.optimizers.Optimizer):
             block its own).
         nesterov: Use Nesterov momentum.
         weight_decay: Decoupled weight decay (Keras base-class semantics).
-        matrix_epsilon: Ridge added to every statistic, relative to its largest
-            eigenvalue, before the inverse root.
+        matrix_epsilon: Ridge ε added to every statistic before the inverse root,
+            as `ridge_mode` says.
+        ridge_mode: "relative" (ε·λmax·I always, the paper's) or
+            "absolute_if_needed" (ε·I, only where λmin < ε: the reference PyTorch
+            implementation's, with ε around 1e-12).
         diagonal_epsilon: Epsilon of the AdaGrad / Adam grafting denominators.
         graft_type: "adam" (bias-corrected RMS with `beta2`, the default, which
             fits beta2 < 1), "adagrad" (sums; pairs with beta2 = 1), "sgd", or
@@ -111,7 +114,8 @@ class Shampoo(keras.optimizers.Optimizer):
         inverse_failure_threshold: A root whose residual error is above this (or
             not finite) is not used; the block keeps its previous root.
         root_method: Root solver, "schur_newton" (coupled Newton) or "eigh".
-            This, `matrix_epsilon`, `inverse_failure_threshold` and the exponent
+            This, `matrix_epsilon`, `ridge_mode`, `inverse_failure_threshold` and
+            the exponent
             travel with every pushed statistic, so that the service computes the
             root the sync mode would.
         precondition_mode: "sync" computes roots inside the step (host NumPy,
@@ -130,11 +134,12 @@ class Shampoo(keras.optimizers.Optimizer):
         beta1: float = 0.9,
         beta2: float = 0.999,
         statistics_beta2: float | None = None,
-        momentum_type: str = "update",
-        graft_scope: str = "layer",
+        momentum_type: str = "gradient",
+        graft_scope: str = "block",
         nesterov: bool = False,
         weight_decay: float | None = None,
         matrix_epsilon: float = 1e-6,
+        ridge_mode: str = "relative",
         diagonal_epsilon: float = 1e-10,
         graft_type: str = "adam",
         start_preconditioning_step: int = 5,
@@ -161,6 +166,7 @@ class Shampoo(keras.optimizers.Optimizer):
             graft_type=graft_type,
             precondition_mode=precondition_mode,
             root_method=root_method,
+            ridge_mode=ridge_mode,
             start_preconditioning_step=start_preconditioning_step,
             statistics_compute_steps=statistics_compute_steps,
             preconditioning_compute_steps=preconditioning_compute_steps,
@@ -178,6 +184,7 @@ class Shampoo(keras.optimizers.Optimizer):
         self.graft_scope = graft_scope
         self.nesterov = bool(nesterov)
         self.matrix_epsilon = float(matrix_epsilon)
+        self.ridge_mode = ridge_mode
         self.diagonal_epsilon = float(diagonal_epsilon)
         self.graft_type = graft_type
         self.start_preconditioning_step = int(start_preconditioning_step)
@@ -362,13 +369,7 @@ class Shampoo(keras.optimizers.Optimizer):
             for factors in state.factors:
                 for factor in factors:
                     roots, ok = tf.numpy_function(
-                        functools.partial(
-                            host_roots,
-                            exponent=exponent,
-                            ridge_epsilon=self.matrix_epsilon,
-                            failure_threshold=self.inverse_failure_threshold,
-                            method=self.root_method,
-                        ),
+                        functools.partial(host_roots, exponent=exponent, **self._root_settings()),
                         [factor.statistics],
                         [tf.float32, tf.bool],
                         stateful=False,
@@ -489,12 +490,16 @@ class Shampoo(keras.optimizers.Optimizer):
         push to another thread (see `ServicePreconditioning`).
         """
         self._check_built("read_statistics")
-        return self._registry.snapshot(
-            int(self.iterations.numpy()),
-            ridge_epsilon=self.matrix_epsilon,
-            failure_threshold=self.inverse_failure_threshold,
-            method=self.root_method,
-        )
+        return self._registry.snapshot(int(self.iterations.numpy()), **self._root_settings())
+
+    def _root_settings(self) -> dict[str, Any]:
+        """How every root is computed, in the sync mode and by the service alike."""
+        return {
+            "ridge_epsilon": self.matrix_epsilon,
+            "ridge_mode": self.ridge_mode,
+            "failure_threshold": self.inverse_failure_threshold,
+            "method": self.root_method,
+        }
 
     def assign_preconditioners(
         self, entries: Iterable[PreconditionerBlock | tuple[str, int, np.ndarray]]
@@ -542,6 +547,7 @@ class Shampoo(keras.optimizers.Optimizer):
                 "graft_scope": self.graft_scope,
                 "nesterov": self.nesterov,
                 "matrix_epsilon": self.matrix_epsilon,
+                "ridge_mode": self.ridge_mode,
                 "diagonal_epsilon": self.diagonal_epsilon,
                 "graft_type": self.graft_type,
                 "start_preconditioning_step": self.start_preconditioning_step,

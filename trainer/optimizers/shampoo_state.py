@@ -97,7 +97,8 @@ class StatisticsSnapshot:
         step: The update count the statistics include.
         entries: Per factor: variable key path, block coordinates, dimension,
             exponent, and the [num_blocks, n, n] statistics tensor.
-        root_settings: ridge_epsilon, failure_threshold, method of every block.
+        root_settings: ridge_epsilon, ridge_mode, failure_threshold, method of every
+            block.
     """
 
     step: int
@@ -164,7 +165,7 @@ class Registry:
 
         Args:
             step: The update count the statistics include.
-            **root_settings: ridge_epsilon, failure_threshold, method.
+            **root_settings: ridge_epsilon, ridge_mode, failure_threshold, method.
         """
         entries = [
             (state.path, group.coords, factor.dim, state.exponent, tf.identity(factor.statistics))
@@ -242,6 +243,7 @@ def host_roots(
     *,
     exponent: int,
     ridge_epsilon: float,
+    ridge_mode: str,
     failure_threshold: float,
     method: str,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -258,6 +260,7 @@ def host_roots(
             statistics,
             exponent,
             ridge_epsilon=ridge_epsilon,
+            ridge_mode=ridge_mode,
             failure_threshold=failure_threshold,
             method=method,
         )
@@ -302,6 +305,7 @@ def check_arguments(
     graft_type: Any,
     precondition_mode: Any,
     root_method: Any,
+    ridge_mode: Any,
     start_preconditioning_step: Any,
     statistics_compute_steps: Any,
     preconditioning_compute_steps: Any,
@@ -322,6 +326,7 @@ def check_arguments(
     check_choice("graft_type", graft_type, GRAFT_TYPES)
     check_choice("precondition_mode", precondition_mode, PRECONDITION_MODES)
     check_choice("root_method", root_method, roots_lib.METHODS)
+    check_choice("ridge_mode", ridge_mode, roots_lib.RIDGE_MODES)
     if graft_type == "adam" and beta2 >= 1.0:
         raise ValueError(
             "graft_type='adam' needs beta2 < 1 (its second moment decays with beta2), "
