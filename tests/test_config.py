@@ -76,6 +76,7 @@ def test_text_config_needs_the_files_and_names_the_field():
         ("optimizer.name", "sgd", r"config\.optimizer\.name must be one of"),
         ("data.source", "web", r"config\.data\.source must be one of"),
         ("train.num_steps", 0, r"config\.train\.num_steps must be >= 1, got 0"),
+        ("train.accumulate_steps", 0, r"config\.train\.accumulate_steps must be >= 1, got 0"),
         (
             "optimizer.shampoo.root_method",
             "svd",

@@ -147,6 +147,19 @@ def test_run_steps_advances_the_step_and_loss_only_evaluation_matches(tmp_path, 
     assert full.bleu_sentences == 1
 
 
+def test_accumulated_updates_take_k_batches_each(tmp_path, vocab_path):
+    config = tiny_config(vocab_path, "adam", "off")
+    plain, _ = make_trainer(config, tmp_path / "plain").run_steps(None, 4)
+    config.train.accumulate_steps = 2
+    trainer = make_trainer(config, tmp_path / "accumulated")
+    values, _ = trainer.run_steps(None, 2)
+
+    assert int(trainer.step.numpy()) == int(trainer.optimizer.iterations.numpy()) == 2
+    # The same 4 batches, in the same order, made 2 updates instead of 4.
+    assert values["weight_sum"] == plain["weight_sum"]
+    assert values["tokens"] == plain["tokens"]
+
+
 @pytest.mark.parametrize(("policy", "scaled"), [("mixed_float16", True), ("mixed_bfloat16", False)])
 def test_mixed_precision_trains_shampoo_with_loss_scaling_for_float16(
     tmp_path, vocab_path, policy, scaled

@@ -96,6 +96,9 @@ def _train_fields() -> ml_collections.ConfigDict:
     # Steps run inside one tf.function call; host work (pushes, summaries,
     # checkpoints) happens between such inner loops.
     section.steps_per_loop = 100
+    # Micro-batches of data.tokens_per_batch whose gradients make one update
+    # (gradient accumulation): the update is that of one batch k times as large.
+    section.accumulate_steps = 1
     # Seconds between progress lines on the console.
     section.log_every_s = 5.0
     # Steps between TensorBoard training summaries (rounded up to inner loops).
@@ -392,6 +395,7 @@ def _validate_values(config: ml_collections.ConfigDict) -> None:
     for field in (
         "train.num_steps",
         "train.steps_per_loop",
+        "train.accumulate_steps",
         "train.summary_every_steps",
         "train.checkpoint_every_steps",
         "train.keep_checkpoints",

@@ -92,7 +92,9 @@ class Trainer:
             label_smoothing=float(config.model.label_smoothing),
             clip_norm=float(config.optimizer.clip_norm),
         )
-        self._loop_fn = step_fn.make_inner_loop(train_step, bool(config.train.jit_compile))
+        self._loop_fn = step_fn.make_inner_loop(
+            train_step, bool(config.train.jit_compile), int(config.train.accumulate_steps)
+        )
         self.evaluator = evaluation.Evaluator(self.model, self.tokenizer, config)
         self.summary_writer = tf.summary.create_file_writer(os.path.join(workdir, "summaries"))
         self.reporter = Reporter(config, self.optimizer, self.summary_writer, self.events)
