@@ -30,6 +30,7 @@ OPTIMIZERS = ("shampoo", "adam", "adagrad")
 DATA_SOURCES = ("wmt14", "text", "numbers")
 SCHEDULES = ("rsqrt", "constant")
 MIXED_PRECISION = ("", "mixed_float16", "mixed_bfloat16")
+DISTRIBUTIONS = ("none", "mirrored")
 
 # Fields that may differ between a workdir's config.json and the config that
 # resumes it: how long and how often, where the service is, how to evaluate and
@@ -96,6 +97,14 @@ def _train_fields() -> ml_collections.ConfigDict:
     # Steps run inside one tf.function call; host work (pushes, summaries,
     # checkpoints) happens between such inner loops.
     section.steps_per_loop = 100
+    # Data parallelism (trainer/distribution.py): "none" (one device) or "mirrored"
+    # (tf.distribute.MirroredStrategy over the local GPUs; on a CPU-only host over
+    # train.virtual_cpu_devices logical devices). data.tokens_per_batch is the
+    # global budget, split evenly over the replicas.
+    section.distribution = "none"
+    # Split the CPU into this many logical devices (0: do not), for "mirrored"
+    # on a host without GPUs: tests and correctness runs, not speed.
+    section.virtual_cpu_devices = 0
     # Micro-batches of data.tokens_per_batch whose gradients make one update
     # (gradient accumulation): the update is that of one batch k times as large.
     section.accumulate_steps = 1
@@ -381,6 +390,7 @@ def _validate_values(config: ml_collections.ConfigDict) -> None:
     _check_choice(config, "optimizer.shampoo.momentum_type", MOMENTUM_TYPES)
     _check_choice(config, "optimizer.shampoo.graft_scope", GRAFT_SCOPES)
     _check_choice(config, "precond.cadence", CADENCES)
+    _check_choice(config, "train.distribution", DISTRIBUTIONS)
     for field in ("train.device_cpus", "precond.host_cpus"):
         try:
             parse_cpus(_get(config, field))
@@ -419,6 +429,7 @@ def _validate_values(config: ml_collections.ConfigDict) -> None:
         "data.eval_bleu_examples",
         "train.max_consecutive_skipped_steps",
         "precond.delay_steps",
+        "train.virtual_cpu_devices",
     ):
         _check_min(config, field, 0)
     if config.precond.delay_timeout_s <= 0:
@@ -429,6 +440,11 @@ def _validate_values(config: ml_collections.ConfigDict) -> None:
 
 def _validate_model_and_data(config: ml_collections.ConfigDict) -> None:
     """Model, data and training fields that only make sense together."""
+    if config.train.distribution != "none" and config.train.mixed_precision == "mixed_float16":
+        raise ValueError(
+            "config.train.mixed_precision='mixed_float16' (loss scaling) is not supported with "
+            f"config.train.distribution={config.train.distribution!r}: use 'mixed_bfloat16'"
+        )
     if config.model.d_model % config.model.num_heads:
         raise ValueError(
             "config.model.d_model must be divisible by config.model.num_heads, got "

@@ -16,6 +16,7 @@ import ml_collections
 import tensorflow as tf
 
 from precond_service.process import parse_cpus
+from trainer.distribution import split_cpu
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +25,14 @@ def setup_process(config: ml_collections.ConfigDict) -> None:
     """Sets the process-wide TensorFlow state a run of `config` needs; call before `Trainer`.
 
     The CPUs of `train.device_cpus` (pinned first, while TensorFlow's thread
-    pools can still be sized), the random seed (initialisation, dropout,
+    pools can still be sized), the logical CPU devices of
+    `train.virtual_cpu_devices`, the random seed (initialisation, dropout,
     shuffling), op determinism when `train.deterministic`, and the
     mixed-precision global policy. (TensorFlow's
     C++ log level must be set before TensorFlow is imported: `__main__` does.)
     """
     pin_to_cpus(config.train.device_cpus)
+    split_cpu(config.train.virtual_cpu_devices)
     keras.utils.set_random_seed(config.seed)
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()

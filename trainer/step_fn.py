@@ -7,6 +7,7 @@ Nothing here touches the host: no NumPy, no service, no files. The controller
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Sequence
 
 import keras
@@ -65,11 +66,25 @@ def make_train_step(
             scaled = optimizer.scale_loss(loss) if scale_loss else loss
         return tape.gradient(scaled, variables), loss_sum, weight_sum
 
+    def apply(grads: list[tf.Tensor]) -> None:
+        optimizer.apply_gradients(zip(grads, variables))
+
+    def apply_on_every_replica(
+        strategy: tf.distribute.Strategy, grads: list, finite: tf.Tensor
+    ) -> None:
+        # The same on every replica: the gradients were all-reduced.
+        finite = strategy.experimental_local_results(finite)[0]
+        apply_if(finite, lambda: strategy.extended.call_for_each_replica(apply, args=(grads,)))
+
     def train_step(batches: Sequence[dict[str, tf.Tensor]]) -> dict[str, tf.Tensor]:
+        replica = tf.distribute.get_replica_context()
+        replicas = replica.num_replicas_in_sync
+        all_weights = tf.add_n([_target_tokens(batch) for batch in batches])
+        if replicas > 1:  # The loss is the mean over the tokens of every replica.
+            all_weights = replica.all_reduce(tf.distribute.ReduceOp.SUM, all_weights)
         if len(batches) == 1:
-            grads, loss_sum, weight_sum = gradients(batches[0], _target_tokens(batches[0]))
+            grads, loss_sum, weight_sum = gradients(batches[0], all_weights)
         else:
-            all_weights = tf.add_n([_target_tokens(batch) for batch in batches])
             parts = [gradients(batch, all_weights) for batch in batches]
             # Dense sums (an embedding's gradient is IndexedSlices per micro-batch).
             grads = [
@@ -78,6 +93,9 @@ def make_train_step(
             ]
             loss_sum = tf.add_n([p[1] for p in parts])
             weight_sum = tf.add_n([p[2] for p in parts])
+        if replicas > 1:
+            dense = [tf.convert_to_tensor(g) for g in grads]
+            grads = replica.all_reduce(tf.distribute.ReduceOp.SUM, dense)
         # With loss scaling the gradients stay scaled (the optimizer unscales
         # them); only the scalars of the norm and the clip are adjusted.
         scale = optimizer.dynamic_scale if scale_loss else 1.0
@@ -87,14 +105,18 @@ def make_train_step(
         finite = tf.math.is_finite(grad_norm)
         if clip_norm > 0:
             grads, _ = tf.clip_by_global_norm(grads, clip_norm * scale, use_norm=grad_norm * scale)
+        if replicas > 1:
+            # Keras all-reduces (sums) what it is given once more: each replica
+            # hands it 1/replicas of the sum (exact for a power of two).
+            grads = [g / replicas for g in grads]
         if scale_loss:
             optimizer.apply_gradients(zip(grads, variables))
+        elif replicas > 1:
+            # A cond may not hold Keras's own all-reduce in replica context: it
+            # goes in cross-replica context (as Keras's LossScaleOptimizer does).
+            replica.merge_call(apply_on_every_replica, args=(grads, finite))
         else:
-            tf.cond(
-                finite,
-                lambda: run_then_true(lambda: optimizer.apply_gradients(zip(grads, variables))),
-                lambda: tf.constant(False),
-            )
+            apply_if(finite, lambda: apply(grads))
         skip = 1 - tf.cast(finite, tf.int64)
         skipped.total.assign_add(skip)
         skipped.in_a_row.assign((skipped.in_a_row + 1) * skip)
@@ -113,6 +135,15 @@ def make_train_step(
     return train_step
 
 
+def apply_if(condition: tf.Tensor, fn: Callable[[], object]) -> None:
+    """Runs `fn` (ops with side effects only) where `condition` holds."""
+    tf.cond(condition, lambda: run_then_true(fn), lambda: tf.constant(False))
+
+
+def _group_of_replica(groups: list, context: tf.distribute.ValueContext) -> object:
+    return groups[context.replica_id_in_sync_group]
+
+
 def _target_tokens(batch: dict[str, tf.Tensor]) -> tf.Tensor:
     """The non-pad target tokens of a batch: `sequence_loss`'s weight_sum."""
     return tf.reduce_sum(tf.cast(batch["targets"] > 0, tf.float32))
@@ -122,20 +153,43 @@ def make_inner_loop(
     train_step: Callable[[Sequence[dict[str, tf.Tensor]]], dict[str, tf.Tensor]],
     jit_compile: bool,
     accumulate_steps: int = 1,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> InnerLoop:
     """`loop(iterator, n)`: `n` updates in one tf.function call; returns the `LOOP_SUMS`.
 
-    Each update takes `accumulate_steps` batches from the iterator. (With
-    `jit_compile`, XLA compiles the step once per combination of their padded shapes.)
+    Each update takes `accumulate_steps` batches from the iterator for each
+    replica of `strategy`, in turn. (With `jit_compile`, XLA compiles the step
+    once per combination of their padded shapes.)
     """
-    step_fn = tf.function(train_step, jit_compile=jit_compile)
+    strategy = strategy or tf.distribute.get_strategy()
+    replicas = strategy.num_replicas_in_sync
+    # With replicas the step is traced into the loop: a nested tf.function may
+    # not hold the all-reduce (and XLA is not used).
+    step_fn = tf.function(train_step, jit_compile=jit_compile) if replicas == 1 else train_step
+    # Loss, tokens and weights are per replica: summed; the rest is the same everywhere.
+    reductions = {name: tf.distribute.ReduceOp.MEAN for name in LOOP_SUMS} | {
+        name: tf.distribute.ReduceOp.SUM for name in ("loss_sum", "weight_sum", "tokens")
+    }
 
     @tf.function
     def loop(iterator: Iterator, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
         totals = {name: tf.constant(0.0) for name in LOOP_SUMS}
         for _ in tf.range(num_steps):
-            values = step_fn(tuple(next(iterator) for _ in range(accumulate_steps)))
-            totals = {name: totals[name] + tf.cast(values[name], tf.float32) for name in totals}
+            if replicas == 1:
+                batches = tuple(next(iterator) for _ in range(accumulate_steps))
+            else:  # Replica r takes the r-th group of accumulate_steps batches.
+                groups = [
+                    tuple(next(iterator) for _ in range(accumulate_steps)) for _ in range(replicas)
+                ]
+                batches = strategy.experimental_distribute_values_from_function(
+                    functools.partial(_group_of_replica, groups)
+                )
+            values = strategy.run(step_fn, args=(batches,))
+            totals = {
+                name: totals[name]
+                + tf.cast(strategy.reduce(reductions[name], values[name], axis=None), tf.float32)
+                for name in totals
+            }
         return totals
 
     return loop

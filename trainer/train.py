@@ -30,7 +30,14 @@ import numpy as np
 import tensorflow as tf
 
 from precond_service.events import Event, EventLog
-from trainer import checkpoints, evaluation, process_setup, service_connection, step_fn
+from trainer import (
+    checkpoints,
+    distribution,
+    evaluation,
+    process_setup,
+    service_connection,
+    step_fn,
+)
 from trainer import config as config_lib
 from trainer.controller import Action, Controller, LoopMetrics
 from trainer.data import pipeline, sources
@@ -80,9 +87,11 @@ class Trainer:
         self.workdir = workdir
         os.makedirs(workdir, exist_ok=True)
         self.events = EventLog(os.path.join(workdir, EVENTS_FILE))
+        self.strategy = distribution.make_strategy(config)
         self._build_data()
-        self._build_model_and_optimizer()
-        self._build_checkpoint()
+        with self.strategy.scope():
+            self._build_model_and_optimizer()
+            self._build_checkpoint()
         self.restored_step = self._restore()
         checkpoints.write_config(config, workdir)
         train_step = step_fn.make_train_step(
@@ -93,7 +102,10 @@ class Trainer:
             clip_norm=float(config.optimizer.clip_norm),
         )
         self._loop_fn = step_fn.make_inner_loop(
-            train_step, bool(config.train.jit_compile), int(config.train.accumulate_steps)
+            train_step,
+            bool(config.train.jit_compile),
+            int(config.train.accumulate_steps),
+            self.strategy,
         )
         self.evaluator = evaluation.Evaluator(self.model, self.tokenizer, config)
         self.summary_writer = tf.summary.create_file_writer(os.path.join(workdir, "summaries"))
@@ -117,11 +129,14 @@ class Trainer:
             max_sentences=config.data.vocab_train_sentences,
             seed=config.seed,
         )
+        # One pipeline (its iterator is checkpointed) of batches of a replica's share
+        # of the token budget; each update gives each replica the next ones.
+        replicas = self.strategy.num_replicas_in_sync
         train_ds = pipeline.train_dataset(
             train_pairs,
             self.tokenizer,
             max_length=config.data.max_length,
-            tokens_per_batch=config.data.tokens_per_batch,
+            tokens_per_batch=distribution.replica_batch_tokens(config, replicas),
             shuffle_buffer=config.data.shuffle_buffer,
             seed=config.seed,
         )
@@ -144,9 +159,13 @@ class Trainer:
         # Batches trained on. The optimizer's own `iterations` lags behind it when
         # a step with non-finite gradients is skipped.
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-        self.skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped")
+        # Updated inside the step, the same on every replica: the first one writes.
+        first = tf.VariableAggregation.ONLY_FIRST_REPLICA
+        self.skipped_steps = tf.Variable(
+            0, dtype=tf.int64, trainable=False, name="skipped", aggregation=first
+        )
         self.consecutive_skipped = tf.Variable(
-            0, dtype=tf.int64, trainable=False, name="consecutive_skipped"
+            0, dtype=tf.int64, trainable=False, name="consecutive_skipped", aggregation=first
         )
         # Dropout's random-number state is not among the model's weights; without it
         # a resumed run would draw the dropout masks of its first steps again.
