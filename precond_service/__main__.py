@@ -56,6 +56,11 @@ _CONFIG_FLAGS = {
     "max_run_id_length": "most characters of a run_id",
     "threads_per_worker": "BLAS threads in each worker",
     "job_timeout_s": "fail a root taking longer and replace its worker; 0: no limit",
+    "max_streams": "most pushes and pulls open at once (health, status, DropRun not counted)",
+    "max_streams_per_peer": "most pushes and pulls open at once on one connection",
+    "stream_idle_timeout_s": "close a push whose next message does not arrive, or a pull "
+    "whose next message is not taken, within this",
+    "stream_timeout_s": "close a push or pull open longer than this",
 }
 
 

@@ -81,6 +81,7 @@ class _Totals:
     failed: int = 0
     computed: int = 0
     compute_seconds: float = 0.0
+    auth_rejected: int = 0
 
 
 class RootService:
@@ -105,6 +106,7 @@ class RootService:
         self._runs: dict[str, RunStatus] = {}
         self._rejections_to_log = _Throttle(_LOG_INTERVAL_S)
         self._failures_to_log = _Throttle(_LOG_INTERVAL_S)
+        self._auth_rejections_to_log = _Throttle(_LOG_INTERVAL_S)
         self._scheduler = Scheduler(
             config.max_blocks,
             max_blocks_per_run=config.max_blocks_per_run,
@@ -215,6 +217,25 @@ class RootService:
             )
         return accepted, rejections
 
+    def note_auth_rejected(self, method: str, peer: str) -> None:
+        """Counts an RPC refused for its token; logs at most once per `_LOG_INTERVAL_S`.
+
+        Args:
+            method: The RPC's full method name.
+            peer: The client's address as gRPC names it; the token is never logged.
+        """
+        with self._lock:
+            self._totals.auth_rejected += 1
+        count = self._auth_rejections_to_log.add()
+        if count:
+            logger.warning(
+                "refused %d RPC(s) with a missing or wrong token since the last report; "
+                "latest: %s from %s",
+                count,
+                method[:_LOGGED_CHARACTERS],
+                peer[:_LOGGED_CHARACTERS],
+            )
+
     def preconditioners(self, run_id: str, known_steps: Mapping[str, int]) -> list[PublishedRoot]:
         """Returns the published roots of a run newer than the client holds.
 
@@ -310,6 +331,7 @@ class RootService:
             mean_compute_seconds=(
                 totals.compute_seconds / totals.computed if totals.computed else 0.0
             ),
+            auth_rejected=totals.auth_rejected,
         )
 
     def _count(

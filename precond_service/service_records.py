@@ -36,6 +36,13 @@ class ServiceConfig:
         threads_per_worker: BLAS threads in each worker.
         job_timeout_s: A root taking longer is failed and its worker replaced; 0
             means no limit.
+        max_streams: Most streaming RPCs (pushes and pulls) open at once; unary
+            RPCs (health, GetStatus, DropRun) are never counted.
+        max_streams_per_peer: Most streaming RPCs open at once on one connection.
+        stream_idle_timeout_s: A stream whose next message does not arrive (push)
+            or is not taken (pull) within this is closed with DEADLINE_EXCEEDED.
+        stream_timeout_s: A stream open longer than this is closed with
+            DEADLINE_EXCEEDED.
     """
 
     workers: int = 1
@@ -53,6 +60,11 @@ class ServiceConfig:
     max_run_id_length: int = 4096
     threads_per_worker: int = 1
     job_timeout_s: float = 0.0
+    max_streams: int = 256
+    # A trainer holds 2 at once (a push and a pull).
+    max_streams_per_peer: int = 16
+    stream_idle_timeout_s: float = 60.0
+    stream_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -69,7 +81,13 @@ class ServiceConfig:
             raise ValueError(f"max_matrix_size must be >= 1, got {self.max_matrix_size}")
         if self.max_blocks < 1:
             raise ValueError(f"max_blocks must be >= 1, got {self.max_blocks}")
-        for name in ("max_blocks_per_run", "max_runs", "max_run_id_length"):
+        for name in (
+            "max_blocks_per_run",
+            "max_runs",
+            "max_run_id_length",
+            "max_streams",
+            "max_streams_per_peer",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} (--{name}) must be >= 1, got {getattr(self, name)}")
         if self.max_blocks_per_request < self.max_blocks_per_run:
@@ -82,6 +100,9 @@ class ServiceConfig:
             raise ValueError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
         if not self.job_timeout_s >= 0:
             raise ValueError(f"job_timeout_s must be >= 0 (0: no limit), got {self.job_timeout_s}")
+        for name in ("stream_idle_timeout_s", "stream_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} (--{name}) must be > 0, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass
@@ -126,3 +147,7 @@ class ServiceStatus:
     runs: list[RunStatus]
     worker_pids: list[int]
     mean_compute_seconds: float
+    auth_rejected: int = 0
+    streams_open: int = 0
+    streams_refused: int = 0
+    streams_timed_out: int = 0

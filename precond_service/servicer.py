@@ -1,4 +1,9 @@
-"""The precond.v1 RPC handlers: a thin servicer over `RootService`, registered from the .proto.
+"""The precond.v1 RPC handlers: a thin asyncio servicer over `RootService`, from the .proto.
+
+Handlers run on the server's event loop (`server.py`); the service's own work
+(validating and queueing statistics, encoding roots, status, dropping a run) runs
+in a thread pool, so the loop stays free to answer other clients. Streams are
+admitted and timed by `stream_limits.StreamLimits`.
 
 Hostile or broken requests fail alone and leave the service serving: bytes that do
 not parse, or a bad run_id or known_steps, fail the RPC with INVALID_ARGUMENT; a
@@ -9,11 +14,11 @@ block is rejected alone, with its reason, in the push's reply.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import dataclasses
-import queue
-import threading
-from collections.abc import Callable, Iterator
+import functools
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent import futures
 from typing import TypeVar
 
 import grpc
@@ -23,25 +28,42 @@ from google.protobuf.message import Message
 from precond_service import wire
 from precond_service.service import RootService
 from precond_service.store import PublishedRoot
+from precond_service.stream_limits import StreamLimits, StreamRefusedError
 from protos import precond_service_pb2 as pb
-from protos import precond_service_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 
+# Threads doing the service's work for pushes and pulls (validation, encoding).
+_DATA_THREADS = 4
 
-class PreconditionerServicer(pb_grpc.PreconditionerServiceServicer):
-    """Translates precond.v1 RPCs to calls on a RootService."""
+# Threads for GetStatus and DropRun, apart so that they never wait behind pushes.
+_CONTROL_THREADS = 2
 
-    def __init__(self, service: RootService) -> None:
+
+class PreconditionerServicer:
+    """Translates precond.v1 RPCs to calls on a RootService (async handlers)."""
+
+    def __init__(self, service: RootService, limits: StreamLimits) -> None:
         """Wraps a service.
 
         Args:
             service: The service that does the work.
+            limits: What streams are admitted, and for how long.
         """
         self._service = service
+        self._limits = limits
+        self._data = futures.ThreadPoolExecutor(_DATA_THREADS, thread_name_prefix="precond-data")
+        self._control = futures.ThreadPoolExecutor(
+            _CONTROL_THREADS, thread_name_prefix="precond-control"
+        )
 
-    def PushStatistics(  # noqa: N802  (gRPC's method name)
-        self, request_iterator: Iterator[pb.PushStatisticsRequest], context: grpc.ServicerContext
+    def close(self) -> None:
+        """Stops the thread pools (after the server has stopped)."""
+        self._data.shutdown(wait=False, cancel_futures=True)
+        self._control.shutdown(wait=False, cancel_futures=True)
+
+    async def PushStatistics(  # noqa: N802  (gRPC's method name)
+        self, request_iterator: AsyncIterator[Message | _Refused], context: grpc.aio.ServicerContext
     ) -> pb.PushStatisticsReply:
         """Validates and queues every block of every message of the stream.
 
@@ -51,113 +73,80 @@ class PreconditionerServicer(pb_grpc.PreconditionerServiceServicer):
         reply = pb.PushStatisticsReply(incarnation=self._service.incarnation)
         limit = self._service.config.max_blocks_per_request
         blocks = 0
-        for request in _read_ahead(request_iterator):
-            blocks += len(request.blocks)
-            if blocks > limit:
-                context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"this push carries more than max_blocks_per_request={limit} blocks; send "
-                    "each key at most once per push",
+        with self._limits.admit(context.peer()) as deadline:
+            async for message in deadline.messages(request_iterator):
+                request = _checked(message)
+                blocks += len(request.blocks)
+                if blocks > limit:
+                    raise StreamRefusedError(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"this push carries more than max_blocks_per_request={limit} blocks; "
+                        "send each key at most once per push",
+                    )
+                accepted, rejections = await _run(
+                    self._data, self._service.push, request.run_id, request.blocks
                 )
-            accepted, rejections = self._service.push(request.run_id, request.blocks)
-            reply.accepted += accepted
-            reply.rejected.extend(
-                pb.BlockError(key=r.key, step=r.step, reason=r.reason) for r in rejections
-            )
+                reply.accepted += accepted
+                reply.rejected.extend(
+                    pb.BlockError(key=r.key, step=r.step, reason=r.reason) for r in rejections
+                )
         return reply
 
-    def GetPreconditioners(  # noqa: N802
-        self, request: pb.GetPreconditionersRequest, context: grpc.ServicerContext
-    ) -> Iterator[bytes]:
+    async def GetPreconditioners(  # noqa: N802
+        self, request: Message | _Refused, context: grpc.aio.ServicerContext
+    ) -> None:
         """Streams the roots newer than the client holds, as published now.
 
-        Yields serialized GetPreconditionersReply messages, at least one, each with
-        the incarnation (see `wire.encode_preconditioner_replies`).
+        Writes serialized GetPreconditionersReply messages, at least one, each with
+        the incarnation (see `wire.encode_preconditioner_replies`); each must be
+        taken by the client within the stream's deadlines.
         """
-        with _errors_as_status(context):
-            roots = self._service.preconditioners(request.run_id, request.known_steps)
-        encoded = (wire.encode_preconditioner(_root_header(root), root.root) for root in roots)
-        yield from wire.encode_preconditioner_replies(self._service.incarnation, encoded)
+        request = _checked(request)
+        with self._limits.admit(context.peer()) as deadline:
+            roots = await _run(
+                self._data, self._service.preconditioners, request.run_id, request.known_steps
+            )
+            replies = _encode_replies(self._service.incarnation, roots)
+            while (reply := await _run(self._data, next, replies, None)) is not None:
+                await deadline.within(context.write(reply), "taking the next message")
 
-    def GetStatus(  # noqa: N802
-        self, request: pb.StatusRequest, context: grpc.ServicerContext
+    async def GetStatus(  # noqa: N802
+        self, request: Message | _Refused, context: grpc.aio.ServicerContext
     ) -> pb.ServiceStatus:
         """Returns the service's figures."""
-        with _errors_as_status(context):
-            status = dataclasses.asdict(self._service.status(request.run_id))
-        runs = [pb.RunStatus(**run) for run in status.pop("runs")]
-        return pb.ServiceStatus(runs=runs, **status)
+        request = _checked(request)
+        status = await _run(self._control, self._service.status, request.run_id)
+        status.streams_open = self._limits.open_streams
+        status.streams_refused = self._limits.refused
+        status.streams_timed_out = self._limits.timed_out
+        return status_message(status)
 
-    def DropRun(  # noqa: N802
-        self, request: pb.DropRunRequest, context: grpc.ServicerContext
+    async def DropRun(  # noqa: N802
+        self, request: Message | _Refused, context: grpc.aio.ServicerContext
     ) -> pb.DropRunReply:
         """Releases everything held for a run."""
-        with _errors_as_status(context):
-            released = self._service.drop_run(request.run_id)
+        request = _checked(request)
+        released = await _run(self._control, self._service.drop_run, request.run_id)
         return pb.DropRunReply(dropped=released > 0, blocks_released=released)
 
 
-@contextlib.contextmanager
-def _errors_as_status(context: grpc.ServicerContext) -> Iterator[None]:
-    """Turns a request the service refuses into an RPC status with its reason.
-
-    wire.RequestTooLargeError aborts with RESOURCE_EXHAUSTED, any other ValueError
-    with INVALID_ARGUMENT.
-    """
-    try:
-        yield
-    except wire.RequestTooLargeError as e:
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-    except ValueError as e:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+def status_message(status: object) -> pb.ServiceStatus:
+    """The ServiceStatus message of a `service_records.ServiceStatus`."""
+    fields = dataclasses.asdict(status)
+    runs = [pb.RunStatus(**run) for run in fields.pop("runs")]
+    return pb.ServiceStatus(runs=runs, **fields)
 
 
-def _read_ahead(items: Iterator[T], depth: int = 1) -> Iterator[T]:
-    """Yields from `items`, taking the next ones in a helper thread meanwhile.
+def _encode_replies(incarnation: str, roots: list[PublishedRoot]) -> Iterator[bytes]:
+    """The reply messages of a pull, encoded one at a time as they are asked for."""
+    encoded = (wire.encode_preconditioner(_root_header(root), root.root) for root in roots)
+    return wire.encode_preconditioner_replies(incarnation, encoded)
 
-    gRPC receives a stream's next message only when the handler asks for it; reading
-    ahead overlaps receiving a large statistic with validating the previous one.
 
-    Args:
-        items: The iterator (a request stream).
-        depth: Items taken ahead at most.
-
-    Yields:
-        The items, in order; an exception raised by `items` is raised here.
-    """
-    taken: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    end = object()
-
-    def put(entry: tuple[object, BaseException | None]) -> bool:
-        while not stop.is_set():
-            try:
-                taken.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def read() -> None:
-        try:
-            for item in items:
-                if not put((item, None)):
-                    return
-            put((end, None))
-        except BaseException as e:  # Raised again in the handler thread.
-            put((end, e))
-
-    threading.Thread(target=read, name="precond-read-ahead", daemon=True).start()
-    try:
-        while True:
-            item, error = taken.get()
-            if item is end:
-                if error is not None:
-                    raise error
-                return
-            yield item
-    finally:
-        stop.set()
+async def _run(executor: futures.Executor, function: Callable[..., T], *args: object) -> T:
+    """Runs `function(*args)` in a thread of `executor`; returns its result."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(executor, functools.partial(function, *args))
 
 
 class _Refused:
@@ -189,9 +178,10 @@ def _lenient_parser(
     return parse
 
 
-def _checked(request: Message | _Refused, context: grpc.ServicerContext) -> Message:
+def _checked(request: Message | _Refused) -> Message:
+    """The request, or StreamRefusedError with the status of bytes that were refused."""
     if isinstance(request, _Refused):
-        context.abort(request.code, request.message)
+        raise StreamRefusedError(request.code, request.message)
     return request
 
 
@@ -227,7 +217,9 @@ _HANDLER_KINDS = {
 }
 
 
-def add_servicer(servicer: PreconditionerServicer, server: grpc.Server, max_entries: int) -> None:
+def add_servicer(
+    servicer: PreconditionerServicer, server: grpc.aio.Server, max_entries: int
+) -> None:
     """Registers the servicer like the generated `add_..._to_server`, parsing leniently.
 
     Methods, message types and call kinds come from the .proto's service descriptor.
@@ -243,7 +235,7 @@ def add_servicer(servicer: PreconditionerServicer, server: grpc.Server, max_entr
         streaming = (method.client_streaming, method.server_streaming)
         entries = max_entries if _has_repeated_field(method.input_type) else 0
         handlers[method.name] = _HANDLER_KINDS[streaming](
-            _checking(getattr(servicer, method.name), request_streaming=streaming[0]),
+            _with_status(getattr(servicer, method.name)),
             request_deserializer=_lenient_parser(getattr(pb, method.input_type.name), entries),
             response_serializer=_serializer(getattr(pb, method.output_type.name)),
         )
@@ -252,19 +244,23 @@ def add_servicer(servicer: PreconditionerServicer, server: grpc.Server, max_entr
     )
 
 
-def _checking(method: Callable, *, request_streaming: bool) -> Callable:
-    """Wraps a servicer method so that a refused request aborts the RPC with its status."""
-    if request_streaming:
+def _with_status(method: Callable) -> Callable:
+    """Wraps an async servicer method so that what it refuses ends the RPC with a status.
 
-        def handle_stream(
-            requests: Iterator[Message | _Refused], context: grpc.ServicerContext
-        ) -> object:
-            return method((_checked(r, context) for r in requests), context)
+    StreamRefusedError ends it with its own code, wire.RequestTooLargeError with
+    RESOURCE_EXHAUSTED, any other ValueError with INVALID_ARGUMENT.
+    """
 
-        return handle_stream
-
-    def handle(request: Message | _Refused, context: grpc.ServicerContext) -> object:
-        return method(_checked(request, context), context)
+    @functools.wraps(method)
+    async def handle(request: object, context: grpc.aio.ServicerContext) -> object:
+        try:
+            return await method(request, context)
+        except StreamRefusedError as e:
+            await context.abort(e.code, e.message)
+        except wire.RequestTooLargeError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     return handle
 
