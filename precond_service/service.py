@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from precond_service import validation
 from precond_service.auth import run_digest
+from precond_service.blocks import RootFailure
 from precond_service.events import Event, EventLog
 from precond_service.pool import JobResult, WorkerPool
 from precond_service.scheduler import Job, Outcome, Scheduler
@@ -236,16 +237,19 @@ class RootService:
                 peer[:_LOGGED_CHARACTERS],
             )
 
-    def preconditioners(self, run_id: str, known_steps: Mapping[str, int]) -> list[PublishedRoot]:
-        """Returns the published roots of a run newer than the client holds.
+    def preconditioners(
+        self, run_id: str, known_steps: Mapping[str, int]
+    ) -> tuple[list[PublishedRoot], list[RootFailure]]:
+        """Returns the published roots, and failed ones, of a run newer than the client holds.
 
         Args:
             run_id: The run.
             known_steps: key -> stats_step the client holds.
 
         Returns:
-            Roots with a larger stats_step than `known_steps` says (all for keys it
-            does not list).
+            (roots, failures): roots with a larger stats_step than `known_steps`
+            says (all for keys it does not list), and the failures of roots newer
+            than those, each for a key with no root at or after its step.
 
         Raises:
             wire.RequestTooLargeError: If known_steps has more than
@@ -254,7 +258,10 @@ class RootService:
         """
         validation.check_run_id(run_id, max_length=self.config.max_run_id_length)
         validation.check_known_steps(known_steps, max_entries=self.config.max_blocks_per_request)
-        return self._store.newer_than(run_id, known_steps)
+        return (
+            self._store.newer_than(run_id, known_steps),
+            self._store.failures_newer_than(run_id, known_steps),
+        )
 
     def drop_run(self, run_id: str) -> int:
         """Releases everything held for a run; roots being computed for it are dropped.
@@ -382,6 +389,9 @@ class RootService:
                         published_unix_time=time.time(),
                     ),
                 )
+            else:
+                reason = outcome.reason[:_LOGGED_CHARACTERS]
+                self._store.fail(job.run_id, RootFailure(job.key, job.step, reason))
             for counters in (self._totals, run):
                 if counters is not None:
                     counters.published += int(outcome.ok)

@@ -26,6 +26,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from precond_service import wire
+from precond_service.blocks import RootFailure
 from precond_service.service import RootService
 from precond_service.store import PublishedRoot
 from precond_service.stream_limits import StreamLimits, StreamRefusedError
@@ -103,10 +104,10 @@ class PreconditionerServicer:
         """
         request = _checked(request)
         with self._limits.admit(context.peer()) as deadline:
-            roots = await _run(
+            roots, failures = await _run(
                 self._data, self._service.preconditioners, request.run_id, request.known_steps
             )
-            replies = _encode_replies(self._service.incarnation, roots)
+            replies = _encode_replies(self._service.incarnation, roots, failures)
             while (reply := await _run(self._data, next, replies, None)) is not None:
                 await deadline.within(context.write(reply), "taking the next message")
 
@@ -137,10 +138,18 @@ def status_message(status: object) -> pb.ServiceStatus:
     return pb.ServiceStatus(runs=runs, **fields)
 
 
-def _encode_replies(incarnation: str, roots: list[PublishedRoot]) -> Iterator[bytes]:
+def _encode_replies(
+    incarnation: str, roots: list[PublishedRoot], failures: list[RootFailure]
+) -> Iterator[bytes]:
     """The reply messages of a pull, encoded one at a time as they are asked for."""
     encoded = (wire.encode_preconditioner(_root_header(root), root.root) for root in roots)
-    return wire.encode_preconditioner_replies(incarnation, encoded)
+    return wire.encode_preconditioner_replies(
+        incarnation,
+        encoded,
+        failures=[
+            pb.BlockFailure(key=f.key, stats_step=f.stats_step, reason=f.reason) for f in failures
+        ],
+    )
 
 
 async def _run(executor: futures.Executor, function: Callable[..., T], *args: object) -> T:
