@@ -61,6 +61,7 @@ _CONFIG_FLAGS = {
     "stream_idle_timeout_s": "close a push whose next message does not arrive, or a pull "
     "whose next message is not taken, within this",
     "stream_timeout_s": "close a push or pull open longer than this",
+    "run_ttl_s": "drop a run with no push or pull for this long",
 }
 
 

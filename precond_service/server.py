@@ -158,7 +158,7 @@ async def _build_server(
     )
     interceptors = [_TokenInterceptor(token, service.note_auth_rejected)] if token else []
     server = grpc.aio.server(interceptors=interceptors, options=_server_options(config))
-    servicer = PreconditionerServicer(service, limits)
+    servicer = PreconditionerServicer(service, limits, has_token=bool(token))
     add_servicer(servicer, server, config.max_blocks_per_request)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -1,4 +1,4 @@
-"""The service's configuration, and the figures it reports (`GetStatus`).
+"""The service's configuration, and the figures it reports (`GetStatus`, rejections).
 
 `ServiceConfig` is the one place its values are checked; the `python -m
 precond_service` flags of the same names fill it. `RunStatus` and `ServiceStatus`
@@ -43,6 +43,8 @@ class ServiceConfig:
             or is not taken (pull) within this is closed with DEADLINE_EXCEEDED.
         stream_timeout_s: A stream open longer than this is closed with
             DEADLINE_EXCEEDED.
+        run_ttl_s: A run with no push or pull for this long is dropped (as by
+            DropRun), so that runs whose trainers are gone do not hold the caps.
     """
 
     workers: int = 1
@@ -65,6 +67,7 @@ class ServiceConfig:
     max_streams_per_peer: int = 16
     stream_idle_timeout_s: float = 60.0
     stream_timeout_s: float = 600.0
+    run_ttl_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -100,7 +103,7 @@ class ServiceConfig:
             raise ValueError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
         if not self.job_timeout_s >= 0:
             raise ValueError(f"job_timeout_s must be >= 0 (0: no limit), got {self.job_timeout_s}")
-        for name in ("stream_idle_timeout_s", "stream_timeout_s"):
+        for name in ("stream_idle_timeout_s", "stream_timeout_s", "run_ttl_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} (--{name}) must be > 0, got {getattr(self, name)}")
 
@@ -151,3 +154,27 @@ class ServiceStatus:
     streams_open: int = 0
     streams_refused: int = 0
     streams_timed_out: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejection:
+    """A block that was not accepted, and why."""
+
+    key: str
+    step: int
+    reason: str
+
+
+@dataclasses.dataclass
+class Totals:
+    """The service's running totals (see `ServiceStatus`)."""
+
+    received: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    coalesced: int = 0
+    published: int = 0
+    failed: int = 0
+    computed: int = 0
+    compute_seconds: float = 0.0
+    auth_rejected: int = 0

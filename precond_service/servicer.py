@@ -44,15 +44,17 @@ _CONTROL_THREADS = 2
 class PreconditionerServicer:
     """Translates precond.v1 RPCs to calls on a RootService (async handlers)."""
 
-    def __init__(self, service: RootService, limits: StreamLimits) -> None:
+    def __init__(self, service: RootService, limits: StreamLimits, *, has_token: bool) -> None:
         """Wraps a service.
 
         Args:
             service: The service that does the work.
             limits: What streams are admitted, and for how long.
+            has_token: Whether RPCs need a token (then DropRun accepts a run_digest).
         """
         self._service = service
         self._limits = limits
+        self._has_token = has_token
         self._data = futures.ThreadPoolExecutor(_DATA_THREADS, thread_name_prefix="precond-data")
         self._control = futures.ThreadPoolExecutor(
             _CONTROL_THREADS, thread_name_prefix="precond-control"
@@ -127,7 +129,20 @@ class PreconditionerServicer:
     ) -> pb.DropRunReply:
         """Releases everything held for a run."""
         request = _checked(request)
-        released = await _run(self._control, self._service.drop_run, request.run_id)
+        if not request.run_digest:
+            released = await _run(self._control, self._service.drop_run, request.run_id)
+        elif request.run_id:
+            raise ValueError("DropRun takes a run_id or a run_digest, not both")
+        elif not self._has_token:
+            raise StreamRefusedError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "DropRun by run_digest needs a service started with a token (--token_file), "
+                "so that only its holders can drop other clients' runs; drop by run_id instead",
+            )
+        else:
+            released = await _run(
+                self._control, self._service.drop_run_by_digest, request.run_digest
+            )
         return pb.DropRunReply(dropped=released > 0, blocks_released=released)
 
 
