@@ -206,8 +206,11 @@ class Scheduler:
         """
         with self._lock:
             run = self._runs.pop(run_id, {})
-            for key in run:
+            for key, state in run.items():
                 self._pending.pop((run_id, key), None)
+                # A pending job and its state refer to each other: break the cycle so
+                # that its statistic is freed now, not when the cyclic collector runs.
+                state.pending = None
             self._block_count -= len(run)
             return len(run)
 
