@@ -62,6 +62,8 @@ _CONFIG_FLAGS = {
     "whose next message is not taken, within this",
     "stream_timeout_s": "close a push or pull open longer than this",
     "run_ttl_s": "drop a run with no push or pull for this long",
+    "memory_budget_mb": "most MiB held for clients (push messages being validated, pending and "
+    "computing statistics, published roots); a push beyond it gets RESOURCE_EXHAUSTED",
 }
 
 

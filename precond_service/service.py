@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from precond_service import validation
 from precond_service.auth import run_digest
 from precond_service.blocks import RootFailure
+from precond_service.budget import ByteBudget
 from precond_service.events import Event, EventLog
 from precond_service.pool import JobResult, WorkerPool
 from precond_service.scheduler import Job, Outcome, Scheduler
@@ -75,12 +76,14 @@ class RootService:
         self._rejections_to_log = Throttle(_LOG_INTERVAL_S)
         self._failures_to_log = Throttle(_LOG_INTERVAL_S)
         self._auth_rejections_to_log = Throttle(_LOG_INTERVAL_S)
+        self.budget = ByteBudget(config.memory_budget_mb << 20)
         self._scheduler = Scheduler(
             config.max_blocks,
             max_blocks_per_run=config.max_blocks_per_run,
             max_runs=config.max_runs,
+            budget=self.budget,
         )
-        self._store = VersionedStore()
+        self._store = VersionedStore(self.budget)
         self._pool = WorkerPool(
             config.workers,
             SolverOptions(
@@ -356,6 +359,9 @@ class RootService:
                 totals.compute_seconds / totals.computed if totals.computed else 0.0
             ),
             auth_rejected=totals.auth_rejected,
+            memory_held_bytes=self.budget.held_bytes,
+            memory_budget_bytes=self.budget.capacity_bytes,
+            memory_refused=self.budget.refused,
         )
 
     def _count(

@@ -45,6 +45,9 @@ class ServiceConfig:
             DEADLINE_EXCEEDED.
         run_ttl_s: A run with no push or pull for this long is dropped (as by
             DropRun), so that runs whose trainers are gone do not hold the caps.
+        memory_budget_mb: Most MiB the service holds for clients (push messages
+            being validated, statistics pending or being computed, published
+            roots); a push message beyond it is refused (`budget.ByteBudget`).
     """
 
     workers: int = 1
@@ -68,6 +71,7 @@ class ServiceConfig:
     stream_idle_timeout_s: float = 60.0
     stream_timeout_s: float = 600.0
     run_ttl_s: float = 3600.0
+    memory_budget_mb: int = 4096
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -90,6 +94,7 @@ class ServiceConfig:
             "max_run_id_length",
             "max_streams",
             "max_streams_per_peer",
+            "memory_budget_mb",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} (--{name}) must be >= 1, got {getattr(self, name)}")
@@ -154,6 +159,9 @@ class ServiceStatus:
     streams_open: int = 0
     streams_refused: int = 0
     streams_timed_out: int = 0
+    memory_held_bytes: int = 0
+    memory_budget_bytes: int = 0
+    memory_refused: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,7 @@ from google.protobuf.message import Message
 
 from precond_service import wire
 from precond_service.blocks import RootFailure
+from precond_service.budget import BudgetExceededError
 from precond_service.service import RootService
 from precond_service.store import PublishedRoot
 from precond_service.stream_limits import StreamLimits, StreamRefusedError
@@ -86,14 +87,24 @@ class PreconditionerServicer:
                         f"this push carries more than max_blocks_per_request={limit} blocks; "
                         "send each key at most once per push",
                     )
-                accepted, rejections = await _run(
-                    self._data, self._service.push, request.run_id, request.blocks
-                )
+                accepted, rejections = await self._push(request)
                 reply.accepted += accepted
                 reply.rejected.extend(
                     pb.BlockError(key=r.key, step=r.step, reason=r.reason) for r in rejections
                 )
         return reply
+
+    async def _push(self, request: pb.PushStatisticsRequest) -> tuple[int, list]:
+        """Pushes one message's blocks, its bytes held in the budget meanwhile."""
+        nbytes = request.ByteSize()
+        try:
+            self._service.budget.reserve(nbytes, "this push message")
+        except BudgetExceededError as e:
+            raise StreamRefusedError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        try:
+            return await _run(self._data, self._service.push, request.run_id, request.blocks)
+        finally:
+            self._service.budget.release(nbytes)
 
     async def GetPreconditioners(  # noqa: N802
         self, request: Message | _Refused, context: grpc.aio.ServicerContext
@@ -280,11 +291,15 @@ def _with_status(method: Callable) -> Callable:
         try:
             return await method(request, context)
         except StreamRefusedError as e:
-            await context.abort(e.code, e.message)
+            code, message = e.code, e.message
         except wire.RequestTooLargeError as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        # Outside the except clauses: the abort's exception does not chain (and keep
+        # alive) the refusal's traceback, whose frames may hold a large request.
+        del request
+        await context.abort(code, message)
 
     return handle
 

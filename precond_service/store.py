@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from precond_service.blocks import RootFailure
+from precond_service.budget import ByteBudget
 from precond_service.versions import is_newer
 
 
@@ -48,8 +49,13 @@ class PublishedRoot:
 class VersionedStore:
     """Thread-safe map (run_id, key) -> newest PublishedRoot."""
 
-    def __init__(self) -> None:
-        """Creates an empty store."""
+    def __init__(self, budget: ByteBudget | None = None) -> None:
+        """Creates an empty store.
+
+        Args:
+            budget: Charged with the roots held; None counts nothing.
+        """
+        self._budget = budget or ByteBudget(0)
         self._lock = threading.Lock()
         self._runs: dict[str, dict[str, PublishedRoot]] = {}
         self._failures: dict[str, dict[str, RootFailure]] = {}
@@ -70,6 +76,7 @@ class VersionedStore:
             if held is not None and not is_newer(root.stats_step, held.stats_step):
                 return False
             run[root.key] = root
+            self._budget.charge(root.root.nbytes - (0 if held is None else held.root.nbytes))
             failures = self._failures.get(run_id, {})
             failed = failures.get(root.key)
             if failed is not None and not is_newer(failed.stats_step, root.stats_step):
@@ -142,4 +149,6 @@ class VersionedStore:
         """
         with self._lock:
             self._failures.pop(run_id, None)
-            return len(self._runs.pop(run_id, {}))
+            run = self._runs.pop(run_id, {})
+            self._budget.release(sum(root.root.nbytes for root in run.values()))
+            return len(run)
