@@ -39,18 +39,42 @@ from precond_service.service import RootService
 from precond_service.service_records import ServiceConfig
 from precond_service.servicer import PreconditionerServicer, add_servicer
 from precond_service.stream_limits import StreamLimits
+from precond_service.throttle import Throttle
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Refused tokens are logged in one line per this many seconds at most, with a count.
+_LOG_INTERVAL_S = 10.0
+
+# Characters of a client-supplied method name or peer that go into a log line.
+_LOGGED_CHARACTERS = 200
+
 
 class _TokenInterceptor(grpc.aio.ServerInterceptor):
-    """Rejects RPCs without `authorization: Bearer <token>`, except health checks."""
+    """Rejects RPCs without `authorization: Bearer <token>`, except health checks.
 
-    def __init__(self, token: str, on_rejected: Callable[[str, str], None]) -> None:
+    Counts the refusals (`rejected`) and logs them at most once per `_LOG_INTERVAL_S`,
+    with the method and the peer, never the token given.
+    """
+
+    def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
-        self._on_rejected = on_rejected
+        self._to_log = Throttle(_LOG_INTERVAL_S)
+        self.rejected = 0
+
+    def _note_rejected(self, method: str, peer: str) -> None:
+        self.rejected += 1  # On the event loop's thread only.
+        count = self._to_log.add()
+        if count:
+            logger.warning(
+                "refused %d RPC(s) with a missing or wrong token since the last report; "
+                "latest: %s from %s",
+                count,
+                method[:_LOGGED_CHARACTERS],
+                peer[:_LOGGED_CHARACTERS],
+            )
 
     async def intercept_service(
         self,
@@ -72,7 +96,7 @@ class _TokenInterceptor(grpc.aio.ServerInterceptor):
         """Returns a handler of the same kind as `handler` that fails UNAUTHENTICATED."""
 
         async def abort(request_or_iterator: object, context: grpc.aio.ServicerContext) -> None:
-            self._on_rejected(method, context.peer())
+            self._note_rejected(method, context.peer())
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing or wrong token: send 'authorization: Bearer <token>'",
@@ -156,9 +180,13 @@ async def _build_server(
         idle_timeout_s=config.stream_idle_timeout_s,
         timeout_s=config.stream_timeout_s,
     )
-    interceptors = [_TokenInterceptor(token, service.note_auth_rejected)] if token else []
-    server = grpc.aio.server(interceptors=interceptors, options=_server_options(config))
-    servicer = PreconditionerServicer(service, limits, has_token=bool(token))
+    interceptor = _TokenInterceptor(token) if token else None
+    server = grpc.aio.server(
+        interceptors=[interceptor] if interceptor else [], options=_server_options(config)
+    )
+    servicer = PreconditionerServicer(
+        service, limits, auth_rejected=(lambda: interceptor.rejected) if interceptor else None
+    )
     add_servicer(servicer, server, config.max_blocks_per_request)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

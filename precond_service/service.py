@@ -2,14 +2,16 @@
 
 `RootService` ties together the scheduler (newest-only queue, stalest first), the
 worker pool (float64 roots in W processes) and the versioned store (newest root per
-key), and keeps the counters that `GetStatus` reports. The gRPC servicer in
-`server.py` only translates messages to and from calls on it, so everything here can
-be tested without a network.
+key), and keeps the counters that `GetStatus` reports. The gRPC servicer
+(`servicer.py`) only translates messages to and from calls on it, so everything here
+can be tested without a network.
 
-Memory is bounded whatever clients send: keys, runs and so roots and per-run figures
-by the `max_*` limits of `ServiceConfig`; rejections and failed roots are counted,
-never kept, and logged at most once per `_LOG_INTERVAL_S` each; runs are named in the
-status and the logs by `auth.run_digest`, never by run_id.
+Memory is bounded whatever clients send: bytes by the `budget.ByteBudget` of
+`--memory_budget_mb`, keys, runs and per-run figures by the `max_*` limits of
+`ServiceConfig`; runs idle for `--run_ttl_s` are dropped; rejections are counted,
+never kept, and failed roots kept per key only until a newer root (both logged at
+most once per `_LOG_INTERVAL_S`); runs are named in the status and the logs by
+`auth.run_digest`, never by run_id.
 """
 
 from __future__ import annotations
@@ -75,7 +77,6 @@ class RootService:
         self._stop_expiry = threading.Event()
         self._rejections_to_log = Throttle(_LOG_INTERVAL_S)
         self._failures_to_log = Throttle(_LOG_INTERVAL_S)
-        self._auth_rejections_to_log = Throttle(_LOG_INTERVAL_S)
         self.budget = ByteBudget(config.memory_budget_mb << 20)
         self._scheduler = Scheduler(
             config.max_blocks,
@@ -204,25 +205,6 @@ class RootService:
             )
         return accepted, rejections
 
-    def note_auth_rejected(self, method: str, peer: str) -> None:
-        """Counts an RPC refused for its token; logs at most once per `_LOG_INTERVAL_S`.
-
-        Args:
-            method: The RPC's full method name.
-            peer: The client's address as gRPC names it; the token is never logged.
-        """
-        with self._lock:
-            self._totals.auth_rejected += 1
-        count = self._auth_rejections_to_log.add()
-        if count:
-            logger.warning(
-                "refused %d RPC(s) with a missing or wrong token since the last report; "
-                "latest: %s from %s",
-                count,
-                method[:_LOGGED_CHARACTERS],
-                peer[:_LOGGED_CHARACTERS],
-            )
-
     def preconditioners(
         self, run_id: str, known_steps: Mapping[str, int]
     ) -> tuple[list[PublishedRoot], list[RootFailure]]:
@@ -279,11 +261,7 @@ class RootService:
         Raises:
             ValueError: If `digest` is not 12 lowercase hex digits.
         """
-        if len(digest) != 12 or digest.strip("0123456789abcdef"):
-            raise ValueError(
-                "run_digest must be the 12 lowercase hex digits GetStatus shows, "
-                f"got {digest[:40]!r}"
-            )
+        validation.check_run_digest(digest)
         with self._lock:
             matching = [run_id for run_id in self._runs if run_digest(run_id) == digest]
         return sum(self._drop(run_id, reason="operator") for run_id in matching)
@@ -358,7 +336,6 @@ class RootService:
             mean_compute_seconds=(
                 totals.compute_seconds / totals.computed if totals.computed else 0.0
             ),
-            auth_rejected=totals.auth_rejected,
             memory_held_bytes=self.budget.held_bytes,
             memory_budget_bytes=self.budget.capacity_bytes,
             memory_refused=self.budget.refused,

@@ -185,4 +185,3 @@ class Totals:
     failed: int = 0
     computed: int = 0
     compute_seconds: float = 0.0
-    auth_rejected: int = 0

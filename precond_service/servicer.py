@@ -45,17 +45,24 @@ _CONTROL_THREADS = 2
 class PreconditionerServicer:
     """Translates precond.v1 RPCs to calls on a RootService (async handlers)."""
 
-    def __init__(self, service: RootService, limits: StreamLimits, *, has_token: bool) -> None:
+    def __init__(
+        self,
+        service: RootService,
+        limits: StreamLimits,
+        *,
+        auth_rejected: Callable[[], int] | None,
+    ) -> None:
         """Wraps a service.
 
         Args:
             service: The service that does the work.
             limits: What streams are admitted, and for how long.
-            has_token: Whether RPCs need a token (then DropRun accepts a run_digest).
+            auth_rejected: With a token, how many RPCs were refused for it so far;
+                None without a token (then DropRun refuses a run_digest).
         """
         self._service = service
         self._limits = limits
-        self._has_token = has_token
+        self._auth_rejected = auth_rejected
         self._data = futures.ThreadPoolExecutor(_DATA_THREADS, thread_name_prefix="precond-data")
         self._control = futures.ThreadPoolExecutor(
             _CONTROL_THREADS, thread_name_prefix="precond-control"
@@ -133,6 +140,7 @@ class PreconditionerServicer:
         status.streams_open = self._limits.open_streams
         status.streams_refused = self._limits.refused
         status.streams_timed_out = self._limits.timed_out
+        status.auth_rejected = self._auth_rejected() if self._auth_rejected else 0
         return status_message(status)
 
     async def DropRun(  # noqa: N802
@@ -144,7 +152,7 @@ class PreconditionerServicer:
             released = await _run(self._control, self._service.drop_run, request.run_id)
         elif request.run_id:
             raise ValueError("DropRun takes a run_id or a run_digest, not both")
-        elif not self._has_token:
+        elif self._auth_rejected is None:
             raise StreamRefusedError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "DropRun by run_digest needs a service started with a token (--token_file), "
