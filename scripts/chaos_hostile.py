@@ -4,7 +4,7 @@
 
 Starts a `python -m precond_service` and a trainer (the small async-Shampoo job of
 `chaos.py`) that uses it, and while the trainer runs, hostile clients in this process
-(each its own connection) keep at the service:
+(in a process of their own, each its own connection) keep at the service:
 - idle pushes: streams that never send a message, opened again as they are closed;
 - unread pulls: pulls of a run with a large root whose replies are never read;
 - large pushes: 32 MiB statistics from several threads at once, against the budget;
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -31,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -63,8 +65,8 @@ def channel_to(address: str) -> grpc.Channel:
     )
 
 
-def tree_rss_bytes(pid: int) -> int:
-    """Resident memory of a process and all its descendants, from /proc."""
+def tree_rss_bytes(pid: int, descendants: bool = True) -> int:
+    """Resident memory of a process and (unless told not to) all its descendants, from /proc."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -74,12 +76,28 @@ def tree_rss_bytes(pid: int) -> int:
     total, todo = 0, [pid]
     while todo:
         current = todo.pop()
-        todo += children.get(current, [])
+        todo += children.get(current, []) if descendants else []
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{current}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) * 1024
     return total
+
+
+def hostile_process(
+    address: str, args: argparse.Namespace, stop: Any, results: Any, ready: Any
+) -> None:
+    """Runs the hostile clients in a process of their own until `stop` is set.
+
+    Apart from the sampler, so that their serialization work does not hold the GIL
+    of the process that measures health latencies.
+    """
+    hostiles = Hostiles(address, args)
+    hostiles.start()
+    ready.set()
+    stop.wait(args.timeout_s + 60)
+    hostiles.join()
+    results.put(hostiles.counts)
 
 
 class Hostiles:
@@ -205,6 +223,7 @@ class Sampler:
         self.latencies: list[float] = []
         self.failures: list[str] = []
         self.rss: list[int] = []
+        self.server_rss: list[int] = []
         self.stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
 
@@ -220,6 +239,7 @@ class Sampler:
             health = health_pb2_grpc.HealthStub(channel)
             while not self.stop.wait(self.period_s):
                 self.rss.append(tree_rss_bytes(self.pid))
+                self.server_rss.append(tree_rss_bytes(self.pid, descendants=False))
                 began = time.perf_counter()
                 try:
                     health.Check(health_pb2.HealthCheckRequest(), timeout=5)
@@ -262,8 +282,13 @@ def run(args: argparse.Namespace, root: Path) -> dict:
         rss_start = tree_rss_bytes(service.pid)
         sampler = Sampler(service.address, service.pid, args.sample_s)
         sampler.start()
-        hostiles = Hostiles(service.address, args)
+        context = multiprocessing.get_context("spawn")
+        stop, ready, results = context.Event(), context.Event(), context.Queue()
+        hostiles = context.Process(
+            target=hostile_process, args=(service.address, args, stop, results, ready)
+        )
         hostiles.start()
+        ready.wait(300)
         log(f"service {service.address}, hostile clients started; starting the trainer")
         workdir = root / "work"
         command = trainer_command(args, workdir, service.address, root / "spm.model")
@@ -276,7 +301,9 @@ def run(args: argparse.Namespace, root: Path) -> dict:
             except subprocess.TimeoutExpired:
                 trainer.kill()
                 returncode = trainer.wait()
-        hostiles.join()
+        stop.set()
+        counts = results.get(timeout=300)
+        hostiles.join(60)
         sampler.join()
         figures = service_figures(service.address)
         rss_end = tree_rss_bytes(service.pid)
@@ -296,6 +323,7 @@ def run(args: argparse.Namespace, root: Path) -> dict:
             "start": rss_start // MIB,
             "peak": max(sampler.rss, default=0) // MIB,
             "end": rss_end // MIB,
+            "peak_without_workers": max(sampler.server_rss, default=0) // MIB,
         },
         "memory_budget_mb": args.memory_budget_mb,
         "health_checks": len(latencies),
@@ -304,7 +332,7 @@ def run(args: argparse.Namespace, root: Path) -> dict:
             "median": round(statistics.median(latencies), 4) if latencies else None,
             "max": round(latencies[-1], 4) if latencies else None,
         },
-        "hostile": dict(sorted(hostiles.counts.items())),
+        "hostile": dict(sorted(counts.items())),
         "service": figures,
         "passed": finished == args.steps and not sampler.failures,
     }
