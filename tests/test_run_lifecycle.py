@@ -36,7 +36,9 @@ def run_digests(address: str, token: str | None = None) -> list[str]:
 
 
 def test_idle_runs_expire_and_active_ones_stay(start_service) -> None:
-    server = start_service(workers=1, run_ttl_s=0.5)
+    # Long enough that the active client's pulls (every 0.05 s) never leave such a gap,
+    # even on a loaded machine.
+    server = start_service(workers=1, run_ttl_s=3.0)
     push_one(server.address, "idle")
     with PreconditionerClient(server.address, "active", pull_interval_s=0.05) as client:
         client.push([StatisticsBlock("k", 1, 2, np.eye(3))])
