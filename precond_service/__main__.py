@@ -12,7 +12,8 @@ refused without TLS unless `--insecure` says that plaintext is meant.
 
 The `--max_*` flags bound what the service holds and what one request may cost; see
 `ServiceConfig`. With glibc, buffers of 4 MiB or more are returned to the system as
-soon as they are freed (`_release_large_buffers`).
+soon as they are freed (`_release_large_buffers`), and freed smaller ones every second
+(`_trim_freed_memory`).
 """
 
 from __future__ import annotations
@@ -186,6 +187,25 @@ def _release_large_buffers() -> None:
     mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
 
 
+# Seconds between returns of freed heap memory to the system (`_trim_freed_memory`).
+_TRIM_PERIOD_S = 1.0
+
+
+def _trim_freed_memory(stop: threading.Event) -> None:
+    """Returns freed heap pages to the system every `_TRIM_PERIOD_S` until `stop` is set.
+
+    gRPC receives a message in many small buffers, below the mmap threshold, so a
+    burst of large requests leaves their freed pages in glibc's arenas, resident
+    for good; `malloc_trim(0)` gives them back. Without glibc this does nothing.
+    """
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    while not stop.wait(_TRIM_PERIOD_S):
+        malloc_trim(0)
+
+
 def _write_port_file(path: str, port: int) -> None:
     """Writes the port atomically, so a reader never sees a partial file."""
     target = pathlib.Path(path)
@@ -241,7 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as e:
             logger.error("could not start: %s", e)
             return 1
-        _serve_until_stopped(running, stop, args)
+        trimmer_stop = threading.Event()
+        threading.Thread(
+            target=_trim_freed_memory, args=(trimmer_stop,), name="malloc-trim", daemon=True
+        ).start()
+        try:
+            _serve_until_stopped(running, stop, args)
+        finally:
+            trimmer_stop.set()
     return 0
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent import futures
 from typing import TypeVar
 
@@ -63,14 +63,17 @@ class PreconditionerServicer:
         self._service = service
         self._limits = limits
         self._auth_rejected = auth_rejected
-        self._data = futures.ThreadPoolExecutor(_DATA_THREADS, thread_name_prefix="precond-data")
+        # Parses requests, validates pushes, encodes pulls.
+        self.data_executor = futures.ThreadPoolExecutor(
+            _DATA_THREADS, thread_name_prefix="precond-data"
+        )
         self._control = futures.ThreadPoolExecutor(
             _CONTROL_THREADS, thread_name_prefix="precond-control"
         )
 
     def close(self) -> None:
         """Stops the thread pools (after the server has stopped)."""
-        self._data.shutdown(wait=False, cancel_futures=True)
+        self.data_executor.shutdown(wait=False, cancel_futures=True)
         self._control.shutdown(wait=False, cancel_futures=True)
 
     async def PushStatistics(  # noqa: N802  (gRPC's method name)
@@ -109,7 +112,9 @@ class PreconditionerServicer:
         except BudgetExceededError as e:
             raise StreamRefusedError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
         try:
-            return await _run(self._data, self._service.push, request.run_id, request.blocks)
+            return await _run(
+                self.data_executor, self._service.push, request.run_id, request.blocks
+            )
         finally:
             self._service.budget.release(nbytes)
 
@@ -125,10 +130,13 @@ class PreconditionerServicer:
         request = _checked(request)
         with self._limits.admit(context.peer()) as deadline:
             roots, failures = await _run(
-                self._data, self._service.preconditioners, request.run_id, request.known_steps
+                self.data_executor,
+                self._service.preconditioners,
+                request.run_id,
+                request.known_steps,
             )
             replies = _encode_replies(self._service.incarnation, roots, failures)
-            while (reply := await _run(self._data, next, replies, None)) is not None:
+            while (reply := await _run(self.data_executor, next, replies, None)) is not None:
                 await deadline.within(context.write(reply), "taking the next message")
 
     async def GetStatus(  # noqa: N802
@@ -277,9 +285,14 @@ def add_servicer(
     for method in wire.SERVICE.methods:
         streaming = (method.client_streaming, method.server_streaming)
         entries = max_entries if _has_repeated_field(method.input_type) else 0
+        parse = _lenient_parser(getattr(pb, method.input_type.name), entries)
         handlers[method.name] = _HANDLER_KINDS[streaming](
-            _with_status(getattr(servicer, method.name)),
-            request_deserializer=_lenient_parser(getattr(pb, method.input_type.name), entries),
+            _with_status(
+                getattr(servicer, method.name),
+                _parsing(parse, servicer.data_executor, request_streaming=streaming[0]),
+            ),
+            # Requests arrive as bytes and are parsed off the event loop (`_parsing`).
+            request_deserializer=None,
             response_serializer=_serializer(getattr(pb, method.output_type.name)),
         )
     server.add_generic_rpc_handlers(
@@ -287,9 +300,43 @@ def add_servicer(
     )
 
 
-def _with_status(method: Callable) -> Callable:
+def _parsing(
+    parse: Callable[[bytes], Message | _Refused],
+    executor: futures.Executor,
+    *,
+    request_streaming: bool,
+) -> Callable[[object], Awaitable[object]]:
+    """Returns what turns a call's request bytes (or stream of them) into parsed requests.
+
+    Parsing runs in `executor`, not on the event loop: a 100 MiB message takes a
+    while, and the loop must go on answering health checks and other clients.
+    """
+    if request_streaming:
+
+        async def parse_stream(requests: AsyncIterator[bytes]) -> object:
+            async def parsed() -> AsyncIterator[Message | _Refused]:
+                async for data in requests:
+                    message = await _run(executor, parse, data)
+                    # Not held while suspended: a refused stream's frames can stay
+                    # in a reference cycle (gRPC's abort) until the collector runs.
+                    del data
+                    yield message
+                    del message
+
+            return parsed()
+
+        return parse_stream
+
+    async def parse_one(data: bytes) -> object:
+        return await _run(executor, parse, data)
+
+    return parse_one
+
+
+def _with_status(method: Callable, parse: Callable[[object], Awaitable[object]]) -> Callable:
     """Wraps an async servicer method so that what it refuses ends the RPC with a status.
 
+    The request (bytes, or a stream of them) is parsed by `parse` first.
     StreamRefusedError ends it with its own code, wire.RequestTooLargeError with
     RESOURCE_EXHAUSTED, any other ValueError with INVALID_ARGUMENT.
     """
@@ -297,7 +344,7 @@ def _with_status(method: Callable) -> Callable:
     @functools.wraps(method)
     async def handle(request: object, context: grpc.aio.ServicerContext) -> object:
         try:
-            return await method(request, context)
+            return await method(await parse(request), context)
         except StreamRefusedError as e:
             code, message = e.code, e.message
         except wire.RequestTooLargeError as e:
