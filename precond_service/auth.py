@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import pathlib
+import string
 from collections.abc import Sequence
 
 import grpc
@@ -155,3 +157,27 @@ def open_channel(
     if tls is None:
         return grpc.insecure_channel(address, options=options)
     return grpc.secure_channel(address, tls.channel_credentials(), options=options)
+
+
+# Fewest bits of entropy a user-chosen run id must be able to hold (a trainer's
+# precond.run_id): its run id is the key to a run's preconditioners.
+MIN_RUN_ID_BITS = 128
+
+# Character sets, smallest first, by which a run id's entropy is bounded.
+_RUN_ID_ALPHABETS = (
+    string.digits,
+    string.digits + "abcdef",
+    string.digits + string.ascii_lowercase + "-_.",
+    string.digits + string.ascii_letters + "-_.",
+)
+
+
+def run_id_bits(run_id: str) -> float:
+    """An upper bound of a run id's entropy: its length times log2 of its alphabet's size.
+
+    The alphabet is the smallest of digits, hex digits, lowercase with digits and
+    "-_.", letters with digits and "-_.", or else all printable characters.
+    A bound only: a long but guessable id ("my-experiment-...") passes.
+    """
+    alphabet = next((a for a in _RUN_ID_ALPHABETS if set(run_id) <= set(a)), string.printable)
+    return len(run_id) * math.log2(len(alphabet))

@@ -1,8 +1,9 @@
-"""The two records that cross between the trainer and the preconditioner service.
+"""The records that cross between the trainer and the preconditioner service.
 
 `StatisticsBlock` goes out (one Kronecker-factor statistic of one block of one
-variable), `PreconditionerBlock` comes back (its inverse root). The optimizer, the
-client library and the server all speak these; the wire format is in `protos/`.
+variable), `PreconditionerBlock` comes back (its inverse root), or `RootFailure`
+(its root could not be computed). The optimizer, the client library and the server
+all speak these; the wire format is in `protos/`.
 """
 
 from __future__ import annotations
@@ -65,3 +66,18 @@ class PreconditionerBlock:
     iterations: int = 0
     method: str = ""
     compute_seconds: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RootFailure:
+    """A root the service failed to compute; the key's previous root (if any) stays.
+
+    Attributes:
+        key: The `StatisticsBlock.key`.
+        stats_step: The `StatisticsBlock.step` of the statistic whose root failed.
+        reason: What went wrong (the solver's error, a dead worker, a time limit).
+    """
+
+    key: str
+    stats_step: int
+    reason: str

@@ -81,6 +81,8 @@ class ClientStatus:
         last_error: The last RPC error, as text.
         permanent_error: Why the client stopped for good (the service refused it,
             see `PreconditionerClient.check`); None while it runs.
+        root_failures_seen: Roots the service reported it could not compute, each
+            (key, step) counted once (see `PreconditionerClient.failures`).
     """
 
     connected: bool
@@ -100,6 +102,7 @@ class ClientStatus:
     last_pull_latency_s: float | None
     last_error: str | None
     permanent_error: str | None = None
+    root_failures_seen: int = 0
 
 
 def wait_for_serving(address: str, timeout_s: float, tls: TlsConfig | None = None) -> bool:
@@ -296,6 +299,7 @@ class PreconditionerClient(PushThread, PullThread):
                 permanent_error=(
                     None if self._permanent_error is None else str(self._permanent_error)
                 ),
+                root_failures_seen=self._failures_seen,
             )
 
     def check(self) -> None:
@@ -342,6 +346,7 @@ class PreconditionerClient(PushThread, PullThread):
         with self._lock:
             self._generation += 1
             self._cache = {}
+            self._failures = {}
         return reply.blocks_released
 
     def close(self, timeout: float = 5.0) -> None:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import grpc
 
 from precond_service import wire
-from precond_service.blocks import PreconditionerBlock
+from precond_service.blocks import PreconditionerBlock, RootFailure
 from precond_service.client_core import ClientCore, keep_newest
+from precond_service.versions import is_newer
 from protos import precond_service_pb2 as pb
 from protos import precond_service_pb2_grpc as pb_grpc
+
+logger = logging.getLogger("precond_service.client")
 
 
 class PullThread(ClientCore):
@@ -27,6 +31,9 @@ class PullThread(ClientCore):
         self._pull_failures = 0
         self._received = 0
         self._pull_latency: float | None = None
+        # key -> the failure the service last reported for it (replaced each pull).
+        self._failures: dict[str, RootFailure] = {}
+        self._failures_seen = 0
 
     def _pull_loop(self, stub: pb_grpc.PreconditionerServiceStub) -> None:
         failures = 0
@@ -54,11 +61,15 @@ class PullThread(ClientCore):
         )
         self._track(call)
         received: list[PreconditionerBlock] = []
+        failures: dict[str, RootFailure] = {}
         incarnation = ""
         try:
             for reply in call:
                 incarnation = reply.incarnation or incarnation
                 received += [wire.message_to_preconditioner(root) for root in reply.roots]
+                failures.update(
+                    (f.key, RootFailure(f.key, f.stats_step, f.reason)) for f in reply.failures
+                )
         except grpc.RpcError as e:
             with self._lock:
                 self._pull_failures += 1
@@ -81,6 +92,8 @@ class PullThread(ClientCore):
                 updated = dict(self._cache)
                 keep_newest(updated, received)
                 self._cache = updated
+            if generation == self._generation:
+                self._note_failures(failures)
             self._connected = True
             self._pulls += 1
             self._received += len(received)
@@ -88,3 +101,35 @@ class PullThread(ClientCore):
         if incarnation:
             self._saw_incarnation(incarnation)
         return True
+
+    def _note_failures(self, failures: dict[str, RootFailure]) -> None:
+        """Keeps the failures the service reports now and counts new ones; holds the lock."""
+        new = [f for key, f in failures.items() if self._failures.get(key) != f]
+        self._failures_seen += len(new)
+        self._failures = failures
+        if new:
+            logger.warning(
+                "the service could not compute %d root(s), the previous ones stay; "
+                "latest: key %r step %d: %s",
+                len(new),
+                new[-1].key,
+                new[-1].stats_step,
+                new[-1].reason,
+            )
+
+    def failures(self) -> dict[str, RootFailure]:
+        """Returns the roots the service reported failed and the client holds no newer root of.
+
+        A failed root does not come unless a newer statistic of its key is pushed
+        (the previous root stays); see `ClientStatus.root_failures_seen` for the count.
+
+        Returns:
+            key -> RootFailure (a new dict).
+        """
+        with self._lock:
+            failures, cache = self._failures, self._cache
+        return {
+            key: failure
+            for key, failure in failures.items()
+            if key not in cache or is_newer(failure.stats_step, cache[key].stats_step)
+        }

@@ -40,7 +40,7 @@ class Event(enum.StrEnum):
     # The service itself.
     SERVICE_STARTED = "service_started"  # incarnation, address, workers
     WORKER_RESTARTED = "worker_restarted"  # pid, reason
-    RUN_DROPPED = "run_dropped"  # run_digest, blocks_released
+    RUN_DROPPED = "run_dropped"  # run_digest, blocks_released, reason: client/operator/expired
     DISPATCHER_FAILING = "dispatcher_failing"  # error, failures_in_a_row
     SERVICE_STOPPED = "service_stopped"
 

@@ -20,6 +20,7 @@ import threading
 
 import numpy as np
 
+from precond_service.budget import ByteBudget
 from precond_service.root_settings import RootSettings
 from precond_service.versions import is_newer, newest
 
@@ -88,6 +89,7 @@ class Scheduler:
         *,
         max_blocks_per_run: int | None = None,
         max_runs: int | None = None,
+        budget: ByteBudget | None = None,
     ) -> None:
         """Creates an empty scheduler.
 
@@ -97,6 +99,8 @@ class Scheduler:
             max_blocks_per_run: Most keys held for one run; None: max_blocks.
             max_runs: Most runs held; a statistic for a new run beyond that is
                 rejected. None: no limit besides max_blocks.
+            budget: Charged with the statistics held, pending or being computed,
+                until they are replaced, finished or dropped; None counts nothing.
 
         The limits are those of a `ServiceConfig`, which checks them (each >= 1).
         """
@@ -109,6 +113,7 @@ class Scheduler:
         self._block_count = 0
         self._pending: dict[tuple[str, str], _BlockState] = {}
         self._sequence = itertools.count()
+        self._budget = budget or ByteBudget(0)
 
     def submit(self, job: Job) -> Outcome:
         """Queues a statistic unless it is stale.
@@ -144,6 +149,9 @@ class Scheduler:
                     f"{self._describe(state, held)} for this key"
                 )
             outcome = Outcome.QUEUED if state.pending is None else Outcome.COALESCED
+            if state.pending is not None:
+                self._budget.release(state.pending.matrix.nbytes)
+            self._budget.charge(job.matrix.nbytes)
             job.sequence = next(self._sequence)
             job.state = state
             state.pending = job
@@ -175,7 +183,7 @@ class Scheduler:
             return job
 
     def finish(self, job: Job, *, published: bool) -> bool:
-        """Records that a job taken with `take` is done.
+        """Records that a job taken with `take` is done (once per job taken).
 
         Args:
             job: The job.
@@ -186,6 +194,7 @@ class Scheduler:
             case its root must not be published.
         """
         with self._lock:
+            self._budget.release(job.matrix.nbytes)
             state = self._runs.get(job.run_id, {}).get(job.key)
             if state is not job.state:
                 return False
@@ -206,8 +215,13 @@ class Scheduler:
         """
         with self._lock:
             run = self._runs.pop(run_id, {})
-            for key in run:
+            for key, state in run.items():
                 self._pending.pop((run_id, key), None)
+                if state.pending is not None:
+                    self._budget.release(state.pending.matrix.nbytes)
+                # A pending job and its state refer to each other: break the cycle so
+                # that its statistic is freed now, not when the cyclic collector runs.
+                state.pending = None
             self._block_count -= len(run)
             return len(run)
 

@@ -2,14 +2,16 @@
 
 `RootService` ties together the scheduler (newest-only queue, stalest first), the
 worker pool (float64 roots in W processes) and the versioned store (newest root per
-key), and keeps the counters that `GetStatus` reports. The gRPC servicer in
-`server.py` only translates messages to and from calls on it, so everything here can
-be tested without a network.
+key), and keeps the counters that `GetStatus` reports. The gRPC servicer
+(`servicer.py`) only translates messages to and from calls on it, so everything here
+can be tested without a network.
 
-Memory is bounded whatever clients send: keys, runs and so roots and per-run figures
-by the `max_*` limits of `ServiceConfig`; rejections and failed roots are counted,
-never kept, and logged at most once per `_LOG_INTERVAL_S` each; runs are named in the
-status and the logs by `auth.run_digest`, never by run_id.
+Memory is bounded whatever clients send: bytes by the `budget.ByteBudget` of
+`--memory_budget_mb`, keys, runs and per-run figures by the `max_*` limits of
+`ServiceConfig`; runs idle for `--run_ttl_s` are dropped; rejections are counted,
+never kept, and failed roots kept per key only until a newer root (both logged at
+most once per `_LOG_INTERVAL_S`); runs are named in the status and the logs by
+`auth.run_digest`, never by run_id.
 """
 
 from __future__ import annotations
@@ -23,11 +25,20 @@ from collections.abc import Callable, Iterable, Mapping
 
 from precond_service import validation
 from precond_service.auth import run_digest
+from precond_service.blocks import RootFailure
+from precond_service.budget import ByteBudget
 from precond_service.events import Event, EventLog
 from precond_service.pool import JobResult, WorkerPool
 from precond_service.scheduler import Job, Outcome, Scheduler
-from precond_service.service_records import RunStatus, ServiceConfig, ServiceStatus
+from precond_service.service_records import (
+    Rejection,
+    RunStatus,
+    ServiceConfig,
+    ServiceStatus,
+    Totals,
+)
 from precond_service.store import PublishedRoot, VersionedStore
+from precond_service.throttle import Throttle
 from precond_service.worker_protocol import SolverOptions
 from protos import precond_service_pb2 as pb
 
@@ -39,48 +50,6 @@ _LOG_INTERVAL_S = 10.0
 
 # Characters of a client-supplied key or reason that go into a log line.
 _LOGGED_CHARACTERS = 200
-
-
-@dataclasses.dataclass(frozen=True)
-class Rejection:
-    """A block that was not accepted, and why."""
-
-    key: str
-    step: int
-    reason: str
-
-
-class _Throttle:
-    """Counts events; says when to log them, at most once per interval."""
-
-    def __init__(self, interval_s: float) -> None:
-        self._interval_s = interval_s
-        self._lock = threading.Lock()
-        self._unlogged = 0
-        self._next_log = 0.0
-
-    def add(self, count: int = 1) -> int:
-        """Counts `count` events; returns how many to log now (0: not yet)."""
-        now = time.monotonic()
-        with self._lock:
-            self._unlogged += count
-            if now < self._next_log:
-                return 0
-            self._next_log = now + self._interval_s
-            count, self._unlogged = self._unlogged, 0
-            return count
-
-
-@dataclasses.dataclass
-class _Totals:
-    received: int = 0
-    accepted: int = 0
-    rejected: int = 0
-    coalesced: int = 0
-    published: int = 0
-    failed: int = 0
-    computed: int = 0
-    compute_seconds: float = 0.0
 
 
 class RootService:
@@ -100,17 +69,22 @@ class RootService:
         self.incarnation = uuid.uuid4().hex
         self._started = time.monotonic()
         self._lock = threading.Lock()
-        self._totals = _Totals()
+        self._totals = Totals()
         # run_id -> its figures; a run is here once a block of it was accepted.
         self._runs: dict[str, RunStatus] = {}
-        self._rejections_to_log = _Throttle(_LOG_INTERVAL_S)
-        self._failures_to_log = _Throttle(_LOG_INTERVAL_S)
+        # run_id -> time.monotonic() of its last push or pull.
+        self._last_active: dict[str, float] = {}
+        self._stop_expiry = threading.Event()
+        self._rejections_to_log = Throttle(_LOG_INTERVAL_S)
+        self._failures_to_log = Throttle(_LOG_INTERVAL_S)
+        self.budget = ByteBudget(config.memory_budget_mb << 20)
         self._scheduler = Scheduler(
             config.max_blocks,
             max_blocks_per_run=config.max_blocks_per_run,
             max_runs=config.max_runs,
+            budget=self.budget,
         )
-        self._store = VersionedStore()
+        self._store = VersionedStore(self.budget)
         self._pool = WorkerPool(
             config.workers,
             SolverOptions(
@@ -136,6 +110,21 @@ class RootService:
             RuntimeError: If the workers do not start.
         """
         self._pool.start()
+        threading.Thread(target=self._expire_runs, name="precond-run-expiry", daemon=True).start()
+
+    def _expire_runs(self) -> None:
+        """Drops runs idle for `run_ttl_s`, looking 4 times per TTL (at least every 30 s)."""
+        while not self._stop_expiry.wait(min(self.config.run_ttl_s / 4, 30.0)):
+            self.expire_idle_runs()
+
+    def expire_idle_runs(self) -> int:
+        """Drops every run with no push or pull for `run_ttl_s`; returns how many."""
+        horizon = time.monotonic() - self.config.run_ttl_s
+        with self._lock:
+            idle = [run_id for run_id, last in self._last_active.items() if last < horizon]
+        for run_id in idle:
+            self._drop(run_id, reason="expired")
+        return len(idle)
 
     def add_serving_listener(self, listener: Callable[[bool], None]) -> None:
         """Calls `listener(False)` when the service cannot compute roots, `(True)` once it can.
@@ -156,6 +145,7 @@ class RootService:
         Args:
             timeout_s: How long workers get to exit before they are killed.
         """
+        self._stop_expiry.set()
         self._pool.stop(timeout_s)
 
     def push(
@@ -216,16 +206,19 @@ class RootService:
             )
         return accepted, rejections
 
-    def preconditioners(self, run_id: str, known_steps: Mapping[str, int]) -> list[PublishedRoot]:
-        """Returns the published roots of a run newer than the client holds.
+    def preconditioners(
+        self, run_id: str, known_steps: Mapping[str, int]
+    ) -> tuple[list[PublishedRoot], list[RootFailure]]:
+        """Returns the published roots, and failed ones, of a run newer than the client holds.
 
         Args:
             run_id: The run.
             known_steps: key -> stats_step the client holds.
 
         Returns:
-            Roots with a larger stats_step than `known_steps` says (all for keys it
-            does not list).
+            (roots, failures): roots with a larger stats_step than `known_steps`
+            says (all for keys it does not list), and the failures of roots newer
+            than those, each for a key with no root at or after its step.
 
         Raises:
             wire.RequestTooLargeError: If known_steps has more than
@@ -234,7 +227,13 @@ class RootService:
         """
         validation.check_run_id(run_id, max_length=self.config.max_run_id_length)
         validation.check_known_steps(known_steps, max_entries=self.config.max_blocks_per_request)
-        return self._store.newer_than(run_id, known_steps)
+        with self._lock:
+            if run_id in self._last_active:
+                self._last_active[run_id] = time.monotonic()
+        return (
+            self._store.newer_than(run_id, known_steps),
+            self._store.failures_newer_than(run_id, known_steps),
+        )
 
     def drop_run(self, run_id: str) -> int:
         """Releases everything held for a run; roots being computed for it are dropped.
@@ -249,14 +248,41 @@ class RootService:
             ValueError: If the run_id is empty or too long.
         """
         validation.check_run_id(run_id, max_length=self.config.max_run_id_length)
+        return self._drop(run_id, reason="client")
+
+    def drop_run_by_digest(self, digest: str) -> int:
+        """Releases everything held for the run whose `auth.run_digest` is `digest`.
+
+        Args:
+            digest: The digest GetStatus shows.
+
+        Returns:
+            How many blocks (keys) were released; 0 if no run has that digest.
+
+        Raises:
+            ValueError: If `digest` is not 12 lowercase hex digits.
+        """
+        validation.check_run_digest(digest)
+        with self._lock:
+            matching = [run_id for run_id in self._runs if run_digest(run_id) == digest]
+        return sum(self._drop(run_id, reason="operator") for run_id in matching)
+
+    def _drop(self, run_id: str, reason: str) -> int:
+        """Releases a run; returns how many blocks. `reason`: "client", "operator", "expired"."""
         with self._lock:
             released = self._scheduler.drop_run(run_id)
             self._store.drop_run(run_id)
             self._runs.pop(run_id, None)
+            self._last_active.pop(run_id, None)
         if released:
-            logger.info("dropped run %s: released %d blocks", run_digest(run_id), released)
+            logger.info(
+                "dropped run %s (%s): released %d blocks", run_digest(run_id), reason, released
+            )
             self.events.write(
-                Event.RUN_DROPPED, run_digest=run_digest(run_id), blocks_released=released
+                Event.RUN_DROPPED,
+                run_digest=run_digest(run_id),
+                blocks_released=released,
+                reason=reason,
             )
         return released
 
@@ -311,6 +337,9 @@ class RootService:
             mean_compute_seconds=(
                 totals.compute_seconds / totals.computed if totals.computed else 0.0
             ),
+            memory_held_bytes=self.budget.held_bytes,
+            memory_budget_bytes=self.budget.capacity_bytes,
+            memory_refused=self.budget.refused,
         )
 
     def _count(
@@ -331,6 +360,7 @@ class RootService:
             counters.coalesced += coalesced
         run = self._runs.get(run_id)
         if run is not None:
+            self._last_active[run_id] = time.monotonic()
             if accepted:  # A rejected block's step may be anything.
                 run.latest_step = max(run.latest_step, step)
             run.last_push_unix_time = time.time()
@@ -361,6 +391,9 @@ class RootService:
                         published_unix_time=time.time(),
                     ),
                 )
+            else:
+                reason = outcome.reason[:_LOGGED_CHARACTERS]
+                self._store.fail(job.run_id, RootFailure(job.key, job.step, reason))
             for counters in (self._totals, run):
                 if counters is not None:
                     counters.published += int(outcome.ok)

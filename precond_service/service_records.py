@@ -1,4 +1,4 @@
-"""The service's configuration, and the figures it reports (`GetStatus`).
+"""The service's configuration, and the figures it reports (`GetStatus`, rejections).
 
 `ServiceConfig` is the one place its values are checked; the `python -m
 precond_service` flags of the same names fill it. `RunStatus` and `ServiceStatus`
@@ -38,6 +38,18 @@ class ServiceConfig:
         threads_per_worker: BLAS threads in each worker.
         job_timeout_s: A root taking longer is failed and its worker replaced; 0
             means no limit.
+        max_streams: Most streaming RPCs (pushes and pulls) open at once; unary
+            RPCs (health, GetStatus, DropRun) are never counted.
+        max_streams_per_peer: Most streaming RPCs open at once on one connection.
+        stream_idle_timeout_s: A stream whose next message does not arrive (push)
+            or is not taken (pull) within this is closed with DEADLINE_EXCEEDED.
+        stream_timeout_s: A stream open longer than this is closed with
+            DEADLINE_EXCEEDED.
+        run_ttl_s: A run with no push or pull for this long is dropped (as by
+            DropRun), so that runs whose trainers are gone do not hold the caps.
+        memory_budget_mb: Most MiB the service holds for clients (push messages
+            being validated, statistics pending or being computed, published
+            roots); a push message beyond it is refused (`budget.ByteBudget`).
     """
 
     workers: int = 1
@@ -56,6 +68,13 @@ class ServiceConfig:
     max_run_id_length: int = 4096
     threads_per_worker: int = 1
     job_timeout_s: float = 0.0
+    max_streams: int = 256
+    # A trainer holds 2 at once (a push and a pull).
+    max_streams_per_peer: int = 16
+    stream_idle_timeout_s: float = 60.0
+    stream_timeout_s: float = 600.0
+    run_ttl_s: float = 3600.0
+    memory_budget_mb: int = 4096
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -74,7 +93,14 @@ class ServiceConfig:
             raise ValueError(f"max_matrix_size must be >= 1, got {self.max_matrix_size}")
         if self.max_blocks < 1:
             raise ValueError(f"max_blocks must be >= 1, got {self.max_blocks}")
-        for name in ("max_blocks_per_run", "max_runs", "max_run_id_length"):
+        for name in (
+            "max_blocks_per_run",
+            "max_runs",
+            "max_run_id_length",
+            "max_streams",
+            "max_streams_per_peer",
+            "memory_budget_mb",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} (--{name}) must be >= 1, got {getattr(self, name)}")
         if self.max_blocks_per_request < self.max_blocks_per_run:
@@ -87,6 +113,9 @@ class ServiceConfig:
             raise ValueError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
         if not self.job_timeout_s >= 0:
             raise ValueError(f"job_timeout_s must be >= 0 (0: no limit), got {self.job_timeout_s}")
+        for name in ("stream_idle_timeout_s", "stream_timeout_s", "run_ttl_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} (--{name}) must be > 0, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass
@@ -131,3 +160,33 @@ class ServiceStatus:
     runs: list[RunStatus]
     worker_pids: list[int]
     mean_compute_seconds: float
+    auth_rejected: int = 0
+    streams_open: int = 0
+    streams_refused: int = 0
+    streams_timed_out: int = 0
+    memory_held_bytes: int = 0
+    memory_budget_bytes: int = 0
+    memory_refused: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejection:
+    """A block that was not accepted, and why."""
+
+    key: str
+    step: int
+    reason: str
+
+
+@dataclasses.dataclass
+class Totals:
+    """The service's running totals (see `ServiceStatus`)."""
+
+    received: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    coalesced: int = 0
+    published: int = 0
+    failed: int = 0
+    computed: int = 0
+    compute_seconds: float = 0.0

@@ -1,4 +1,9 @@
-"""The precond.v1 RPC handlers: a thin servicer over `RootService`, registered from the .proto.
+"""The precond.v1 RPC handlers: a thin asyncio servicer over `RootService`, from the .proto.
+
+Handlers run on the server's event loop (`server.py`); the service's own work
+(validating and queueing statistics, encoding roots, status, dropping a run) runs
+in a thread pool, so the loop stays free to answer other clients. Streams are
+admitted and timed by `stream_limits.StreamLimits`.
 
 Hostile or broken requests fail alone and leave the service serving: bytes that do
 not parse, or a bad run_id or known_steps, fail the RPC with INVALID_ARGUMENT; a
@@ -9,11 +14,11 @@ block is rejected alone, with its reason, in the push's reply.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import dataclasses
-import queue
-import threading
-from collections.abc import Callable, Iterator
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent import futures
 from typing import TypeVar
 
 import grpc
@@ -21,27 +26,58 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from precond_service import wire
+from precond_service.blocks import RootFailure
+from precond_service.budget import BudgetExceededError
 from precond_service.service import RootService
 from precond_service.store import PublishedRoot
+from precond_service.stream_limits import StreamLimits, StreamRefusedError
 from protos import precond_service_pb2 as pb
-from protos import precond_service_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 
+# Threads doing the service's work for pushes and pulls (validation, encoding).
+_DATA_THREADS = 4
 
-class PreconditionerServicer(pb_grpc.PreconditionerServiceServicer):
-    """Translates precond.v1 RPCs to calls on a RootService."""
+# Threads for GetStatus and DropRun, apart so that they never wait behind pushes.
+_CONTROL_THREADS = 2
 
-    def __init__(self, service: RootService) -> None:
+
+class PreconditionerServicer:
+    """Translates precond.v1 RPCs to calls on a RootService (async handlers)."""
+
+    def __init__(
+        self,
+        service: RootService,
+        limits: StreamLimits,
+        *,
+        auth_rejected: Callable[[], int] | None,
+    ) -> None:
         """Wraps a service.
 
         Args:
             service: The service that does the work.
+            limits: What streams are admitted, and for how long.
+            auth_rejected: With a token, how many RPCs were refused for it so far;
+                None without a token (then DropRun refuses a run_digest).
         """
         self._service = service
+        self._limits = limits
+        self._auth_rejected = auth_rejected
+        # Parses requests, validates pushes, encodes pulls.
+        self.data_executor = futures.ThreadPoolExecutor(
+            _DATA_THREADS, thread_name_prefix="precond-data"
+        )
+        self._control = futures.ThreadPoolExecutor(
+            _CONTROL_THREADS, thread_name_prefix="precond-control"
+        )
 
-    def PushStatistics(  # noqa: N802  (gRPC's method name)
-        self, request_iterator: Iterator[pb.PushStatisticsRequest], context: grpc.ServicerContext
+    def close(self) -> None:
+        """Stops the thread pools (after the server has stopped)."""
+        self.data_executor.shutdown(wait=False, cancel_futures=True)
+        self._control.shutdown(wait=False, cancel_futures=True)
+
+    async def PushStatistics(  # noqa: N802  (gRPC's method name)
+        self, request_iterator: AsyncIterator[Message | _Refused], context: grpc.aio.ServicerContext
     ) -> pb.PushStatisticsReply:
         """Validates and queues every block of every message of the stream.
 
@@ -51,113 +87,117 @@ class PreconditionerServicer(pb_grpc.PreconditionerServiceServicer):
         reply = pb.PushStatisticsReply(incarnation=self._service.incarnation)
         limit = self._service.config.max_blocks_per_request
         blocks = 0
-        for request in _read_ahead(request_iterator):
-            blocks += len(request.blocks)
-            if blocks > limit:
-                context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"this push carries more than max_blocks_per_request={limit} blocks; send "
-                    "each key at most once per push",
+        with self._limits.admit(context.peer()) as deadline:
+            async for message in deadline.messages(request_iterator):
+                request = _checked(message)
+                blocks += len(request.blocks)
+                if blocks > limit:
+                    raise StreamRefusedError(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"this push carries more than max_blocks_per_request={limit} blocks; "
+                        "send each key at most once per push",
+                    )
+                accepted, rejections = await self._push(request)
+                reply.accepted += accepted
+                reply.rejected.extend(
+                    pb.BlockError(key=r.key, step=r.step, reason=r.reason) for r in rejections
                 )
-            accepted, rejections = self._service.push(request.run_id, request.blocks)
-            reply.accepted += accepted
-            reply.rejected.extend(
-                pb.BlockError(key=r.key, step=r.step, reason=r.reason) for r in rejections
-            )
         return reply
 
-    def GetPreconditioners(  # noqa: N802
-        self, request: pb.GetPreconditionersRequest, context: grpc.ServicerContext
-    ) -> Iterator[bytes]:
+    async def _push(self, request: pb.PushStatisticsRequest) -> tuple[int, list]:
+        """Pushes one message's blocks, its bytes held in the budget meanwhile."""
+        nbytes = request.ByteSize()
+        try:
+            self._service.budget.reserve(nbytes, "this push message")
+        except BudgetExceededError as e:
+            raise StreamRefusedError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        try:
+            return await _run(
+                self.data_executor, self._service.push, request.run_id, request.blocks
+            )
+        finally:
+            self._service.budget.release(nbytes)
+
+    async def GetPreconditioners(  # noqa: N802
+        self, request: Message | _Refused, context: grpc.aio.ServicerContext
+    ) -> None:
         """Streams the roots newer than the client holds, as published now.
 
-        Yields serialized GetPreconditionersReply messages, at least one, each with
-        the incarnation (see `wire.encode_preconditioner_replies`).
+        Writes serialized GetPreconditionersReply messages, at least one, each with
+        the incarnation (see `wire.encode_preconditioner_replies`); each must be
+        taken by the client within the stream's deadlines.
         """
-        with _errors_as_status(context):
-            roots = self._service.preconditioners(request.run_id, request.known_steps)
-        encoded = (wire.encode_preconditioner(_root_header(root), root.root) for root in roots)
-        yield from wire.encode_preconditioner_replies(self._service.incarnation, encoded)
+        request = _checked(request)
+        with self._limits.admit(context.peer()) as deadline:
+            roots, failures = await _run(
+                self.data_executor,
+                self._service.preconditioners,
+                request.run_id,
+                request.known_steps,
+            )
+            replies = _encode_replies(self._service.incarnation, roots, failures)
+            while (reply := await _run(self.data_executor, next, replies, None)) is not None:
+                await deadline.within(context.write(reply), "taking the next message")
 
-    def GetStatus(  # noqa: N802
-        self, request: pb.StatusRequest, context: grpc.ServicerContext
+    async def GetStatus(  # noqa: N802
+        self, request: Message | _Refused, context: grpc.aio.ServicerContext
     ) -> pb.ServiceStatus:
         """Returns the service's figures."""
-        with _errors_as_status(context):
-            status = dataclasses.asdict(self._service.status(request.run_id))
-        runs = [pb.RunStatus(**run) for run in status.pop("runs")]
-        return pb.ServiceStatus(runs=runs, **status)
+        request = _checked(request)
+        status = await _run(self._control, self._service.status, request.run_id)
+        status.streams_open = self._limits.open_streams
+        status.streams_refused = self._limits.refused
+        status.streams_timed_out = self._limits.timed_out
+        status.auth_rejected = self._auth_rejected() if self._auth_rejected else 0
+        return status_message(status)
 
-    def DropRun(  # noqa: N802
-        self, request: pb.DropRunRequest, context: grpc.ServicerContext
+    async def DropRun(  # noqa: N802
+        self, request: Message | _Refused, context: grpc.aio.ServicerContext
     ) -> pb.DropRunReply:
         """Releases everything held for a run."""
-        with _errors_as_status(context):
-            released = self._service.drop_run(request.run_id)
+        request = _checked(request)
+        if not request.run_digest:
+            released = await _run(self._control, self._service.drop_run, request.run_id)
+        elif request.run_id:
+            raise ValueError("DropRun takes a run_id or a run_digest, not both")
+        elif self._auth_rejected is None:
+            raise StreamRefusedError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "DropRun by run_digest needs a service started with a token (--token_file), "
+                "so that only its holders can drop other clients' runs; drop by run_id instead",
+            )
+        else:
+            released = await _run(
+                self._control, self._service.drop_run_by_digest, request.run_digest
+            )
         return pb.DropRunReply(dropped=released > 0, blocks_released=released)
 
 
-@contextlib.contextmanager
-def _errors_as_status(context: grpc.ServicerContext) -> Iterator[None]:
-    """Turns a request the service refuses into an RPC status with its reason.
-
-    wire.RequestTooLargeError aborts with RESOURCE_EXHAUSTED, any other ValueError
-    with INVALID_ARGUMENT.
-    """
-    try:
-        yield
-    except wire.RequestTooLargeError as e:
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-    except ValueError as e:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+def status_message(status: object) -> pb.ServiceStatus:
+    """The ServiceStatus message of a `service_records.ServiceStatus`."""
+    fields = dataclasses.asdict(status)
+    runs = [pb.RunStatus(**run) for run in fields.pop("runs")]
+    return pb.ServiceStatus(runs=runs, **fields)
 
 
-def _read_ahead(items: Iterator[T], depth: int = 1) -> Iterator[T]:
-    """Yields from `items`, taking the next ones in a helper thread meanwhile.
+def _encode_replies(
+    incarnation: str, roots: list[PublishedRoot], failures: list[RootFailure]
+) -> Iterator[bytes]:
+    """The reply messages of a pull, encoded one at a time as they are asked for."""
+    encoded = (wire.encode_preconditioner(_root_header(root), root.root) for root in roots)
+    return wire.encode_preconditioner_replies(
+        incarnation,
+        encoded,
+        failures=[
+            pb.BlockFailure(key=f.key, stats_step=f.stats_step, reason=f.reason) for f in failures
+        ],
+    )
 
-    gRPC receives a stream's next message only when the handler asks for it; reading
-    ahead overlaps receiving a large statistic with validating the previous one.
 
-    Args:
-        items: The iterator (a request stream).
-        depth: Items taken ahead at most.
-
-    Yields:
-        The items, in order; an exception raised by `items` is raised here.
-    """
-    taken: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    end = object()
-
-    def put(entry: tuple[object, BaseException | None]) -> bool:
-        while not stop.is_set():
-            try:
-                taken.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def read() -> None:
-        try:
-            for item in items:
-                if not put((item, None)):
-                    return
-            put((end, None))
-        except BaseException as e:  # Raised again in the handler thread.
-            put((end, e))
-
-    threading.Thread(target=read, name="precond-read-ahead", daemon=True).start()
-    try:
-        while True:
-            item, error = taken.get()
-            if item is end:
-                if error is not None:
-                    raise error
-                return
-            yield item
-    finally:
-        stop.set()
+async def _run(executor: futures.Executor, function: Callable[..., T], *args: object) -> T:
+    """Runs `function(*args)` in a thread of `executor`; returns its result."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(executor, functools.partial(function, *args))
 
 
 class _Refused:
@@ -189,9 +229,10 @@ def _lenient_parser(
     return parse
 
 
-def _checked(request: Message | _Refused, context: grpc.ServicerContext) -> Message:
+def _checked(request: Message | _Refused) -> Message:
+    """The request, or StreamRefusedError with the status of bytes that were refused."""
     if isinstance(request, _Refused):
-        context.abort(request.code, request.message)
+        raise StreamRefusedError(request.code, request.message)
     return request
 
 
@@ -227,7 +268,9 @@ _HANDLER_KINDS = {
 }
 
 
-def add_servicer(servicer: PreconditionerServicer, server: grpc.Server, max_entries: int) -> None:
+def add_servicer(
+    servicer: PreconditionerServicer, server: grpc.aio.Server, max_entries: int
+) -> None:
     """Registers the servicer like the generated `add_..._to_server`, parsing leniently.
 
     Methods, message types and call kinds come from the .proto's service descriptor.
@@ -242,9 +285,14 @@ def add_servicer(servicer: PreconditionerServicer, server: grpc.Server, max_entr
     for method in wire.SERVICE.methods:
         streaming = (method.client_streaming, method.server_streaming)
         entries = max_entries if _has_repeated_field(method.input_type) else 0
+        parse = _lenient_parser(getattr(pb, method.input_type.name), entries)
         handlers[method.name] = _HANDLER_KINDS[streaming](
-            _checking(getattr(servicer, method.name), request_streaming=streaming[0]),
-            request_deserializer=_lenient_parser(getattr(pb, method.input_type.name), entries),
+            _with_status(
+                getattr(servicer, method.name),
+                _parsing(parse, servicer.data_executor, request_streaming=streaming[0]),
+            ),
+            # Requests arrive as bytes and are parsed off the event loop (`_parsing`).
+            request_deserializer=None,
             response_serializer=_serializer(getattr(pb, method.output_type.name)),
         )
     server.add_generic_rpc_handlers(
@@ -252,19 +300,61 @@ def add_servicer(servicer: PreconditionerServicer, server: grpc.Server, max_entr
     )
 
 
-def _checking(method: Callable, *, request_streaming: bool) -> Callable:
-    """Wraps a servicer method so that a refused request aborts the RPC with its status."""
+def _parsing(
+    parse: Callable[[bytes], Message | _Refused],
+    executor: futures.Executor,
+    *,
+    request_streaming: bool,
+) -> Callable[[object], Awaitable[object]]:
+    """Returns what turns a call's request bytes (or stream of them) into parsed requests.
+
+    Parsing runs in `executor`, not on the event loop: a 100 MiB message takes a
+    while, and the loop must go on answering health checks and other clients.
+    """
     if request_streaming:
 
-        def handle_stream(
-            requests: Iterator[Message | _Refused], context: grpc.ServicerContext
-        ) -> object:
-            return method((_checked(r, context) for r in requests), context)
+        async def parse_stream(requests: AsyncIterator[bytes]) -> object:
+            async def parsed() -> AsyncIterator[Message | _Refused]:
+                async for data in requests:
+                    message = await _run(executor, parse, data)
+                    # Not held while suspended: a refused stream's frames can stay
+                    # in a reference cycle (gRPC's abort) until the collector runs.
+                    del data
+                    yield message
+                    del message
 
-        return handle_stream
+            return parsed()
 
-    def handle(request: Message | _Refused, context: grpc.ServicerContext) -> object:
-        return method(_checked(request, context), context)
+        return parse_stream
+
+    async def parse_one(data: bytes) -> object:
+        return await _run(executor, parse, data)
+
+    return parse_one
+
+
+def _with_status(method: Callable, parse: Callable[[object], Awaitable[object]]) -> Callable:
+    """Wraps an async servicer method so that what it refuses ends the RPC with a status.
+
+    The request (bytes, or a stream of them) is parsed by `parse` first.
+    StreamRefusedError ends it with its own code, wire.RequestTooLargeError with
+    RESOURCE_EXHAUSTED, any other ValueError with INVALID_ARGUMENT.
+    """
+
+    @functools.wraps(method)
+    async def handle(request: object, context: grpc.aio.ServicerContext) -> object:
+        try:
+            return await method(await parse(request), context)
+        except StreamRefusedError as e:
+            code, message = e.code, e.message
+        except wire.RequestTooLargeError as e:
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+        except ValueError as e:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        # Outside the except clauses: the abort's exception does not chain (and keep
+        # alive) the refusal's traceback, whose frames may hold a large request.
+        del request
+        await context.abort(code, message)
 
     return handle
 

@@ -3,8 +3,10 @@
 A table by default, or the `ServiceStatus` message as JSON with `--json`. Exits 1 if
 the service cannot be reached. Runs are shown by digest (`auth.run_digest`), never by
 run_id, which is what grants access to a run's roots; `--run_id=ID` lists only that
-run and prints its digest. `--tls_ca` (with `--tls_cert` and `--tls_key` for a
-service that requires client certificates) talks to a TLS service.
+run and prints its digest. `--drop_run_digest=DIGEST` drops the run with that
+digest instead (the service must have a token, and it is needed). `--tls_ca` (with
+`--tls_cert` and `--tls_key` for a service that requires client certificates) talks to
+a TLS service.
 """
 
 from __future__ import annotations
@@ -63,6 +65,37 @@ def fetch_status(
     with open_channel(address, (), tls) as channel:
         stub = pb_grpc.PreconditionerServiceStub(channel)
         return stub.GetStatus(pb.StatusRequest(run_id=run_id), timeout=timeout_s, metadata=metadata)
+
+
+def drop_run_by_digest(
+    address: str,
+    digest: str,
+    *,
+    token: str | None = None,
+    tls: TlsConfig | None = None,
+    timeout_s: float = 5.0,
+) -> pb.DropRunReply:
+    """Asks a service (one with a token) to drop the run whose digest its status shows.
+
+    Args:
+        address: "host:port".
+        digest: The run's digest (12 hex digits).
+        token: The service's token.
+        tls: TLS settings if the service serves TLS; None for plaintext.
+        timeout_s: Deadline of the RPC.
+
+    Returns:
+        The reply: whether a run was dropped, and how many blocks it released.
+
+    Raises:
+        grpc.RpcError: If the service cannot be reached or refuses.
+    """
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    with open_channel(address, (), tls) as channel:
+        stub = pb_grpc.PreconditionerServiceStub(channel)
+        return stub.DropRun(
+            pb.DropRunRequest(run_digest=digest), timeout=timeout_s, metadata=metadata
+        )
 
 
 def to_dict(message: proto_message.Message) -> dict[str, Any]:
@@ -147,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls_cert", help="PEM client certificate, if the service requires one")
     parser.add_argument("--tls_key", help="PEM private key of --tls_cert")
     parser.add_argument("--timeout_s", type=float, default=5.0, help="RPC deadline")
+    parser.add_argument(
+        "--drop_run_digest", help="drop the run with this digest instead (needs the token)"
+    )
     args = parser.parse_args(argv)
     if (args.tls_cert or args.tls_key) and not args.tls_ca:
         parser.error("--tls_cert and --tls_key need --tls_ca (the CA of the service's certificate)")
@@ -158,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"could not read the TLS files: {e}", file=sys.stderr)
         return 1
+    if args.drop_run_digest:
+        return _drop(args, token, tls)
     try:
         status = fetch_status(
             args.address, run_id=args.run_id, token=token, tls=tls, timeout_s=args.timeout_s
@@ -174,6 +212,26 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(status))
         if args.run_id:
             print(f"(--run_id has digest {run_digest(args.run_id)})")
+    return 0
+
+
+def _drop(args: argparse.Namespace, token: str | None, tls: TlsConfig | None) -> int:
+    """Drops the run --drop_run_digest names; prints what was released."""
+    try:
+        reply = drop_run_by_digest(
+            args.address, args.drop_run_digest, token=token, tls=tls, timeout_s=args.timeout_s
+        )
+    except grpc.RpcError as e:
+        print(
+            f"could not drop run {args.drop_run_digest} at {args.address}: "
+            f"{e.code().name}: {e.details()}",
+            file=sys.stderr,
+        )
+        return 1
+    if reply.dropped:
+        print(f"dropped run {args.drop_run_digest}: {reply.blocks_released} blocks released")
+    else:
+        print(f"no run {args.drop_run_digest} at {args.address}: nothing dropped")
     return 0
 
 

@@ -2,7 +2,8 @@
 
 A root is published with the step of the statistic it came from (its version). A
 root older than the one held is ignored, and the one it replaces is released, so the
-store holds one root per key. `drop_run` releases a whole run.
+store holds one root per key. A root that failed is recorded per key too (`fail`),
+until a root at least as new is published; `drop_run` releases a whole run.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from precond_service.blocks import RootFailure
+from precond_service.budget import ByteBudget
 from precond_service.versions import is_newer
 
 
@@ -46,10 +49,16 @@ class PublishedRoot:
 class VersionedStore:
     """Thread-safe map (run_id, key) -> newest PublishedRoot."""
 
-    def __init__(self) -> None:
-        """Creates an empty store."""
+    def __init__(self, budget: ByteBudget | None = None) -> None:
+        """Creates an empty store.
+
+        Args:
+            budget: Charged with the roots held; None counts nothing.
+        """
+        self._budget = budget or ByteBudget(0)
         self._lock = threading.Lock()
         self._runs: dict[str, dict[str, PublishedRoot]] = {}
+        self._failures: dict[str, dict[str, RootFailure]] = {}
 
     def publish(self, run_id: str, root: PublishedRoot) -> bool:
         """Stores a root unless one at least as new is held.
@@ -67,7 +76,43 @@ class VersionedStore:
             if held is not None and not is_newer(root.stats_step, held.stats_step):
                 return False
             run[root.key] = root
+            self._budget.charge(root.root.nbytes - (0 if held is None else held.root.nbytes))
+            failures = self._failures.get(run_id, {})
+            failed = failures.get(root.key)
+            if failed is not None and not is_newer(failed.stats_step, root.stats_step):
+                del failures[root.key]
             return True
+
+    def fail(self, run_id: str, failure: RootFailure) -> bool:
+        """Records that a root failed, unless a root or failure at least as new is held.
+
+        Args:
+            run_id: Run it belongs to.
+            failure: The failure.
+
+        Returns:
+            Whether it was recorded.
+        """
+        with self._lock:
+            held = self._runs.get(run_id, {}).get(failure.key)
+            failures = self._failures.setdefault(run_id, {})
+            failed = failures.get(failure.key)
+            if held is not None and not is_newer(failure.stats_step, held.stats_step):
+                return False
+            if failed is not None and not is_newer(failure.stats_step, failed.stats_step):
+                return False
+            failures[failure.key] = failure
+            return True
+
+    def failures_newer_than(self, run_id: str, known_steps: Mapping[str, int]) -> list[RootFailure]:
+        """Returns the failures of a run newer than the roots a client holds, in key order."""
+        with self._lock:
+            failures = dict(self._failures.get(run_id, {}))
+        return [
+            failure
+            for key, failure in sorted(failures.items())
+            if is_newer(failure.stats_step, known_steps.get(key))
+        ]
 
     def newer_than(self, run_id: str, known_steps: Mapping[str, int]) -> list[PublishedRoot]:
         """Returns the roots of a run newer than what a client holds.
@@ -103,4 +148,7 @@ class VersionedStore:
             How many roots were released.
         """
         with self._lock:
-            return len(self._runs.pop(run_id, {}))
+            self._failures.pop(run_id, None)
+            run = self._runs.pop(run_id, {})
+            self._budget.release(sum(root.root.nbytes for root in run.values()))
+            return len(run)

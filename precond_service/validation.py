@@ -201,3 +201,15 @@ def check_known_steps(known_steps: Mapping[str, int], *, max_entries: int) -> No
                 f"known_steps has a key of {len(key)} characters, more than {MAX_KEY_LENGTH}: "
                 "no block has such a key"
             )
+
+
+def check_run_digest(digest: str) -> None:
+    """Checks a run digest as GetStatus shows it (`auth.run_digest`).
+
+    Raises:
+        ValueError: If it is not 12 lowercase hex digits.
+    """
+    if len(digest) != 12 or digest.strip("0123456789abcdef"):
+        raise ValueError(
+            f"run_digest must be the 12 lowercase hex digits GetStatus shows, got {digest[:40]!r}"
+        )

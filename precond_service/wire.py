@@ -352,7 +352,11 @@ def encode_preconditioner(message: pb.Preconditioner, root: np.ndarray) -> bytes
 
 
 def encode_preconditioner_replies(
-    incarnation: str, encoded_roots: Iterable[bytes], *, batch_bytes: int = PUSH_BATCH_BYTES
+    incarnation: str,
+    encoded_roots: Iterable[bytes],
+    *,
+    failures: Sequence[pb.BlockFailure] = (),
+    batch_bytes: int = PUSH_BATCH_BYTES,
 ) -> Iterator[bytes]:
     """Packs serialized Preconditioner messages into GetPreconditionersReply messages.
 
@@ -363,21 +367,23 @@ def encode_preconditioner_replies(
     Args:
         incarnation: The service's incarnation, set in every message.
         encoded_roots: Roots serialized by `encode_preconditioner`.
+        failures: Per-key failures, sent in the first message.
         batch_bytes: Most root bytes packed into one message with others.
 
     Yields:
         Bytes that each parse as a GetPreconditionersReply.
     """
     header = pb.GetPreconditionersReply(incarnation=incarnation).SerializeToString()
-    pieces: list[bytes] = []
+    first = pb.GetPreconditionersReply(incarnation=incarnation, failures=failures)
+    pieces: list[bytes] = [first.SerializeToString()]
     size = 0
     for root in encoded_roots:
-        if pieces and size + len(root) > batch_bytes:
-            yield b"".join([header, *pieces])
-            pieces, size = [], 0
+        if size and size + len(root) > batch_bytes:
+            yield b"".join(pieces)
+            pieces, size = [header], 0
         pieces += [_field_header(_REPLY_ROOTS_FIELD, len(root)), root]
         size += len(root)
-    yield b"".join([header, *pieces])  # The last roots, or the only (empty) message.
+    yield b"".join(pieces)  # The last roots, or the only (empty) message.
 
 
 def _with_tensor(

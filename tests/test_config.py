@@ -223,6 +223,23 @@ def test_repeatable_mode_needs_the_fixed_cadence():
         config_lib.validate(config)
 
 
+@pytest.mark.parametrize("run_id", ["my-experiment-1", "12345", "a" * 24, "0123456789abcdef"])
+def test_guessable_run_ids_are_refused_with_the_reason(run_id):
+    config = config_lib.default_config()
+    config.precond.run_id = run_id
+    with pytest.raises(ValueError, match=r"config.precond.run_id .* fewer than 128") as error:
+        config_lib.validate(config)
+    assert run_id not in str(error.value)  # The id is a secret: never echoed.
+    assert "token_hex(16)" in str(error.value)
+
+
+@pytest.mark.parametrize("run_id", ["", "0123456789abcdef" * 2, "host-" + "ab" * 16])
+def test_run_ids_of_128_bits_or_more_are_accepted(run_id):
+    config = config_lib.default_config()
+    config.precond.run_id = run_id
+    config_lib.validate(config)
+
+
 def test_device_cpus_pin_every_thread_and_size_tensorflows_pools():
     lowest = min(os.sched_getaffinity(0))
     program = f"""

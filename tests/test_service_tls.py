@@ -348,13 +348,21 @@ def test_wrong_token_over_tls_is_unauthenticated(
 def test_mutual_tls_service_logs_tls_and_never_the_token(
     pki: Pki, mutual_tls_service: ServiceProcess
 ) -> None:
-    port = mutual_tls_service.address().rsplit(":", 1)[1]
+    address = mutual_tls_service.address()
+    port = address.rsplit(":", 1)[1]
     assert wait_until(lambda: "precond_service listening" in mutual_tls_service.log(), 30)
+    tls = TlsConfig(pki.ca, pki.client_cert, pki.client_key)
+    with pytest.raises(grpc.RpcError):
+        fetch_status(address, token="guessed-token-1234", tls=tls, timeout_s=5)
+    # A refused token is counted and logged (the audit), without the token.
+    assert fetch_status(address, token=TOKEN, tls=tls).auth_rejected >= 1
+    assert wait_until(lambda: "with a missing or wrong token" in mutual_tls_service.log(), 30)
     log = mutual_tls_service.log()
     assert f"precond_service listening on 0.0.0.0:{port} (TLS," in log
     assert f"clients must present a TLS certificate signed by {pki.ca}" in log
-    assert "WARNING" not in log
-    assert TOKEN not in log
+    warnings = [line for line in log.splitlines() if "WARNING" in line]
+    assert all("with a missing or wrong token" in line for line in warnings), warnings
+    assert TOKEN not in log and "guessed-token-1234" not in log
 
 
 # f. The trainer's TLS fields, and TlsConfig's own checks.

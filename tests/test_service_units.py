@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
+import weakref
 
 import numpy as np
 import pytest
@@ -162,6 +164,20 @@ class TestScheduler:
         assert scheduler.queue_depth() == 0
         assert not scheduler.finish(job, published=True)
         assert scheduler.submit(_job("a", 1)) is Outcome.QUEUED
+
+    def test_dropped_run_frees_its_pending_statistics_without_the_collector(self) -> None:
+        scheduler = Scheduler(max_blocks=10)
+        jobs = [_job("a", 1), _job("b", 1)]
+        for job in jobs:
+            scheduler.submit(job)
+        freed = [weakref.ref(job.matrix) for job in jobs]
+        del jobs, job
+        gc.disable()
+        try:
+            assert scheduler.drop_run("run") == 2
+            assert [ref() for ref in freed] == [None, None]
+        finally:
+            gc.enable()
 
     def test_capacity_counts_keys_over_all_runs(self) -> None:
         scheduler = Scheduler(max_blocks=2)

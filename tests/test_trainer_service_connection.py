@@ -1,13 +1,28 @@
-"""Resetting the run at the service at start: retried, and a failure says what it risks."""
+"""The run at the service: reset at start (retried; a failure says what it risks), released
+at a clean exit of a trainer on a shared service.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 
+import pytest
+
+from precond_service.auth import run_digest
 from precond_service.client import PreconditionerClient
 from precond_service.process import local_service
+from precond_service.status import fetch_status
+from tests.conftest import wait_until
+from tests.test_trainer import make_trainer, tiny_config
 from trainer.service_connection import drop_earlier_roots
+
+
+@pytest.fixture(scope="module")
+def vocab_path(tmp_path_factory):
+    """One SentencePiece model shared by the module's runs (trained by the first)."""
+    return str(tmp_path_factory.mktemp("vocab") / "spm.model")
 
 
 def _closed_port() -> int:
@@ -33,3 +48,28 @@ def test_reset_succeeds_at_once_against_a_real_service(caplog):
         with caplog.at_level(logging.INFO, "trainer.service_connection"):
             assert drop_earlier_roots(client, step=0, attempts=3, backoff_s=0.01)
     assert not [r for r in caplog.records if "failed (try" in r.message]
+
+
+def _async_config(vocab_path: str, address: str):
+    config = tiny_config(vocab_path, "shampoo", "async")
+    config.train.update(num_steps=4, steps_per_loop=2, checkpoint_every_steps=4)
+    config.precond.update(address=address, update_steps=2, pull_interval_s=0.05)
+    return config
+
+
+def test_a_shared_service_forgets_the_run_at_a_clean_exit_only(tmp_path, vocab_path):
+    with local_service() as address:
+        for name, fails in (("crashed", True), ("clean", False)):
+            trainer = make_trainer(_async_config(vocab_path, address), tmp_path / name)
+            with contextlib.suppress(RuntimeError), trainer.preconditioning() as bridge:
+                trainer.run_steps(bridge, 2)
+                assert bridge.wait_pushed()
+                run = run_digest(bridge.client.run_id)
+                assert wait_until(lambda: run in run_digests(address), 60)  # noqa: B023
+                if fails:
+                    raise RuntimeError("the run failed")
+            assert (run in run_digests(address)) is fails, name
+
+
+def run_digests(address: str) -> list[str]:
+    return [run.run_digest for run in fetch_status(address, timeout_s=30).runs]

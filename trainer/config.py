@@ -15,6 +15,7 @@ from typing import Any
 
 import ml_collections
 
+from precond_service.auth import MIN_RUN_ID_BITS, run_id_bits
 from precond_service.process import parse_cpus
 from precond_service.roots import METHODS as ROOT_METHODS
 from precond_service.roots import RIDGE_MODES
@@ -319,7 +320,9 @@ def _precond_fields() -> ml_collections.ConfigDict:
     # with an error (the service is down, or could not compute the root).
     section.delay_timeout_s = 600.0
     # Run id at the service, also the key to the run's preconditioners; "" makes a
-    # random one, kept in the workdir so that a resumed run uses it again.
+    # random one, kept in the workdir so that a resumed run uses it again. One of
+    # your own must be long enough to hold 128 random bits (e.g. 32 hex digits):
+    # whoever guesses it can read, poison or drop the run's preconditioners.
     section.run_id = ""
     # Seconds between the client's pulls of new preconditioners.
     section.pull_interval_s = 1.0
@@ -493,6 +496,14 @@ def _validate_precond(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             "config.precond.tls_ca_file needs config.precond.address: the service the "
             'trainer starts itself (address "") is plaintext on loopback'
+        )
+    if precond.run_id and run_id_bits(precond.run_id) < MIN_RUN_ID_BITS:
+        raise ValueError(
+            f"config.precond.run_id ({len(precond.run_id)} characters) can hold at most "
+            f"{run_id_bits(precond.run_id):.0f} bits of entropy, fewer than {MIN_RUN_ID_BITS}: "
+            "whoever guesses it can read, poison or drop the run's preconditioners. Leave it "
+            '"" for a random one kept in the workdir, or use e.g. 32 random hex digits '
+            '(python -c "import secrets; print(secrets.token_hex(16))")'
         )
     if precond.delay_steps:
         if precond.cadence != "fixed":

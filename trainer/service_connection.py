@@ -3,7 +3,9 @@
 `preconditioning(config, workdir, optimizer)` starts the service as a child
 process unless `precond.address` names one, connects a client under the run's
 id, resets what the service holds of an earlier process of this run, and
-yields the `ServicePreconditioning` bridge the training loop drives.
+yields the `ServicePreconditioning` bridge the training loop drives. When the
+block ends without an exception, a shared service (`precond.address`) is asked
+to release the run.
 """
 
 from __future__ import annotations
@@ -137,8 +139,11 @@ def preconditioning(
             address, run_id, token=token, tls=tls, pull_interval_s=precond.pull_interval_s
         )
         drop_earlier_roots(client, int(optimizer.iterations.numpy()))
+        finished: list[bool] = []
+        if precond.address:  # A shared service: free what it holds for us at a clean exit.
+            stack.callback(lambda: finished and drop_finished_run(client))
         client.start()
-        stack.callback(client.close)
+        stack.callback(client.close)  # Runs before the drop: nothing is pushed after it.
         log.info(
             "asynchronous preconditioning: service %s (also in %s), run %s (sha256 prefix of "
             "its run_id)%s",
@@ -159,6 +164,28 @@ def preconditioning(
                 cadence=precond.cadence,
             )
         )
+        finished.append(True)  # Not reached when the block raised.
+
+
+def drop_finished_run(client: PreconditionerClient) -> bool:
+    """Asks a shared service to release a run that ended cleanly; returns whether it did.
+
+    One try, bounded by `DROP_TIMEOUT_S`: a service that cannot be reached forgets
+    the run by itself after its `--run_ttl_s`.
+    """
+    try:
+        released = client.drop_run(timeout_s=DROP_TIMEOUT_S)
+    except Exception as e:  # noqa: BLE001 - the run is over: report, never raise
+        log.warning(
+            "could not release run %s at %s at exit (%s); the service drops it after its "
+            "--run_ttl_s",
+            run_digest(client.run_id),
+            client.address,
+            e,
+        )
+        return False
+    log.info("released run %s at the service: %d blocks", run_digest(client.run_id), released)
+    return True
 
 
 def drop_earlier_roots(

@@ -1,0 +1,74 @@
+"""The byte budget: what the service holds for clients, bounded by `--memory_budget_mb`.
+
+Counted: the push messages being validated, the statistics pending or being
+computed, and the published roots. A push message that would take the total past
+the budget is refused (the servicer ends the push with RESOURCE_EXHAUSTED, naming
+the flag); statistics and roots are charged as they are queued and published, and
+released as they are replaced, computed, or dropped with their run, so what was
+admitted is never refused later. gRPC receives each message whole before the
+service sees it, so a push message is counted from the moment it is parsed: the
+`--max_streams` cap bounds the messages being received at once.
+"""
+
+from __future__ import annotations
+
+import threading
+
+_MIB = 1 << 20
+
+
+class ByteBudget:
+    """Thread-safe count of bytes held against a capacity."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        """Creates an empty budget.
+
+        Args:
+            capacity_bytes: Most bytes `reserve` admits in all.
+        """
+        self.capacity_bytes = capacity_bytes
+        self._lock = threading.Lock()
+        self._held = 0
+        self.refused = 0
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes held now."""
+        return self._held
+
+    def reserve(self, nbytes: int, what: str) -> None:
+        """Admits `nbytes` if they fit; the caller releases them later.
+
+        Args:
+            nbytes: Bytes wanted.
+            what: What they are, for the error ("this push message").
+
+        Raises:
+            BudgetExceededError: If they do not fit; nothing is reserved.
+        """
+        with self._lock:
+            if self._held + nbytes <= self.capacity_bytes:
+                self._held += nbytes
+                return
+            self.refused += 1
+            held = self._held
+        raise BudgetExceededError(
+            f"{what} needs {nbytes / _MIB:.1f} MiB, and the service already holds "
+            f"{held / _MIB:.1f} MiB of its --memory_budget_mb={self.capacity_bytes // _MIB}; "
+            "retry later, drop finished runs, or start the service with a larger "
+            "--memory_budget_mb"
+        )
+
+    def charge(self, nbytes: int) -> None:
+        """Counts bytes the service now holds whatever the budget (admitted earlier)."""
+        with self._lock:
+            self._held += nbytes
+
+    def release(self, nbytes: int) -> None:
+        """Stops counting bytes the service no longer holds."""
+        with self._lock:
+            self._held -= nbytes
+
+
+class BudgetExceededError(Exception):
+    """A request that does not fit in the byte budget (RESOURCE_EXHAUSTED)."""

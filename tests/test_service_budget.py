@@ -1,0 +1,86 @@
+"""The byte budget (`--memory_budget_mb`): what clients can make the service hold (issue 14).
+
+Units check the accounting of the scheduler and the store; a real server on loopback
+checks that pushes beyond the budget are refused with RESOURCE_EXHAUSTED naming the
+flag, and that DropRun gives every byte back.
+"""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from precond_service.blocks import StatisticsBlock
+from precond_service.budget import BudgetExceededError, ByteBudget
+from precond_service.scheduler import Job, Scheduler
+from precond_service.store import PublishedRoot, VersionedStore
+from protos import precond_service_pb2 as pb
+from tests.conftest import random_statistic, wait_until
+from tests.test_service import pull_until, push, status, worker_held_busy
+
+MIB = 1 << 20
+
+
+def job(key: str, step: int, n: int) -> Job:
+    return Job("run", key, step, 2, np.zeros((n, n)))
+
+
+def test_budget_refuses_what_does_not_fit_and_names_the_flag() -> None:
+    budget = ByteBudget(4 * MIB)
+    budget.reserve(3 * MIB, "this push message")
+    with pytest.raises(BudgetExceededError, match=r"--memory_budget_mb=4; retry later"):
+        budget.reserve(2 * MIB, "this push message")
+    assert (budget.held_bytes, budget.refused) == (3 * MIB, 1)
+    budget.release(3 * MIB)
+    budget.reserve(4 * MIB, "this push message")
+
+
+def test_scheduler_and_store_hold_their_bytes_until_released() -> None:
+    budget = ByteBudget(64 * MIB)
+    scheduler = Scheduler(max_blocks=10, budget=budget)
+    scheduler.submit(job("a", 1, 64))
+    scheduler.submit(job("b", 1, 32))
+    assert budget.held_bytes == (64 * 64 + 32 * 32) * 8
+    scheduler.submit(job("a", 2, 16))  # Replaces the pending 64 x 64.
+    assert budget.held_bytes == (16 * 16 + 32 * 32) * 8
+    taken = scheduler.take()
+    assert budget.held_bytes == (16 * 16 + 32 * 32) * 8  # Being computed: still held.
+    scheduler.finish(taken, published=True)
+    scheduler.drop_run("run")
+    assert budget.held_bytes == 0
+
+    store = VersionedStore(budget)
+    for step, n in ((1, 8), (2, 4)):
+        store.publish("run", PublishedRoot("k", step, np.eye(n), 0.0, 1, "eigh", 0.0, 1e-6, 0.0))
+    assert budget.held_bytes == 4 * 4 * 8
+    store.drop_run("run")
+    assert budget.held_bytes == 0
+
+
+def test_pushes_beyond_the_budget_are_refused_and_drop_run_gives_it_back(
+    start_service, stub_for
+) -> None:
+    server = start_service(workers=1, memory_budget_mb=16)
+    stub = stub_for(server.address)
+    with worker_held_busy(stub, "run", n=768):  # 4.5 MiB being computed.
+        replies, errors = [], []
+        for i in range(8):  # 2 MiB each, pending while the worker is held.
+            try:
+                replies.append(push(stub, "run", StatisticsBlock(f"k{i}", 1, 2, np.eye(512))))
+            except grpc.RpcError as e:
+                errors.append(e)
+        assert [reply.accepted for reply in replies] == [1] * 5
+        assert len(errors) == 3
+        assert all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in errors)
+        assert "--memory_budget_mb=16" in errors[0].details()
+        now = status(stub)
+        assert now.memory_held_bytes == (768 * 768 + 5 * 512 * 512) * 8
+        assert now.memory_held_bytes <= now.memory_budget_bytes == 16 * MIB
+        assert now.memory_refused == 3
+    pull_until(stub, "run", {f"k{i}": 1 for i in range(5)})
+    assert status(stub).memory_held_bytes == (768 * 768 + 5 * 512 * 512) * 8  # Roots now.
+    stub.DropRun(pb.DropRunRequest(run_id="run"), timeout=30)
+    assert status(stub).memory_held_bytes == 0
+    push(stub, "run", StatisticsBlock("k", 1, 2, random_statistic(512, 0)))
+    assert wait_until(lambda: status(stub).published == 7, 60)
