@@ -21,7 +21,7 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
-from precond_service.blocks import PreconditionerBlock, StatisticsBlock
+from precond_service.blocks import PreconditionerBlock, RootFailure, StatisticsBlock
 from precond_service.client import ClientStatus, PreconditionerClient
 
 # ClientStatus fields summed over the shards; the rest are combined below.
@@ -36,6 +36,7 @@ _SUMMED = (
     "pulls",
     "pull_failures",
     "preconditioners_received",
+    "root_failures_seen",
 )
 
 
@@ -101,6 +102,13 @@ class ShardedClient:
         for client in self.clients:
             roots.update(client.latest())
         return roots
+
+    def failures(self) -> dict[str, RootFailure]:
+        """The roots any shard reported failed that no newer root replaced."""
+        failures: dict[str, RootFailure] = {}
+        for client in self.clients:
+            failures.update(client.failures())
+        return failures
 
     def status(self) -> ClientStatus:
         """The shards' statuses combined: counts summed, connected only if every shard is.

@@ -233,3 +233,21 @@ def test_adaptive_cadence_pushes_again_once_the_last_push_is_published(client):
     assert staleness(opt).max <= 1
     with pytest.raises(ValueError, match="cadence must be one of"):
         ServicePreconditioning(opt, client, update_steps=4, cadence="sometimes")
+
+
+def test_delay_mode_goes_on_at_once_when_the_service_fails_a_due_root(client):
+    # A failure threshold no root meets: the service reports the failures, and the
+    # repeatable mode installs what did arrive instead of waiting out its timeout.
+    opt = _one_step_model("async", root_method="eigh", inverse_failure_threshold=1e-300)
+    bridge = ServicePreconditioning(
+        opt, client, update_steps=1, delay_steps=1, delay_timeout_s=300.0
+    )
+    held_before = opt.preconditioner_stats_steps()
+    bridge.after_steps()  # Pushes the statistics of update 1, due at update 2.
+    opt.iterations.assign_add(1)
+    began = time.monotonic()
+    bridge.after_steps()
+    print(f"due roots settled {time.monotonic() - began:.2f} s after the wait began")
+
+    assert bridge.failed_roots == len(held_before)
+    assert opt.preconditioner_stats_steps() == held_before  # each block kept its root

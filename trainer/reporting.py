@@ -237,6 +237,8 @@ def _service_scalars(bridge: ServicePreconditioning) -> dict[str, float | None]:
         "precond/push_failures": status.push_failures,
         "precond/connected": float(status.connected),
         "precond/delay_wait_seconds": bridge.wait_seconds if bridge.delay_steps else None,
+        # Roots the service reported it could not compute (the block keeps its root).
+        "precond/root_failures_seen": status.root_failures_seen,
     }
 
 

@@ -16,6 +16,7 @@ import time
 import keras
 import numpy as np
 
+from precond_service.blocks import RootFailure
 from precond_service.client import PreconditionerClient
 from precond_service.versions import is_newer
 from trainer.optimizers.shampoo import NO_PRECONDITIONER, Shampoo
@@ -217,6 +218,9 @@ class ServicePreconditioning:
         self._awaited: _AwaitedPush | None = None
         # Seconds spent waiting for due roots (delay mode), in all.
         self.wait_seconds = 0.0
+        # Delay mode: due roots the service reported it could not compute; those
+        # blocks kept the root they held.
+        self.failed_roots = 0
         # Pushes made, and the training thread's seconds spent reading statistics.
         self.pushes = 0
         self.read_seconds = 0.0
@@ -335,7 +339,13 @@ class ServicePreconditioning:
         self.close()
 
     def _wait_for(self, awaited: _AwaitedPush) -> list:
-        """Waits until the client holds the roots of `awaited`; returns them."""
+        """Waits until the client holds, or the service failed, each root of `awaited`.
+
+        Returns the roots that arrived. A root the service reports failed (the
+        solver could not compute it from that statistic) is not waited for: its
+        block keeps the root it holds, the same on every rerun, and it is counted in
+        `failed_roots`.
+        """
         began = time.monotonic()
         next_report = began + 10.0
         next_pull = began
@@ -346,12 +356,19 @@ class ServicePreconditioning:
                 for key in awaited.keys
                 if key in latest and not is_newer(awaited.step, latest[key].stats_step)
             ]
+            failed = {
+                key: failure
+                for key, failure in self.client.failures().items()
+                if key in awaited.keys and failure.stats_step == awaited.step
+            }
             now = time.monotonic()
-            if len(arrived) == len(awaited.keys):
+            if len(arrived) + len(failed) >= len(awaited.keys):
                 self.wait_seconds += now - began
                 newer = [b.key for b in arrived if b.stats_step != awaited.step]
                 if newer:  # Cannot happen while delay_steps <= update_steps.
                     raise RuntimeError(f"roots newer than step {awaited.step}: {newer[:3]}")
+                if failed:
+                    self._report_failures(awaited.step, failed)
                 return arrived
             if now - began > self.delay_timeout_s:
                 self.wait_seconds += now - began
@@ -380,6 +397,19 @@ class ServicePreconditioning:
                 )
                 next_report = now + 10.0
             time.sleep(self._poll_s)
+
+    def _report_failures(self, step: int, failed: dict[str, RootFailure]) -> None:
+        self.failed_roots += len(failed)
+        key, failure = next(iter(sorted(failed.items())))
+        log.warning(
+            "%d root(s) of step %d failed at the service (for example %s: %s); those blocks "
+            "keep the root they hold (%d failed so far)",
+            len(failed),
+            step,
+            key,
+            failure.reason,
+            self.failed_roots,
+        )
 
 
 class ShampooServiceCallback(keras.callbacks.Callback):
