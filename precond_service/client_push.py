@@ -17,13 +17,10 @@ from precond_service.client_core import ClientCore, keep_newest
 logger = logging.getLogger("precond_service.client")
 
 # Errors that retrying the same request cannot fix: the blocks are dropped.
-_PERMANENT_CODES = frozenset(
-    {
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.UNIMPLEMENTED,
-    }
-)
+# RESOURCE_EXHAUSTED is not among them: the service's byte budget or stream caps
+# refuse a push for now (a message too large for any retry is refused here, by
+# `max_matrix_size`, before it is sent), so the push is retried with backoff.
+_PERMANENT_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED})
 
 # Rejections remembered for `ClientStatus.last_rejections`.
 _REJECTIONS_KEPT = 10

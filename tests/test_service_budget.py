@@ -13,6 +13,7 @@ import pytest
 
 from precond_service.blocks import StatisticsBlock
 from precond_service.budget import BudgetExceededError, ByteBudget
+from precond_service.client import PreconditionerClient
 from precond_service.scheduler import Job, Scheduler
 from precond_service.store import PublishedRoot, VersionedStore
 from protos import precond_service_pb2 as pb
@@ -84,3 +85,23 @@ def test_pushes_beyond_the_budget_are_refused_and_drop_run_gives_it_back(
     assert status(stub).memory_held_bytes == 0
     push(stub, "run", StatisticsBlock("k", 1, 2, random_statistic(512, 0)))
     assert wait_until(lambda: status(stub).published == 7, 60)
+
+
+def test_a_client_refused_for_the_budget_retries_and_gets_its_roots_once_room_is_made(
+    start_service, stub_for
+) -> None:
+    server = start_service(workers=1, memory_budget_mb=8)
+    stub = stub_for(server.address)
+    for i in range(3):  # 6 MiB of another run's roots held.
+        push(stub, "other", StatisticsBlock(f"o{i}", 1, 2, random_statistic(512, i)))
+    pull_until(stub, "other", {f"o{i}": 1 for i in range(3)})
+    blocks = [StatisticsBlock(f"k{i}", 1, 2, random_statistic(512, 10 + i)) for i in range(2)]
+    with PreconditionerClient(
+        server.address, "run", pull_interval_s=0.05, backoff_max_s=0.2
+    ) as client:
+        client.push(blocks)  # 4 MiB: does not fit beside the other run's 6.
+        assert wait_until(lambda: client.status().push_failures >= 2, 30)
+        assert "RESOURCE_EXHAUSTED" in client.status().last_error
+        assert client.latest() == {} and client.status().blocks_rejected == 0
+        stub.DropRun(pb.DropRunRequest(run_id="other"), timeout=30)
+        assert wait_until(lambda: set(client.latest()) == {"k0", "k1"}, 60)
