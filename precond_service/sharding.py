@@ -185,3 +185,7 @@ def _first_named(clients: Sequence[PreconditionerClient], values: Any) -> str | 
         if value is not None:
             return f"{client.address}: {value}"
     return None
+
+
+# What a trainer talks to: one service, or several.
+Client = PreconditionerClient | ShardedClient

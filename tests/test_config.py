@@ -310,3 +310,18 @@ def _run_python(program: str, env: dict[str, str] | None = None) -> subprocess.C
         env=dict(os.environ if env is None else env, PYTHONPATH=str(ROOT)),
         timeout=120,
     )
+
+
+def test_precond_address_lists_and_shards_are_checked():
+    config = config_lib.default_config()
+    config.precond.address = "cpu1:50051,cpu2:50051"
+    config_lib.validate(config)  # Two running shards.
+    config.precond.address = "cpu1:50051,cpu1:50051"
+    with pytest.raises(ValueError, match=r"config\.precond\.address: an address appears twice"):
+        config_lib.validate(config)
+    config.precond.address = "cpu1:50051"
+    config.precond.shards = 2
+    with pytest.raises(ValueError, match=r"config\.precond\.shards starts that many services"):
+        config_lib.validate(config)
+    config.precond.address = ""
+    config_lib.validate(config)  # Two shards the trainer starts itself.

@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from precond_service.client import wait_for_serving
 from precond_service.events import Event, read_events
+from precond_service.sharding import shard_of
 from trainer import train
 from trainer.config import default_config
 from trainer.optimizers.service_bridge import staleness
@@ -212,6 +213,27 @@ def test_async_mode_gets_roots_from_a_real_service_child(tmp_path, vocab_path):
     assert len(cosines) == len(trainer.optimizer.direction_cosines())
     # The child is gone once the block ends.
     assert not wait_for_serving(address, 1.0)
+
+
+def test_two_service_shards_started_by_the_trainer_each_serve_their_keys(tmp_path, vocab_path):
+    config = tiny_config(vocab_path, "shampoo", "async")
+    config.precond.shards = 2
+    trainer = make_trainer(config, tmp_path)
+    with trainer.preconditioning() as bridge:
+        shards = bridge.client.clients
+        assert len(shards) == 2 and shards[0].address != shards[1].address
+        trainer.train(bridge, until_step=4)
+        deadline = time.monotonic() + 60
+        while staleness(trainer.optimizer).fraction_preconditioned < 1.0:
+            assert time.monotonic() < deadline, bridge.client.status()
+            time.sleep(0.1)
+            bridge.after_steps()
+        held = [set(shard.latest()) for shard in shards]
+    # Every block's root came from the shard its key hashes to; both shards served.
+    assert held[0] and held[1] and not held[0] & held[1]
+    assert held[0] | held[1] == set(trainer.optimizer.preconditioner_stats_steps())
+    assert all(shard_of(key, 2) == index for index in (0, 1) for key in held[index])
+    assert (tmp_path / "service_address").read_text().strip().count(",") == 1
 
 
 def test_resume_restores_weights_optimizer_and_step(tmp_path, vocab_path):

@@ -19,6 +19,7 @@ from precond_service.auth import MIN_RUN_ID_BITS, run_id_bits
 from precond_service.process import parse_cpus
 from precond_service.roots import METHODS as ROOT_METHODS
 from precond_service.roots import RIDGE_MODES
+from precond_service.sharding import parse_addresses
 from trainer.optimizers.service_bridge import CADENCES
 from trainer.optimizers.shampoo import (
     GRAFT_SCOPES,
@@ -65,6 +66,7 @@ RESUMABLE_FIELDS = (
     "data.split_cache_dir",
     "precond.address",
     "precond.workers",
+    "precond.shards",
     "precond.service_flags",
     "precond.token_file",
     "precond.tls_ca_file",
@@ -298,11 +300,15 @@ def _precond_fields() -> ml_collections.ConfigDict:
     # update_steps) or "off" (grafting optimizer only).
     section.mode = "async"
     # Service address HOST:PORT; "" starts a service child process on loopback.
+    # Several, comma-separated ("cpu1:50051,cpu2:50051"), shard the blocks over
+    # those services by a stable hash of their keys (precond_service/sharding.py).
     section.address = ""
     # Steps between statistics pushes (async) or root computations (sync).
     section.update_steps = 100
-    # Worker processes of a service the trainer starts itself.
+    # Worker processes of a service the trainer starts itself (of each shard).
     section.workers = 1
+    # Services (shards) the trainer starts itself when address is "".
+    section.shards = 1
     # CPUs that service and its workers are pinned to ("1", "2-5"), the "host"
     # of train.device_cpus; "" does not pin.
     section.host_cpus = ""
@@ -424,6 +430,7 @@ def _validate_values(config: ml_collections.ConfigDict) -> None:
         "optimizer.shampoo.block_size",
         "precond.update_steps",
         "precond.workers",
+        "precond.shards",
     ):
         _check_min(config, field, 1)
     for field in (
@@ -492,6 +499,17 @@ def _validate_precond(config: ml_collections.ConfigDict) -> None:
             "config.precond.tls_cert_file needs config.precond.tls_ca_file (the CA of the "
             "service's certificate); without it the trainer connects in plaintext"
         )
+    if precond.address:
+        try:
+            parse_addresses(precond.address)
+        except ValueError as e:
+            raise ValueError(f"config.precond.address: {e}") from None
+        if precond.shards != 1:
+            raise ValueError(
+                "config.precond.shards starts that many services itself, so it needs "
+                f"config.precond.address empty (got {precond.address!r}); to use running "
+                "shards, list every one in config.precond.address, comma-separated"
+            )
     if precond.tls_ca_file and not precond.address:
         raise ValueError(
             "config.precond.tls_ca_file needs config.precond.address: the service the "

@@ -24,6 +24,7 @@ from precond_service.auth import TlsConfig, read_token, run_digest
 from precond_service.client import PreconditionerClient
 from precond_service.events import EventLog
 from precond_service.process import local_service
+from precond_service.sharding import Client, ShardedClient, parse_addresses
 from trainer.optimizers import Shampoo
 from trainer.optimizers.service_bridge import ServicePreconditioning
 
@@ -104,8 +105,9 @@ def preconditioning(
 ) -> Iterator[ServicePreconditioning | None]:
     """The service connection of the async mode (None in the other modes).
 
-    Starts the service as a child process unless `precond.address` names one,
-    and stops the client and the child when the block ends.
+    Starts the service as a child process (`precond.shards` of them) unless
+    `precond.address` names one (or several: shards), and stops the client and
+    the children when the block ends.
 
     Args:
         config: The run's config.
@@ -120,23 +122,31 @@ def preconditioning(
     with contextlib.ExitStack() as stack:
         precond = config.precond
         token, tls = service_token(config), service_tls(config)
-        address = precond.address
-        if not address:
+        if precond.address:
+            addresses = parse_addresses(precond.address)
+        else:
             flags = shlex.split(precond.service_flags)
             if precond.token_file:
                 flags.append(f"--token_file={precond.token_file}")
-            address = stack.enter_context(
-                local_service(
-                    workers=precond.workers,
-                    extra_args=flags,
-                    cpus=precond.host_cpus,
-                    events=events,
+            addresses = [
+                stack.enter_context(
+                    local_service(
+                        workers=precond.workers,
+                        extra_args=flags,
+                        cpus=precond.host_cpus,
+                        events=events,
+                    )
                 )
-            )
+                for _ in range(precond.shards)
+            ]
+        address = ",".join(addresses)
         write_service_address(workdir, address)
         run_id = run_id_for(config, workdir)
-        client = PreconditionerClient(
-            address, run_id, token=token, tls=tls, pull_interval_s=precond.pull_interval_s
+        options = dict(token=token, tls=tls, pull_interval_s=precond.pull_interval_s)
+        client = (
+            PreconditionerClient(address, run_id, **options)
+            if len(addresses) == 1
+            else ShardedClient(addresses, run_id, **options)
         )
         drop_earlier_roots(client, int(optimizer.iterations.numpy()))
         finished: list[bool] = []
@@ -167,7 +177,7 @@ def preconditioning(
         finished.append(True)  # Not reached when the block raised.
 
 
-def drop_finished_run(client: PreconditionerClient) -> bool:
+def drop_finished_run(client: Client) -> bool:
     """Asks a shared service to release a run that ended cleanly; returns whether it did.
 
     One try, bounded by `DROP_TIMEOUT_S`: a service that cannot be reached forgets
@@ -189,7 +199,7 @@ def drop_finished_run(client: PreconditionerClient) -> bool:
 
 
 def drop_earlier_roots(
-    client: PreconditionerClient,
+    client: Client,
     step: int,
     attempts: int = DROP_ATTEMPTS,
     backoff_s: float = DROP_BACKOFF_S,
