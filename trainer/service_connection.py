@@ -122,23 +122,11 @@ def preconditioning(
     with contextlib.ExitStack() as stack:
         precond = config.precond
         token, tls = service_token(config), service_tls(config)
-        if precond.address:
-            addresses = parse_addresses(precond.address)
-        else:
-            flags = shlex.split(precond.service_flags)
-            if precond.token_file:
-                flags.append(f"--token_file={precond.token_file}")
-            addresses = [
-                stack.enter_context(
-                    local_service(
-                        workers=precond.workers,
-                        extra_args=flags,
-                        cpus=precond.host_cpus,
-                        events=events,
-                    )
-                )
-                for _ in range(precond.shards)
-            ]
+        addresses = (
+            parse_addresses(precond.address)
+            if precond.address
+            else start_local_shards(stack, precond, events)
+        )
         address = ",".join(addresses)
         write_service_address(workdir, address)
         run_id = run_id_for(config, workdir)
@@ -175,6 +163,23 @@ def preconditioning(
             )
         )
         finished.append(True)  # Not reached when the block raised.
+
+
+def start_local_shards(
+    stack: contextlib.ExitStack, precond: ml_collections.ConfigDict, events: EventLog | None
+) -> list[str]:
+    """Starts `precond.shards` supervised service children (stopped with `stack`); addresses."""
+    flags = shlex.split(precond.service_flags)
+    if precond.token_file:
+        flags.append(f"--token_file={precond.token_file}")
+    return [
+        stack.enter_context(
+            local_service(
+                workers=precond.workers, extra_args=flags, cpus=precond.host_cpus, events=events
+            )
+        )
+        for _ in range(precond.shards)
+    ]
 
 
 def drop_finished_run(client: Client) -> bool:
