@@ -182,6 +182,15 @@ def test_mixed_precision_trains_shampoo_with_loss_scaling_for_float16(
     assert staleness(trainer.optimizer).fraction_preconditioned > 0.5
 
 
+def wait_for_every_root(trainer, bridge, timeout_s: float = 60.0) -> None:
+    """Installs roots as they come until every block holds one (fails after `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while staleness(trainer.optimizer).fraction_preconditioned < 1.0:
+        assert time.monotonic() < deadline, bridge.client.status()
+        time.sleep(0.1)
+        bridge.after_steps()
+
+
 def test_async_mode_gets_roots_from_a_real_service_child(tmp_path, vocab_path):
     config = tiny_config(vocab_path, "shampoo", "async")
     config.train.num_steps = 12
@@ -192,11 +201,7 @@ def test_async_mode_gets_roots_from_a_real_service_child(tmp_path, vocab_path):
         assert wait_for_serving(address, 5.0)
         trainer.train(bridge, until_step=4)
         # The pushes went out at steps 2 and 4; wait for every block's root to come back.
-        deadline = time.monotonic() + 60
-        while staleness(trainer.optimizer).fraction_preconditioned < 1.0:
-            assert time.monotonic() < deadline, bridge.client.status()
-            time.sleep(0.1)
-            bridge.after_steps()
+        wait_for_every_root(trainer, bridge)
         first = staleness(trainer.optimizer)
         trainer.train(bridge, until_step=12)
         status = bridge.client.status()
@@ -223,11 +228,7 @@ def test_two_service_shards_started_by_the_trainer_each_serve_their_keys(tmp_pat
         shards = bridge.client.clients
         assert len(shards) == 2 and shards[0].address != shards[1].address
         trainer.train(bridge, until_step=4)
-        deadline = time.monotonic() + 60
-        while staleness(trainer.optimizer).fraction_preconditioned < 1.0:
-            assert time.monotonic() < deadline, bridge.client.status()
-            time.sleep(0.1)
-            bridge.after_steps()
+        wait_for_every_root(trainer, bridge)
         held = [set(shard.latest()) for shard in shards]
     # Every block's root came from the shard its key hashes to; both shards served.
     assert held[0] and held[1] and not held[0] & held[1]
