@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -155,6 +156,9 @@ def _cpu_list(value: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGINT stops both halves cleanly, even where the shell started this process with
+    # SIGINT ignored (a background job of a script), where Python leaves it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="half", required=True)
 

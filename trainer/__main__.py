@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import signal
 import sys
 
 from trainer.quiet import quiet_tensorflow_start
@@ -80,6 +81,9 @@ def _field_names(config, prefix: str = "") -> set[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _refuse(f"unexpected arguments: {' '.join(argv[1:])}")
+    # SIGINT saves a checkpoint and stops, even where the shell started this process
+    # with SIGINT ignored (a background job of a script), where Python leaves it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # Imported here so that --help comes without loading TensorFlow.
     with quiet_tensorflow_start():
         from trainer import checkpoints, process_setup, train
