@@ -62,6 +62,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import numbers
+from typing import Any
 
 import numpy as np
 
@@ -263,16 +264,7 @@ def inverse_pth_root(
     Raises:
         ValueError: For an invalid statistic (see `validate_statistic`) or argument.
     """
-    options = _checked_options(
-        ridge_epsilon,
-        ridge_mode,
-        method,
-        tolerance,
-        max_iterations,
-        failure_threshold,
-        max_retries,
-        scaling,
-    )
+    options = _checked_options(locals())
     statistic = validate_statistic(matrix, p, symmetry_tolerance=symmetry_tolerance)
     return _solve(statistic, p, *options)
 
@@ -311,16 +303,7 @@ def batched_inverse_pth_root(
         ValueError: If the stack is not 3-D with square blocks, or an argument is
             invalid.
     """
-    options = _checked_options(
-        ridge_epsilon,
-        ridge_mode,
-        method,
-        tolerance,
-        max_iterations,
-        failure_threshold,
-        max_retries,
-        scaling,
-    )
+    options = _checked_options(locals())
     _check_exponent(p)
     stack = np.asarray(matrices)
     if stack.ndim != 3 or stack.shape[1] != stack.shape[2]:
@@ -353,17 +336,29 @@ def _check_exponent(p: int) -> None:
         raise ValueError(f"p must be a positive integer, got {p!r}")
 
 
+# The solver options, in the order `_solve` takes them after the statistic and p.
+_OPTION_NAMES = (
+    "ridge_epsilon",
+    "ridge_mode",
+    "method",
+    "tolerance",
+    "max_iterations",
+    "failure_threshold",
+    "max_retries",
+    "scaling",
+)
+
+
 def _checked_options(
-    ridge_epsilon: float,
-    ridge_mode: str,
-    method: str,
-    tolerance: float,
-    max_iterations: int,
-    failure_threshold: float,
-    max_retries: int,
-    scaling: str,
+    arguments: dict[str, Any],
 ) -> tuple[float, str, str, float, int, float, int, str]:
-    """Checks the solver options; returns them in the order `_solve` takes them."""
+    """Checks the solver options among a caller's `arguments` (its `locals()`).
+
+    Returns them in the order `_solve` takes them.
+    """
+    options = tuple(arguments[name] for name in _OPTION_NAMES)
+    ridge_epsilon, ridge_mode, method, tolerance = options[:4]
+    max_iterations, failure_threshold, max_retries, scaling = options[4:]
     if ridge_mode not in RIDGE_MODES:
         raise ValueError(f"ridge_mode must be one of {RIDGE_MODES}, got {ridge_mode!r}")
     if method not in METHODS:
@@ -388,16 +383,7 @@ def _checked_options(
         or max_retries < 0
     ):
         raise ValueError(f"max_retries must be a non-negative integer, got {max_retries!r}")
-    return (
-        ridge_epsilon,
-        ridge_mode,
-        method,
-        tolerance,
-        max_iterations,
-        failure_threshold,
-        max_retries,
-        scaling,
-    )
+    return options
 
 
 def _solve(

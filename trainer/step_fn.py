@@ -110,7 +110,10 @@ class TrainStep:
     ) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
         """The gradient of the mean loss over all micro-batches and replicas; local loss, weight."""
         replicas = replica.num_replicas_in_sync
-        all_weights = tf.add_n([_target_tokens(batch) for batch in batches])
+        # One micro-batch on one replica: its own weight (from the loss) is the total.
+        all_weights = None
+        if len(batches) > 1 or replicas > 1:
+            all_weights = tf.add_n([_target_tokens(batch) for batch in batches])
         if replicas > 1:  # The loss is the mean over the tokens of every replica.
             all_weights = replica.all_reduce(tf.distribute.ReduceOp.SUM, all_weights)
         parts = [self._gradients(batch, all_weights) for batch in batches]
@@ -130,15 +133,19 @@ class TrainStep:
         return grads, loss_sum, weight_sum
 
     def _gradients(
-        self, batch: dict[str, tf.Tensor], all_weights: tf.Tensor
+        self, batch: dict[str, tf.Tensor], all_weights: tf.Tensor | None
     ) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
-        """Gradient of one micro-batch's loss over `all_weights` tokens; its loss and weight."""
+        """Gradient of one micro-batch's loss over `all_weights` tokens (None: its own).
+
+        Returns the gradient, the micro-batch's loss sum and its weight.
+        """
         with tf.GradientTape() as tape:
             logits = self.model(batch, training=True)
             loss_sum, weight_sum = transformer.sequence_loss(
                 logits, batch["targets"], self.label_smoothing
             )
-            loss = loss_sum / tf.maximum(all_weights, 1.0)
+            total = weight_sum if all_weights is None else all_weights
+            loss = loss_sum / tf.maximum(total, 1.0)
             scaled = self.optimizer.scale_loss(loss) if self.scale_loss else loss
         return tape.gradient(scaled, self.variables), loss_sum, weight_sum
 
