@@ -1,13 +1,16 @@
 """The byte budget: what the service holds for clients, bounded by `--memory_budget_mb`.
 
-Counted: the push messages being validated, the statistics pending or being
-computed, and the published roots. A push message that would take the total past
-the budget is refused (the servicer ends the push with RESOURCE_EXHAUSTED, naming
-the flag); statistics and roots are charged as they are queued and published, and
-released as they are replaced, computed, or dropped with their run, so what was
-admitted is never refused later. gRPC receives each message whole before the
-service sees it, so a push message is counted from the moment it is parsed: the
-`--max_streams` cap bounds the messages being received at once.
+Counted: the push messages being received and validated, the statistics pending or
+being computed, and the published roots. A push stream that declares the size of its
+largest message (`wire.MESSAGE_BYTES_METADATA`; `PreconditionerClient` always does)
+is admitted before any of its bytes are read: room for one such message is held for
+the stream's life (its messages are then received one at a time), or the stream
+ends at once with RESOURCE_EXHAUSTED naming the flag.
+Concurrent large pushes are so admitted against the budget instead of all being
+received first. A stream without the declaration has each message counted once gRPC
+has received it whole (the `--max_streams` cap bounds those). Statistics and roots are
+charged as they are queued and published, and released as they are replaced,
+computed, or dropped with their run, so what was admitted is never refused later.
 """
 
 from __future__ import annotations

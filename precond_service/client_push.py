@@ -6,7 +6,6 @@ import collections
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
 
 import grpc
 
@@ -70,10 +69,13 @@ class PushThread(ClientCore):
         """
         local_rejections: list[tuple[str, str]] = []
         start = time.perf_counter()
+        messages = self._messages(blocks, local_rejections)
+        # The service admits the stream against its byte budget from this declaration.
+        largest = max(map(wire.pieces_size, messages), default=0)
         future = push_call.future(
-            self._requests(blocks, local_rejections),
+            (b"".join(pieces) for pieces in messages),
             timeout=self._rpc_timeout_s,
-            metadata=self._metadata,
+            metadata=(*self._metadata, (wire.MESSAGE_BYTES_METADATA, str(largest))),
         )
         self._track(future)
         try:
@@ -135,11 +137,15 @@ class PushThread(ClientCore):
             )
         return permanent
 
-    def _requests(
+    def _messages(
         self, blocks: list[StatisticsBlock], local_rejections: list[tuple[str, str]]
-    ) -> Iterator[bytes]:
-        """Serialized messages of about PUSH_BATCH_BYTES of blocks (a large one alone)."""
-        batch: list[StatisticsBlock] = []
+    ) -> list[list[bytes | memoryview]]:
+        """The push's messages as unjoined pieces (`wire.push_request_pieces`).
+
+        Each holds about PUSH_BATCH_BYTES of blocks, or one large block alone. A block
+        that cannot be sent is left out, with its reason in `local_rejections`.
+        """
+        batches: list[list[StatisticsBlock]] = []
         batch_bytes = 0
         for block in blocks:
             try:
@@ -152,13 +158,12 @@ class PushThread(ClientCore):
             except (ValueError, TypeError) as e:
                 local_rejections.append((block.key, f"not sent: {e}"))
                 continue
-            if batch and batch_bytes + array.nbytes > wire.PUSH_BATCH_BYTES:
-                yield wire.encode_push_request(self.run_id, batch)
-                batch, batch_bytes = [], 0
-            batch.append(dataclasses.replace(block, statistics=array))
+            if not batches or batch_bytes + array.nbytes > wire.PUSH_BATCH_BYTES:
+                batches.append([])
+                batch_bytes = 0
+            batches[-1].append(dataclasses.replace(block, statistics=array))
             batch_bytes += array.nbytes
-        if batch:
-            yield wire.encode_push_request(self.run_id, batch)
+        return [wire.push_request_pieces(self.run_id, batch) for batch in batches]
 
     def _count_rejections(self, rejections: list[tuple[str, str]]) -> None:
         """Records rejections; the caller holds the lock."""

@@ -310,6 +310,7 @@ class WorkerPool:
             return True
         worker.job = None
         root = worker.read_root(job.matrix.shape[0]) if message.outcome.ok else None
+        worker.release_large_buffer()
         self._report(JobResult(job, message.outcome, root))
         return True
 

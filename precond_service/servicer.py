@@ -15,9 +15,10 @@ block is rejected alone, with its reason, in the push's reply.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent import futures
 from typing import TypeVar
 
@@ -81,14 +82,26 @@ class PreconditionerServicer:
     ) -> pb.PushStatisticsReply:
         """Validates and queues every block of every message of the stream.
 
-        A stream past `max_blocks_per_request` blocks fails RESOURCE_EXHAUSTED; the
-        blocks of its earlier messages stay accepted.
+        A stream that declares its largest message (`wire.MESSAGE_BYTES_METADATA`,
+        as `PreconditionerClient` does) is admitted against the byte budget before
+        any of it is read: room for one such message is held until the stream ends,
+        its messages are received one at a time, and a message larger than declared
+        ends it. A stream without the declaration has each message counted once it
+        has been received (the next one is received meanwhile). A stream past
+        `max_blocks_per_request` blocks fails RESOURCE_EXHAUSTED; the blocks of its
+        earlier messages stay accepted.
         """
         reply = pb.PushStatisticsReply(incarnation=self._service.incarnation)
         limit = self._service.config.max_blocks_per_request
+        declared = _declared_message_bytes(context.invocation_metadata())
+        if declared is not None:  # No message can be larger than gRPC's receive limit.
+            declared = min(declared, wire.max_message_bytes(self._service.config.max_matrix_size))
         blocks = 0
-        with self._limits.admit(context.peer()) as deadline:
-            async for message in deadline.messages(request_iterator):
+        with (
+            self._limits.admit(context.peer()) as deadline,
+            self._held(3 * (declared or 0), "this push stream (3x its declared message size)"),
+        ):
+            async for message in deadline.messages(request_iterator, prefetch=declared is None):
                 request = _checked(message)
                 blocks += len(request.blocks)
                 if blocks > limit:
@@ -97,24 +110,36 @@ class PreconditionerServicer:
                         f"this push carries more than max_blocks_per_request={limit} blocks; "
                         "send each key at most once per push",
                     )
-                accepted, rejections = await self._push(request)
+                nbytes = request.ByteSize()
+                if declared is not None and nbytes > declared:
+                    raise StreamRefusedError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"a message of {nbytes} bytes is larger than the {declared} the stream "
+                        f"declared in {wire.MESSAGE_BYTES_METADATA}",
+                    )
+                with self._held(0 if declared is not None else nbytes, "this push message"):
+                    accepted, rejections = await _run(
+                        self.data_executor, self._service.push, request.run_id, request.blocks
+                    )
                 reply.accepted += accepted
                 reply.rejected.extend(
                     pb.BlockError(key=r.key, step=r.step, reason=r.reason) for r in rejections
                 )
         return reply
 
-    async def _push(self, request: pb.PushStatisticsRequest) -> tuple[int, list]:
-        """Pushes one message's blocks, its bytes held in the budget meanwhile."""
-        nbytes = request.ByteSize()
+    @contextlib.contextmanager
+    def _held(self, nbytes: int, what: str) -> Iterator[None]:
+        """Holds `nbytes` of the byte budget while the block runs.
+
+        Raises:
+            StreamRefusedError: RESOURCE_EXHAUSTED naming the flag, if they do not fit.
+        """
         try:
-            self._service.budget.reserve(nbytes, "this push message")
+            self._service.budget.reserve(nbytes, what)
         except BudgetExceededError as e:
             raise StreamRefusedError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
         try:
-            return await _run(
-                self.data_executor, self._service.push, request.run_id, request.blocks
-            )
+            yield
         finally:
             self._service.budget.release(nbytes)
 
@@ -171,6 +196,25 @@ class PreconditionerServicer:
                 self._control, self._service.drop_run_by_digest, request.run_digest
             )
         return pb.DropRunReply(dropped=released > 0, blocks_released=released)
+
+
+def _declared_message_bytes(metadata: Sequence[tuple[str, str | bytes]] | None) -> int | None:
+    """The size a push declares for its largest message, or None where it declares none.
+
+    Raises:
+        ValueError: If the declaration is not a non-negative integer (INVALID_ARGUMENT).
+    """
+    values = [v for k, v in metadata or () if k == wire.MESSAGE_BYTES_METADATA]
+    if not values:
+        return None
+    value = values[-1]
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+    if not text.isdigit() or len(text) > 20:
+        raise ValueError(
+            f"{wire.MESSAGE_BYTES_METADATA} must be the size in bytes of the stream's largest "
+            f"message, a non-negative integer; got {text[:40]!r}"
+        )
+    return int(text)
 
 
 def status_message(status: object) -> pb.ServiceStatus:

@@ -139,10 +139,13 @@ class StreamDeadline:
                 grpc.StatusCode.DEADLINE_EXCEEDED, f"{why} ({flag}); the stream is closed"
             ) from None
 
-    async def messages(self, requests: AsyncIterator[T]) -> AsyncIterator[T]:
+    async def messages(self, requests: AsyncIterator[T], *, prefetch: bool) -> AsyncIterator[T]:
         """Yields a request stream's messages, each within the deadlines.
 
-        The next message is received while the caller works on the previous one.
+        Args:
+            requests: The stream.
+            prefetch: Whether the next message is received while the caller works
+                on the previous one (faster; two messages held at once).
         """
         iterator = aiter(requests)
         pending = asyncio.ensure_future(anext(iterator, None))
@@ -151,7 +154,11 @@ class StreamDeadline:
                 item = await self.within(asyncio.shield(pending), "sending the next message")
                 if item is None:
                     return
-                pending = asyncio.ensure_future(anext(iterator, None))
-                yield item
+                if prefetch:
+                    pending = asyncio.ensure_future(anext(iterator, None))
+                    yield item
+                else:
+                    yield item
+                    pending = asyncio.ensure_future(anext(iterator, None))
         finally:
             pending.cancel()

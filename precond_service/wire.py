@@ -49,6 +49,11 @@ SERVICE_NAME = SERVICE.full_name
 # before starting the next one.
 PUSH_BATCH_BYTES = 4 * 1024 * 1024
 
+# The call metadata in which a PushStatistics stream declares the size in bytes of
+# its largest message. The service reserves room for it in its byte budget before
+# reading the stream, and refuses the stream at once if it does not fit.
+MESSAGE_BYTES_METADATA = "precond-message-bytes"
+
 # Numbers of the fields written by hand around tensor bytes, from the .proto.
 _BLOCKS_FIELD = pb.PushStatisticsRequest.DESCRIPTOR.fields_by_name["blocks"].number
 _STATISTICS_FIELD = pb.BlockStatistics.DESCRIPTOR.fields_by_name["statistics"].number
@@ -328,13 +333,27 @@ def encode_push_request(run_id: str, blocks: Sequence[StatisticsBlock]) -> bytes
         Bytes that parse as `PushStatisticsRequest(run_id=run_id,
         blocks=[statistics_to_message(b) for b in blocks])`.
     """
+    return b"".join(push_request_pieces(run_id, blocks))
+
+
+def push_request_pieces(run_id: str, blocks: Sequence[StatisticsBlock]) -> list[bytes | memoryview]:
+    """The pieces `encode_push_request` joins: headers, and views of the matrices.
+
+    Their lengths sum to the message's size before any matrix is copied, which is
+    what a push declares in `MESSAGE_BYTES_METADATA`.
+    """
     pieces: list[bytes | memoryview] = [pb.PushStatisticsRequest(run_id=run_id).SerializeToString()]
     for block in blocks:
         block_pieces, length = _with_tensor(
             _statistics_header(block), _STATISTICS_FIELD, wire_array(block.statistics)
         )
         pieces += [_field_header(_BLOCKS_FIELD, length), *block_pieces]
-    return b"".join(pieces)
+    return pieces
+
+
+def pieces_size(pieces: Sequence[bytes | memoryview]) -> int:
+    """Bytes of the message the pieces join into."""
+    return sum(len(piece) for piece in pieces)
 
 
 def encode_preconditioner(message: pb.Preconditioner, root: np.ndarray) -> bytes:

@@ -20,10 +20,8 @@ step and every health check answered.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import multiprocessing
-import os
 import statistics
 import subprocess
 import sys
@@ -45,43 +43,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from precond_service import wire  # noqa: E402
 from precond_service.blocks import StatisticsBlock  # noqa: E402
+from precond_service.probes import own_channel, rss_bytes, tree_rss_bytes  # noqa: E402
 from precond_service.process import start_service  # noqa: E402
 from protos import precond_service_pb2 as pb  # noqa: E402
 from protos import precond_service_pb2_grpc as pb_grpc  # noqa: E402
 
 MIB = 1 << 20
-
-
-def channel_to(address: str) -> grpc.Channel:
-    """A channel with a connection of its own (one peer), large messages allowed."""
-    limit = 256 * MIB
-    return grpc.insecure_channel(
-        address,
-        options=[
-            ("grpc.max_send_message_length", limit),
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.use_local_subchannel_pool", 1),
-        ],
-    )
-
-
-def tree_rss_bytes(pid: int, descendants: bool = True) -> int:
-    """Resident memory of a process and (unless told not to) all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-    total, todo = 0, [pid]
-    while todo:
-        current = todo.pop()
-        todo += children.get(current, []) if descendants else []
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-    return total
 
 
 def hostile_process(
@@ -134,7 +101,7 @@ class Hostiles:
             thread.join(60)
 
     def _publish_large_root(self) -> None:
-        with channel_to(self.address) as channel:
+        with own_channel(self.address) as channel:
             stub = pb_grpc.PreconditionerServiceStub(channel)
             block = StatisticsBlock("big", 1, 2, np.eye(1536) * 2.0)
             request = pb.PushStatisticsRequest(
@@ -149,7 +116,7 @@ class Hostiles:
 
     def _idle_pushes(self) -> None:
         """Keeps `--idle_streams` pushes open on one connection, opening new ones as they end."""
-        with channel_to(self.address) as channel:
+        with own_channel(self.address) as channel:
             stub = pb_grpc.PreconditionerServiceStub(channel)
             open_calls: list[grpc.Future] = []
             while not self.stop.is_set():
@@ -166,7 +133,7 @@ class Hostiles:
 
     def _unread_pulls(self) -> None:
         """Keeps `--unread_pulls` pulls of the large root open and unread."""
-        with channel_to(self.address) as channel:
+        with own_channel(self.address) as channel:
             stub = pb_grpc.PreconditionerServiceStub(channel)
             request = pb.GetPreconditionersRequest(run_id="hostile-big")
             calls = []
@@ -182,7 +149,7 @@ class Hostiles:
     def _large_pushes(self) -> None:
         """Pushes 32 MiB statistics (2048 x 2048 float64) back to back."""
         block = wire.statistics_to_message(StatisticsBlock("large", 1, 2, np.eye(2048)))
-        with channel_to(self.address) as channel:
+        with own_channel(self.address) as channel:
             stub = pb_grpc.PreconditionerServiceStub(channel)
             step = 0
             while not self.stop.is_set():
@@ -201,7 +168,7 @@ class Hostiles:
     def _run_flood(self) -> None:
         """A new run in every push, a small statistic each."""
         block = wire.statistics_to_message(StatisticsBlock("k", 1, 2, np.eye(4)))
-        with channel_to(self.address) as channel:
+        with own_channel(self.address) as channel:
             stub = pb_grpc.PreconditionerServiceStub(channel)
             index = 0
             while not self.stop.is_set():
@@ -235,11 +202,11 @@ class Sampler:
         self._thread.join(60)
 
     def _run(self) -> None:
-        with channel_to(self.address) as channel:
+        with own_channel(self.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while not self.stop.wait(self.period_s):
                 self.rss.append(tree_rss_bytes(self.pid))
-                self.server_rss.append(tree_rss_bytes(self.pid, descendants=False))
+                self.server_rss.append(rss_bytes(self.pid))
                 began = time.perf_counter()
                 try:
                     health.Check(health_pb2.HealthCheckRequest(), timeout=5)
@@ -255,7 +222,7 @@ def progress_gaps(events: TrainerEvents) -> list[float]:
 
 
 def service_figures(address: str) -> dict[str, int]:
-    with channel_to(address) as channel:
+    with own_channel(address) as channel:
         status = pb_grpc.PreconditionerServiceStub(channel).GetStatus(
             pb.StatusRequest(), timeout=30
         )

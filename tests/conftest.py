@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from precond_service import process as precond_process
+from precond_service.probes import descendants
 from precond_service.server import RunningServer, serve
 from precond_service.service import ServiceConfig
 from protos import precond_service_pb2_grpc as pb_grpc
@@ -60,25 +61,6 @@ def start_service_process(
     """
     service = precond_process.start_service(flags, port=port, log_path=log_path)
     return service.process, service.address
-
-
-def descendants(pid: int) -> list[int]:
-    """Process ids of the children of `pid`, their children, and so on (from /proc)."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            stat = pathlib.Path(f"/proc/{entry}/stat").read_text()
-            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            parents.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        children = parents.get(todo.pop(), [])
-        found += children
-        todo += children
-    return found
 
 
 def alive(pid: int) -> bool:

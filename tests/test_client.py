@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
+from precond_service import wire
 from precond_service.auth import run_digest
 from precond_service.blocks import StatisticsBlock
 from precond_service.client import PermanentServiceError, PreconditionerClient, wait_for_serving
@@ -173,7 +174,10 @@ def test_push_packs_small_blocks_and_sends_large_ones_alone() -> None:
     client = PreconditionerClient("127.0.0.1:1", "run")
     small = [StatisticsBlock(f"s{i}", 1, 2, np.eye(300, dtype=np.float32)) for i in range(20)]
     large = StatisticsBlock("large", 1, 2, np.eye(1100, dtype=np.float32))
-    encoded = client._requests([*small[:10], large, *small[10:]], [])
+    pieces = client._messages([*small[:10], large, *small[10:]], [])
+    encoded = [b"".join(p) for p in pieces]
+    # What the push declares to the service is each message's exact size.
+    assert [wire.pieces_size(p) for p in pieces] == [len(m) for m in encoded]
     messages = [pb.PushStatisticsRequest.FromString(m) for m in encoded]
     sizes = [sum(len(b.statistics.data) for b in m.blocks) for m in messages]
     assert [len(m.blocks) for m in messages] == [10, 1, 10]

@@ -7,10 +7,14 @@ flag, and that DropRun gives every byte back.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+
 import grpc
 import numpy as np
 import pytest
 
+from precond_service import wire
 from precond_service.blocks import StatisticsBlock
 from precond_service.budget import BudgetExceededError, ByteBudget
 from precond_service.client import PreconditionerClient
@@ -90,7 +94,7 @@ def test_pushes_beyond_the_budget_are_refused_and_drop_run_gives_it_back(
 def test_a_client_refused_for_the_budget_retries_and_gets_its_roots_once_room_is_made(
     start_service, stub_for
 ) -> None:
-    server = start_service(workers=1, memory_budget_mb=8)
+    server = start_service(workers=1, memory_budget_mb=16)
     stub = stub_for(server.address)
     for i in range(3):  # 6 MiB of another run's roots held.
         push(stub, "other", StatisticsBlock(f"o{i}", 1, 2, random_statistic(512, i)))
@@ -99,9 +103,52 @@ def test_a_client_refused_for_the_budget_retries_and_gets_its_roots_once_room_is
     with PreconditionerClient(
         server.address, "run", pull_interval_s=0.05, backoff_max_s=0.2
     ) as client:
-        client.push(blocks)  # 4 MiB: does not fit beside the other run's 6.
+        # One 4 MiB message: its stream needs 12 MiB, which do not fit beside the 6.
+        client.push(blocks)
         assert wait_until(lambda: client.status().push_failures >= 2, 30)
         assert "RESOURCE_EXHAUSTED" in client.status().last_error
         assert client.latest() == {} and client.status().blocks_rejected == 0
         stub.DropRun(pb.DropRunRequest(run_id="other"), timeout=30)
         assert wait_until(lambda: set(client.latest()) == {"k0", "k1"}, 60)
+
+
+def test_a_push_is_admitted_from_its_declared_size_before_it_is_read(
+    start_service, stub_for
+) -> None:
+    server = start_service(workers=1, memory_budget_mb=16)
+    stub = stub_for(server.address)
+    never_sent = threading.Event()
+
+    def nothing_yet() -> Iterator[pb.PushStatisticsRequest]:
+        never_sent.wait(30)  # The refusal must not wait for a message.
+        return
+        yield
+
+    declared = ((wire.MESSAGE_BYTES_METADATA, str(8 * MIB)),)  # 3 x 8 MiB > 16 MiB.
+    try:
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.PushStatistics(nothing_yet(), metadata=declared, timeout=20)
+    finally:
+        never_sent.set()
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "declared" in refused.value.details()
+    assert "--memory_budget_mb=16" in refused.value.details()
+    assert status(stub).memory_held_bytes == 0
+
+    message = wire.encode_push_request("run", [StatisticsBlock("k", 1, 2, np.eye(64))])
+    channel = grpc.insecure_channel(server.address)
+    push_bytes = channel.stream_unary(  # Sends the bytes as they are.
+        "/precond.v1.PreconditionerService/PushStatistics",
+        response_deserializer=pb.PushStatisticsReply.FromString,
+    )
+    for value, code, words in (
+        (str(len(message) - 1), grpc.StatusCode.INVALID_ARGUMENT, "larger than the"),
+        ("lots", grpc.StatusCode.INVALID_ARGUMENT, "non-negative integer"),
+    ):
+        with pytest.raises(grpc.RpcError) as bad:
+            push_bytes(iter([message]), metadata=((wire.MESSAGE_BYTES_METADATA, value),))
+        assert bad.value.code() == code and words in bad.value.details(), bad.value.details()
+    declared = ((wire.MESSAGE_BYTES_METADATA, str(len(message))),)
+    assert push_bytes(iter([message]), metadata=declared).accepted == 1
+    channel.close()
+    assert wait_until(lambda: status(stub).memory_held_bytes == 64 * 64 * 8, 30)  # The root.

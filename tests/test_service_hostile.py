@@ -24,6 +24,7 @@ from precond_service import wire
 from precond_service.auth import run_digest
 from precond_service.blocks import PreconditionerBlock, StatisticsBlock
 from precond_service.client import PreconditionerClient
+from precond_service.probes import rss_bytes
 from protos import precond_service_pb2 as pb
 from tests.conftest import (
     eigh_inverse_root,
@@ -306,14 +307,6 @@ def test_random_pushes_leave_the_service_serving(start_service, stub_for) -> Non
     root = pull_until(stub, "after-fuzz", {"k": 1})["k"]
     assert_close_root(wire.tensor_to_array(root.root), eigh_inverse_root(matrix, 2, RIDGE))
     assert status(stub).worker_restarts == 0
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident memory of a process, from /proc/<pid>/status (VmRSS)."""
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for process {pid}")
 
 
 @functools.cache

@@ -30,10 +30,11 @@ import pytest
 
 from precond_service.blocks import StatisticsBlock
 from precond_service.client import PreconditionerClient
+from precond_service.probes import tree_rss_bytes
 from precond_service.process import start_service
 from precond_service.status import fetch_status
 from protos import precond_service_pb2 as pb
-from tests.conftest import descendants, wait_until
+from tests.conftest import wait_until
 
 CLIENTS = 8
 PUSH_INTERVAL_S = 0.2
@@ -190,19 +191,6 @@ def run_client(
     )
 
 
-def rss_with_children(pid: int) -> int:
-    """Resident bytes of a process and its descendants (the service and its workers)."""
-    total = 0
-    for each in [pid, *descendants(pid)]:
-        try:
-            lines = pathlib.Path(f"/proc/{each}/status").read_text().splitlines()
-        except FileNotFoundError:
-            continue
-        # A process that has just ended (a zombie) has no VmRSS line.
-        total += sum(int(line.split()[1]) * 1024 for line in lines if line.startswith("VmRSS:"))
-    return total
-
-
 def print_figures(
     reports: list[dict],
     status: pb.ServiceStatus,
@@ -252,7 +240,7 @@ def test_concurrent_clients_get_their_own_roots_without_memory_growth(
         start.set()
         warm_up_s = min(10.0, duration_s / 2)
         time.sleep(warm_up_s)
-        rss_warm = rss_with_children(service.pid)
+        rss_warm = tree_rss_bytes(service.pid)
         rss_max = rss_warm
         reports = []
         deadline = time.monotonic() + duration_s + FINAL_WAIT_S + 60
@@ -261,8 +249,8 @@ def test_concurrent_clients_get_their_own_roots_without_memory_growth(
                 reports.append(results.get(timeout=1.0)[1])
             except queue.Empty:
                 assert time.monotonic() < deadline, f"clients did not finish: {reports}"
-            rss_max = max(rss_max, rss_with_children(service.pid))
-        rss_end = rss_with_children(service.pid)
+            rss_max = max(rss_max, tree_rss_bytes(service.pid))
+        rss_end = tree_rss_bytes(service.pid)
         status = fetch_status(address)
     finally:
         start.set()

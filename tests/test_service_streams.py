@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from precond_service import wire
 from precond_service.blocks import StatisticsBlock
+from precond_service.probes import own_channel
 from precond_service.process import start_service
 from protos import precond_service_pb2 as pb
 from protos import precond_service_pb2_grpc as pb_grpc
@@ -33,20 +34,6 @@ HONEST_DEADLINE_S = 10.0
 HOSTILE_STREAMS = 64
 # A root whose pulls carry megabytes (2 MiB each).
 ROOT_SIDE = 512
-
-
-def channel_to(address: str) -> grpc.Channel:
-    """A channel with a connection of its own, as a client in another process has."""
-    limit = 64 << 20
-    return grpc.insecure_channel(
-        address,
-        options=[
-            ("grpc.max_send_message_length", limit),
-            ("grpc.max_receive_message_length", limit),
-            # Channels of one process otherwise share one connection: one peer.
-            ("grpc.use_local_subchannel_pool", 1),
-        ],
-    )
 
 
 def push_request(run_id: str, key: str, step: int, n: int = 8) -> pb.PushStatisticsRequest:
@@ -65,7 +52,7 @@ def silent_requests(release: threading.Event) -> Iterator[pb.PushStatisticsReque
 def hostile_streams(address: str, run_id: str) -> Iterator[list[grpc.Future]]:
     """Opens HOSTILE_STREAMS idle pushes and HOSTILE_STREAMS unread pulls on one channel."""
     release = threading.Event()
-    with channel_to(address) as channel:
+    with own_channel(address) as channel:
         stub = pb_grpc.PreconditionerServiceStub(channel)
         calls = [
             stub.PushStatistics.future(silent_requests(release), timeout=60)
@@ -90,7 +77,7 @@ def timed(function, *args, **kwargs) -> tuple[object, float]:
 def honest_rpcs(address: str, run_id: str) -> dict[str, float]:
     """Health, status, a push and a pull from a second client; returns each one's seconds."""
     seconds = {}
-    with channel_to(address) as channel:
+    with own_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         reply, seconds["health"] = timed(
             health.Check, health_pb2.HealthCheckRequest(), timeout=HONEST_DEADLINE_S
@@ -116,7 +103,7 @@ def honest_rpcs(address: str, run_id: str) -> dict[str, float]:
 
 def publish_large_root(address: str, run_id: str) -> None:
     """Publishes a ROOT_SIDE root for `run_id`, so that its pulls carry megabytes."""
-    with channel_to(address) as channel:
+    with own_channel(address) as channel:
         stub = pb_grpc.PreconditionerServiceStub(channel)
         block = StatisticsBlock("big", 1, 2, random_statistic(ROOT_SIDE, 0))
         request = pb.PushStatisticsRequest(
@@ -139,7 +126,7 @@ def test_idle_pushes_and_unread_pulls_do_not_starve_other_clients(tmp_path: path
     with start_service(flags, log_path=tmp_path / "service.log") as service:
         publish_large_root(service.address, "hostile")
         with hostile_streams(service.address, "hostile") as calls:
-            with channel_to(service.address) as channel:
+            with own_channel(service.address) as channel:
                 stub = pb_grpc.PreconditionerServiceStub(channel)
                 # Every push is held open; an unread pull is held until the transport
                 # has taken its replies (how much it takes ahead is gRPC's business).
@@ -154,7 +141,7 @@ def test_idle_pushes_and_unread_pulls_do_not_starve_other_clients(tmp_path: path
             seconds = honest_rpcs(service.address, "honest")
             print(f"honest client's latencies with {len(calls)} hostile streams open: {seconds}")
             assert not any(call.done() for call in calls[:HOSTILE_STREAMS])
-        with channel_to(service.address) as channel:
+        with own_channel(service.address) as channel:
             status = pb_grpc.PreconditionerServiceStub(channel).GetStatus(
                 pb.StatusRequest(), timeout=30
             )
@@ -180,7 +167,7 @@ def test_one_connection_cannot_hold_more_than_its_share_of_streams(
             assert "--max_streams_per_peer=4" in errors[0].details()
             seconds = honest_rpcs(service.address, "honest")
             print(f"honest client's latencies beside a capped connection: {seconds}")
-            with channel_to(service.address) as channel:
+            with own_channel(service.address) as channel:
                 status = pb_grpc.PreconditionerServiceStub(channel).GetStatus(
                     pb.StatusRequest(), timeout=30
                 )
@@ -192,7 +179,7 @@ def test_an_idle_push_is_closed_after_the_idle_timeout(tmp_path: pathlib.Path) -
     flags = ["--workers=1", "--stream_idle_timeout_s=1"]
     with start_service(flags, log_path=tmp_path / "service.log") as service:
         release = threading.Event()
-        with channel_to(service.address) as channel:
+        with own_channel(service.address) as channel:
             stub = pb_grpc.PreconditionerServiceStub(channel)
             call = stub.PushStatistics.future(silent_requests(release), timeout=60)
             error = call.exception(timeout=60)
