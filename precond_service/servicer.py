@@ -395,10 +395,14 @@ def _with_status(method: Callable, parse: Callable[[object], Awaitable[object]])
             code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
         except ValueError as e:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
-        # Outside the except clauses: the abort's exception does not chain (and keep
-        # alive) the refusal's traceback, whose frames may hold a large request.
+        # The status is set and the handler returns instead of `context.abort`: the
+        # abort's exception would leave the call in a reference cycle (its traceback,
+        # the context, the call's state) that only the cyclic collector frees, with
+        # whatever gRPC had received of a refused push.
         del request
-        await context.abort(code, message)
+        context.set_code(code)
+        context.set_details(message)
+        return None
 
     return handle
 
