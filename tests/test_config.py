@@ -325,3 +325,20 @@ def test_precond_address_lists_and_shards_are_checked():
         config_lib.validate(config)
     config.precond.address = ""
     config_lib.validate(config)  # Two shards the trainer starts itself.
+
+
+def test_multi_worker_refuses_split_cpus_and_float16_loss_scaling():
+    config = config_lib.default_config()
+    config.train.distribution = "multi_worker"
+    config_lib.validate(config)
+    config.train.virtual_cpu_devices = 2
+    with pytest.raises(ValueError, match="virtual_cpu_devices splits the CPU for.*'mirrored' only"):
+        config_lib.validate(config)
+    config.train.virtual_cpu_devices = 0
+    config.train.mixed_precision = "mixed_float16"
+    with pytest.raises(ValueError, match="distribution='multi_worker': use 'mixed_bfloat16'"):
+        config_lib.validate(config)
+    config.train.mixed_precision = ""
+    config.train.distribution = "multi"
+    with pytest.raises(ValueError, match="train.distribution.*multi_worker"):
+        config_lib.validate(config)

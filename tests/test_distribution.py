@@ -1,12 +1,16 @@
-"""Data parallelism: `mirrored` over 2 logical CPU devices trains as one device does.
+"""Data parallelism: `mirrored` and `multi_worker` train as one device does.
 
-Logical devices can only be made before TensorFlow starts, so each run is its own
-process: this file, run as a script, trains a tiny config and saves its state.
+Logical devices and collective ops can only be set up before TensorFlow starts, so
+each run is its own process: this file, run as a script, trains a tiny config and
+saves its state. `multi_worker` runs two such processes, configured by TF_CONFIG on
+loopback, with roots from the preconditioner service that the chief starts.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,15 +34,23 @@ def _config(vocab_path: str, overrides: dict):
     return config
 
 
-def _train(vocab_path: str, out: str, overrides: dict) -> None:
-    """Trains 3 updates of the tiny config with `overrides`; saves every variable to `out`."""
+def _train(vocab_path: str, out: str, overrides: dict, job: bool) -> None:
+    """Trains the tiny config with `overrides`; saves every variable to `out`.
+
+    Three updates without host work; or (`job`) the whole run to train.num_steps
+    as `python -m trainer` trains it, with the service's roots.
+    """
     from trainer.process_setup import setup_process
     from trainer.train import Trainer
 
     config = _config(vocab_path, overrides)
     setup_process(config)
-    trainer = Trainer(config, str(Path(out).parent / "workdir"))
-    trainer.run_steps(None, 3)
+    trainer = Trainer(config, str(Path(out).parent.parent / "workdir"))
+    if job:
+        with trainer.preconditioning() as bridge:
+            trainer.train(bridge)
+    else:
+        trainer.run_steps(None, 3)
     replicas = trainer.strategy.num_replicas_in_sync
     state, names = {}, []
     for index, variable in enumerate(
@@ -52,13 +64,78 @@ def _train(vocab_path: str, out: str, overrides: dict) -> None:
     np.savez(out, replicas=replicas, names=np.array(names), **state)
 
 
-def _run(tmp_path: Path, name: str, vocab_path: str, overrides: dict) -> dict[str, np.ndarray]:
-    out = tmp_path / name / "state.npz"
-    out.parent.mkdir()
-    command = [sys.executable, __file__, vocab_path, str(out), json.dumps(overrides)]
+def _command(out: Path, vocab_path: str, overrides: dict, job: bool) -> list[str]:
+    out.parent.mkdir(parents=True)
+    return [sys.executable, __file__, vocab_path, str(out), json.dumps(overrides), str(int(job))]
+
+
+def _run(
+    tmp_path: Path, name: str, vocab_path: str, overrides: dict, job: bool = False
+) -> dict[str, np.ndarray]:
+    out = tmp_path / name / "run" / "state.npz"
+    command = _command(out, vocab_path, overrides, job)
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return dict(np.load(out))
+
+
+def _run_workers(
+    tmp_path: Path, name: str, vocab_path: str, overrides: dict, workers: int
+) -> list[dict[str, np.ndarray]]:
+    """Runs the job in `workers` processes of one multi-worker cluster on loopback."""
+    ports = []
+    for _ in range(workers):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    processes, outs = [], []
+    for index in range(workers):
+        out = tmp_path / name / f"worker{index}" / "state.npz"
+        tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        processes.append(
+            subprocess.Popen(
+                _command(out, vocab_path, overrides, job=True),
+                cwd=ROOT,
+                env=dict(os.environ, TF_CONFIG=json.dumps(tf_config)),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+        outs.append(out)
+    try:
+        errors = [process.communicate(timeout=600)[1] for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    for process, error in zip(processes, errors):
+        assert process.returncode == 0, error[-3000:]
+    return [dict(np.load(out)) for out in outs]
+
+
+def _assert_like_one_device(single: dict, parallel: dict, replicas: int) -> tuple[int, int]:
+    """`parallel`'s replicas hold equal copies, each equal to `single`'s to float rounding.
+
+    Returns:
+        How many variables have a copy per replica, and how many were compared.
+    """
+    assert int(single.pop("replicas")) == 1 and int(parallel.pop("replicas")) == replicas
+    names = list(single.pop("names"))
+    assert names == list(parallel.pop("names"))
+    indices = {key.split("/")[0] for key in single}
+    assert len(indices) > 10
+    copies = 0
+    for index in indices:
+        first = parallel[f"{index}/0"]
+        if f"{index}/1" in parallel:  # (a counter like `iterations` has one copy)
+            np.testing.assert_array_equal(first, parallel[f"{index}/1"])  # never diverge
+            copies += 1
+        expected = single[f"{index}/0"]
+        scale = float(np.abs(expected).max()) if expected.size else 0.0
+        # Summation order differs (all-reduce vs accumulation): float rounding.
+        np.testing.assert_allclose(first, expected, rtol=2e-4, atol=2e-5 * scale + 1e-7)
+    return copies, len(indices)
 
 
 @pytest.mark.parametrize("optimizer", [pytest.param("adam", marks=pytest.mark.slow), "shampoo"])
@@ -86,24 +163,88 @@ def test_mirrored_over_two_devices_equals_one_device_with_the_same_global_batch(
         },
     )
 
-    assert int(single.pop("replicas")) == 1 and int(mirrored.pop("replicas")) == 2
-    names = list(single.pop("names"))
-    assert names == list(mirrored.pop("names"))
-    indices = {key.split("/")[0] for key in single}
-    assert len(indices) > 10
-    mirrored_copies = 0
-    for index in indices:
-        first = mirrored[f"{index}/0"]
-        if f"{index}/1" in mirrored:  # (a counter like `iterations` has one copy)
-            np.testing.assert_array_equal(first, mirrored[f"{index}/1"])  # never diverge
-            mirrored_copies += 1
-        expected = single[f"{index}/0"]
-        scale = float(np.abs(expected).max()) if expected.size else 0.0
-        # Summation order differs (all-reduce vs accumulation): float rounding.
-        np.testing.assert_allclose(first, expected, rtol=2e-4, atol=2e-5 * scale + 1e-7)
-    assert mirrored_copies >= len(indices) - 3
+    copies, variables = _assert_like_one_device(single, mirrored, replicas=2)
+    assert copies >= variables - 3
+
+
+def test_multi_worker_processes_stay_bitwise_equal_with_async_roots(tmp_path) -> None:
+    vocab_path = str(tmp_path / "spm.model")
+    # The repeatable mode: roots of the statistics of step t are installed at exactly
+    # t + 1, so that the runs can be compared with each other.
+    common = {
+        "optimizer": "shampoo",
+        "mode": "async",
+        "precond.delay_steps": 1,
+        "precond.host_cpus": "",
+    }
+    single = _run(
+        tmp_path,
+        "single",
+        vocab_path,
+        {**common, "data.tokens_per_batch": 256, "train.accumulate_steps": 2},
+        job=True,
+    )
+    workers = _run_workers(
+        tmp_path,
+        "multi",
+        vocab_path,
+        {**common, "data.tokens_per_batch": 512, "train.distribution": "multi_worker"},
+        workers=2,
+    )
+    first, second = workers
+    # Each worker holds one replica: the two processes' copies must be the same bits,
+    # roots included (only the chief talks to the service).
+    assert set(first) == set(second)
+    for key in first:
+        np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+    roots = [
+        index
+        for index, name in enumerate(first["names"])
+        if "_root_g" in str(name) and np.any(first[f"{index}/0"])
+    ]
+    assert roots, "no root was installed"
+    _assert_like_one_device(single, first, replicas=2)
+    workdir = tmp_path / "multi" / "workdir"
+    assert (workdir / "checkpoints").is_dir() and (workdir / "worker_1" / "checkpoints").is_dir()
+    assert not (workdir / "worker_1" / "summaries").exists()
+
+
+def test_worker_role_comes_from_tf_config(monkeypatch) -> None:
+    from trainer.config import default_config
+    from trainer.distribution import WorkerRole, worker_role
+
+    config = default_config()
+    assert worker_role(config) == WorkerRole()  # not multi_worker: the only process
+    config.train.distribution = "multi_worker"
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match="needs the environment variable TF_CONFIG.*unset"):
+        worker_role(config)
+    cluster = {"chief": ["h0:1"], "worker": ["h1:1", "h2:1"]}
+    for task, expected in (
+        ({"type": "chief", "index": 0}, WorkerRole("chief_0", 0, 3, True)),
+        ({"type": "worker", "index": 1}, WorkerRole("worker_1", 2, 3, False)),
+    ):
+        monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": task}))
+        assert worker_role(config) == expected
+    assert WorkerRole("worker_1", 2, 3, False).workdir("/w") == "/w/worker_1"
+    assert WorkerRole("chief_0", 0, 3, True).workdir("/w") == "/w"
+    for tf_config, words in (
+        ("{not json", "could not read it"),
+        (
+            {"cluster": {"ps": ["h:1"], "worker": ["h:2"]}, "task": {"type": "worker", "index": 0}},
+            "may name one 'chief'",
+        ),
+        (
+            {"cluster": {"worker": ["h:1"]}, "task": {"type": "worker", "index": 3}},
+            "task index 3 is not among its 1 'worker' tasks",
+        ),
+    ):
+        raw = tf_config if isinstance(tf_config, str) else json.dumps(tf_config)
+        monkeypatch.setenv("TF_CONFIG", raw)
+        with pytest.raises(ValueError, match=words):
+            worker_role(config)
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    _train(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))
+    _train(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), job=sys.argv[4] == "1")

@@ -88,14 +88,17 @@ def main(argv: list[str]) -> None:
     with quiet_tensorflow_start():
         from trainer import checkpoints, process_setup, train
         from trainer import config as config_lib
+        from trainer.distribution import worker_role
 
     config = _CONFIG.value
     try:
         config_lib.validate(config)
+        # Under multi_worker a worker other than the chief logs in its own directory.
+        own_dir = worker_role(config).workdir(_WORKDIR.value)
     except ValueError as e:
         _refuse(str(e))
-    os.makedirs(_WORKDIR.value, exist_ok=True)
-    handler = logging.FileHandler(os.path.join(_WORKDIR.value, "train.log"))
+    os.makedirs(own_dir, exist_ok=True)
+    handler = logging.FileHandler(os.path.join(own_dir, "train.log"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     process_setup.setup_process(config)
@@ -107,6 +110,9 @@ def main(argv: list[str]) -> None:
         # The trainer has saved a checkpoint, said so in one line and stopped its
         # service child; no traceback, the shell's status for SIGINT.
         _leave(130)
+    if result is None:  # a multi-worker job's worker: the chief evaluates
+        print(f"done: this worker's checkpoints are in {own_dir}")
+        _leave(0)
     print(
         f"done at step {result.step}: dev loss {result.dev_loss:.4f}, dev BLEU "
         f"{result.dev_bleu:.2f}"

@@ -32,7 +32,7 @@ OPTIMIZERS = ("shampoo", "adam", "adagrad")
 DATA_SOURCES = ("wmt14", "text", "numbers")
 SCHEDULES = ("rsqrt", "constant")
 MIXED_PRECISION = ("", "mixed_float16", "mixed_bfloat16")
-DISTRIBUTIONS = ("none", "mirrored")
+DISTRIBUTIONS = ("none", "mirrored", "multi_worker")
 
 # Fields that may differ between a workdir's config.json and the config that
 # resumes it: how long and how often, where the service is, how to evaluate and
@@ -100,10 +100,13 @@ def _train_fields() -> ml_collections.ConfigDict:
     # Steps run inside one tf.function call; host work (pushes, summaries,
     # checkpoints) happens between such inner loops.
     section.steps_per_loop = 100
-    # Data parallelism (trainer/distribution.py): "none" (one device) or "mirrored"
+    # Data parallelism (trainer/distribution.py): "none" (one device), "mirrored"
     # (tf.distribute.MirroredStrategy over the local GPUs; on a CPU-only host over
-    # train.virtual_cpu_devices logical devices). data.tokens_per_batch is the
-    # global budget, split evenly over the replicas.
+    # train.virtual_cpu_devices logical devices) or "multi_worker"
+    # (MultiWorkerMirroredStrategy over the processes TF_CONFIG names: each starts
+    # with the same command; the chief evaluates, writes summaries and talks to the
+    # preconditioner service). data.tokens_per_batch is the global budget, split
+    # evenly over the replicas.
     section.distribution = "none"
     # Split the CPU into this many logical devices (0: do not), for "mirrored"
     # on a host without GPUs: tests and correctness runs, not speed.
@@ -450,6 +453,12 @@ def _validate_values(config: ml_collections.ConfigDict) -> None:
 
 def _validate_model_and_data(config: ml_collections.ConfigDict) -> None:
     """Model, data and training fields that only make sense together."""
+    if config.train.distribution == "multi_worker" and config.train.virtual_cpu_devices > 1:
+        raise ValueError(
+            "config.train.virtual_cpu_devices splits the CPU for "
+            "config.train.distribution='mirrored' only; with 'multi_worker' each process "
+            "is one CPU replica: set it to 0"
+        )
     if config.train.distribution != "none" and config.train.mixed_precision == "mixed_float16":
         raise ValueError(
             "config.train.mixed_precision='mixed_float16' (loss scaling) is not supported with "

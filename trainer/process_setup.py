@@ -16,7 +16,7 @@ import ml_collections
 import tensorflow as tf
 
 from precond_service.process import parse_cpus
-from trainer.distribution import split_cpu
+from trainer.distribution import split_cpu, start_multi_worker
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +26,15 @@ def setup_process(config: ml_collections.ConfigDict) -> None:
 
     The CPUs of `train.device_cpus` (pinned first, while TensorFlow's thread
     pools can still be sized), the logical CPU devices of
-    `train.virtual_cpu_devices`, the random seed (initialisation, dropout,
+    `train.virtual_cpu_devices`, the multi-worker strategy of
+    `train.distribution="multi_worker"` (from TF_CONFIG), the random seed (initialisation, dropout,
     shuffling), op determinism when `train.deterministic`, and the
     mixed-precision global policy. (TensorFlow's
     C++ log level must be set before TensorFlow is imported: `__main__` does.)
     """
     pin_to_cpus(config.train.device_cpus)
     split_cpu(config.train.virtual_cpu_devices)
+    start_multi_worker(config)
     keras.utils.set_random_seed(config.seed)
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()

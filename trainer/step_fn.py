@@ -186,7 +186,8 @@ def apply_if(condition: tf.Tensor, fn: Callable[[], object]) -> None:
 
 
 def _group_of_replica(groups: list, context: tf.distribute.ValueContext) -> object:
-    return groups[context.replica_id_in_sync_group]
+    # Global replica ids run over the workers in turn, each one's local replicas together.
+    return groups[context.replica_id_in_sync_group % len(groups)]
 
 
 def _target_tokens(batch: dict[str, tf.Tensor]) -> tf.Tensor:
@@ -203,11 +204,13 @@ def make_inner_loop(
     """`loop(iterator, n)`: `n` updates in one tf.function call; returns the `LOOP_SUMS`.
 
     Each update takes `accumulate_steps` batches from the iterator for each
-    replica of `strategy`, in turn. (With `jit_compile`, XLA compiles the step
-    once per combination of their padded shapes.)
+    replica of `strategy` on this worker, in turn. (With `jit_compile`, XLA
+    compiles the step once per combination of their padded shapes.)
     """
     strategy = strategy or tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
+    # Replicas of this process: all of them but under "multi_worker" (one per CPU worker).
+    local_replicas = len(strategy.extended.worker_devices) if replicas > 1 else 1
     # With replicas the step is traced into the loop: a nested tf.function may
     # not hold the all-reduce (and XLA is not used).
     step_fn = tf.function(train_step, jit_compile=jit_compile) if replicas == 1 else train_step
@@ -222,9 +225,10 @@ def make_inner_loop(
         for _ in tf.range(num_steps):
             if replicas == 1:
                 batches = tuple(next(iterator) for _ in range(accumulate_steps))
-            else:  # Replica r takes the r-th group of accumulate_steps batches.
+            else:  # Local replica r takes the r-th group of accumulate_steps batches.
                 groups = [
-                    tuple(next(iterator) for _ in range(accumulate_steps)) for _ in range(replicas)
+                    tuple(next(iterator) for _ in range(accumulate_steps))
+                    for _ in range(local_replicas)
                 ]
                 batches = strategy.experimental_distribute_values_from_function(
                     functools.partial(_group_of_replica, groups)

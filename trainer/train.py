@@ -45,6 +45,7 @@ from trainer.data import tokenizer as tokenizer_lib
 from trainer.model import bleu, transformer
 from trainer.optimizer_config import make_optimizer
 from trainer.optimizers.service_bridge import ServicePreconditioning
+from trainer.optimizers.shampoo import Shampoo
 from trainer.reporting import EVENTS_FILE, Reporter, TrainResult, write_results
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,11 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         config_lib.validate(config)
         process_setup.check_process_setup(config)
+        # Under "multi_worker" a worker other than the chief keeps its own files in
+        # a subdirectory; the vocabulary is the chief's.
+        self.role = distribution.worker_role(config)
+        self.vocab_path = vocab_path_for(config, workdir)
+        workdir = self.role.workdir(workdir)
         checkpoints.check_resume(config, workdir)
         self.config = config
         self.workdir = workdir
@@ -93,7 +99,16 @@ class Trainer:
             self._build_model_and_optimizer()
             self._build_checkpoint()
         self.restored_step = self._restore()
+        if self.role.count > 1:
+            distribution.check_same_step(self.strategy, self.role, self.restored_step)
         checkpoints.write_config(config, workdir)
+        self.root_broadcast = (
+            distribution.RootBroadcast(self.strategy, self.optimizer.root_variables())
+            if self.role.count > 1
+            and isinstance(self.optimizer, Shampoo)
+            and config.precond.mode == "async"
+            else None
+        )
         train_step = step_fn.make_train_step(
             self.model,
             self.step_optimizer,
@@ -108,7 +123,11 @@ class Trainer:
             self.strategy,
         )
         self.evaluator = evaluation.Evaluator(self.model, self.tokenizer, config)
-        self.summary_writer = tf.summary.create_file_writer(os.path.join(workdir, "summaries"))
+        self.summary_writer = (
+            tf.summary.create_file_writer(os.path.join(workdir, "summaries"))
+            if self.role.is_chief
+            else tf.summary.create_noop_writer()
+        )
         self.reporter = Reporter(config, self.optimizer, self.summary_writer, self.events)
         self.last_train_loss = float("nan")
         self.train_seconds = 0.0
@@ -122,8 +141,10 @@ class Trainer:
     def _build_data(self) -> None:
         config = self.config
         train_pairs = sources.load_pairs(config.data, "train", seed=config.seed)
+        if not self.role.is_chief:
+            _wait_for_file(self.vocab_path, "the chief's SentencePiece model")
         self.tokenizer = tokenizer_lib.load_or_train(
-            vocab_path_for(config, self.workdir),
+            self.vocab_path,
             train_pairs,
             vocab_size=config.data.vocab_size,
             max_sentences=config.data.vocab_train_sentences,
@@ -140,6 +161,8 @@ class Trainer:
             shuffle_buffer=config.data.shuffle_buffer,
             seed=config.seed,
         )
+        if self.role.count > 1:  # Worker w reads batches w, w + W, w + 2W, ...
+            train_ds = train_ds.shard(self.role.count, self.role.index)
         self.iterator = iter(train_ds)
 
     def _build_model_and_optimizer(self) -> None:
@@ -200,8 +223,13 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
 
-    def train_and_evaluate(self) -> TrainResult:
-        """Trains to `train.num_steps`, evaluating and checkpointing on the way."""
+    def train_and_evaluate(self) -> TrainResult | None:
+        """Trains to `train.num_steps`, evaluating and checkpointing on the way.
+
+        Returns:
+            The final evaluation; None on a multi-worker job's other workers,
+            which train and checkpoint but do not evaluate.
+        """
         with self.preconditioning() as bridge:
             try:
                 self.train(bridge)
@@ -213,6 +241,9 @@ class Trainer:
                 )
                 self.events.write(Event.INTERRUPTED, step=step)
                 raise
+        if not self.role.is_chief:
+            self.events.write(Event.FINISHED, step=int(self.step.numpy()))
+            return None
         result = self.final_evaluation()
         self.events.write(Event.FINISHED, step=result.step)
         return result
@@ -226,7 +257,13 @@ class Trainer:
         return float(np.median(loops)) if loops else None
 
     def preconditioning(self) -> contextlib.AbstractContextManager[ServicePreconditioning | None]:
-        """The service connection of the async mode (None in the other modes)."""
+        """The service connection of the async mode (None in the other modes).
+
+        Under "multi_worker" only the chief connects (None elsewhere); the others
+        take its roots from `root_broadcast`.
+        """
+        if not self.role.is_chief:
+            return contextlib.nullcontext(None)
         return service_connection.preconditioning(
             self.config, self.workdir, self.optimizer, self.events
         )
@@ -253,7 +290,7 @@ class Trainer:
             until,
             sum(int(np.prod(v.shape)) for v in self.model.trainable_variables),
         )
-        if bridge is not None:
+        if bridge is not None or self.root_broadcast is not None:
             self.service_work(bridge, step)  # a resumed run pushes at once
         self.controller(bridge).run(until)
 
@@ -297,7 +334,21 @@ class Trainer:
         """Host work between inner loops, in the order it runs."""
         train = self.config.train
         actions = []
-        if bridge is not None:
+        if self.root_broadcast is not None:
+            # Every worker ends its loops at the same steps (a schedule of the step
+            # alone), where the chief installs what the service sent and everyone
+            # takes it: at the pushes' multiples of update_steps, and in the
+            # repeatable mode also at each push + delay_steps.
+            precond = self.config.precond
+            actions.append(
+                Action(
+                    "service",
+                    lambda step, _: self.service_work(bridge, step),
+                    every_steps=math.gcd(precond.update_steps, precond.delay_steps),
+                    part_of_step=True,
+                )
+            )
+        elif bridge is not None:
             actions.append(
                 Action(
                     "service",
@@ -329,18 +380,26 @@ class Trainer:
                 at_last_step=True,
             ),
         ]
-        if train.eval_every_steps:
+        if train.eval_every_steps:  # (on every worker: it ends loops; the chief evaluates)
             actions.append(
                 Action("evaluation", self._periodic_evaluation, every_steps=train.eval_every_steps)
             )
         return actions
 
-    def service_work(self, bridge: ServicePreconditioning, step: int) -> None:
-        """Pushes statistics when due and installs roots that arrived (`bridge.after_steps`)."""
-        installed = bridge.after_steps()
+    def service_work(self, bridge: ServicePreconditioning | None, step: int) -> None:
+        """Pushes statistics when due and installs roots that arrived (`bridge.after_steps`).
+
+        Under "multi_worker" every worker calls it at the same step; the chief's
+        roots then reach the others (`root_broadcast`), who have no bridge.
+        """
+        installed = bridge.after_steps() if bridge is not None else 0
+        if self.root_broadcast is not None:
+            installed = self.root_broadcast(installed)
         if installed:
             log.debug("step %d: installed %d new preconditioners", step, installed)
             self.events.write(Event.ROOTS_INSTALLED, step=step, count=installed)
+        if bridge is None:
+            return
         restarts = bridge.client.status().restarts_seen
         if restarts > self._restarts_seen:
             self._restarts_seen = restarts
@@ -381,7 +440,8 @@ class Trainer:
         return path
 
     def _periodic_evaluation(self, step: int, _: LoopMetrics) -> None:
-        if step < self.config.train.num_steps:  # the final evaluation follows the loop
+        # The final evaluation follows the loop.
+        if step < self.config.train.num_steps and self.role.is_chief:
             self._evaluate("dev", step)
 
     # ------------------------------------------------------------ evaluation
@@ -417,9 +477,32 @@ class Trainer:
         return result
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult | None:
     """Trains and evaluates as `config` says, in `workdir` (resuming from it if possible).
 
     The process must be set up for `config` first (`process_setup.setup_process`).
+    Returns None on a multi-worker job's workers other than the chief.
     """
     return Trainer(config, workdir).train_and_evaluate()
+
+
+# Longest wait of a multi-worker job's worker for a file the chief writes.
+_CHIEF_FILE_TIMEOUT_S = 3600.0
+
+
+def _wait_for_file(path: str, what: str, timeout_s: float = _CHIEF_FILE_TIMEOUT_S) -> None:
+    """Waits until `path` exists (written whole by the chief), saying so every half minute.
+
+    Raises:
+        TimeoutError: It did not appear within `timeout_s`.
+    """
+    began = time.monotonic()
+    said = began
+    while not os.path.exists(path):
+        now = time.monotonic()
+        if now - began > timeout_s:
+            raise TimeoutError(f"{what} did not appear at {path} within {timeout_s:.0f} s")
+        if now - said >= 30.0:
+            log.info("waiting for %s at %s", what, path)
+            said = now
+        time.sleep(0.5)

@@ -521,6 +521,11 @@ class Shampoo(keras.optimizers.Optimizer):
         self._check_built("assign_preconditioners")
         return self._registry.install(entries)
 
+    def root_variables(self) -> list[keras.Variable]:
+        """Every variable `assign_preconditioners` writes: each factor's roots and stats_steps."""
+        self._check_built("root_variables")
+        return self._registry.root_variables()
+
     def preconditioner_stats_steps(self) -> dict[str, int]:
         """Key -> stats_step of the root each block uses (NO_PRECONDITIONER if none)."""
         self._check_built("preconditioner_stats_steps")

@@ -219,6 +219,16 @@ class Registry:
             raise ValueError(f"root for {key!r} has non-finite values")
         return factor, index
 
+    def root_variables(self) -> list[keras.Variable]:
+        """Each factor's preconditioner and stats_step variables, in a fixed order."""
+        return [
+            variable
+            for state in self.by_variable.values()
+            for factors in state.factors
+            for factor in factors
+            for variable in (factor.preconditioner, factor.stats_step)
+        ]
+
     def direction_cosines(self) -> dict[str, float]:
         """Variable key path -> its `direction_cosine` (NaN while none is preconditioned)."""
         return {
