@@ -17,7 +17,8 @@ that is L^(-1/4) G R^(-1/4). One step of `update_step` is five visible stages:
   2. roots        sync mode only: every `preconditioning_compute_steps`, the
                   P_i from `precond_service.roots` (float64 Schur-Newton) on the
                   host; async mode gets them through `assign_preconditioners`;
-  3. precondition the Shampoo direction of each block that holds all its P_i;
+  3. precondition the Shampoo direction of each block that holds all its P_i
+                  (skipped, matmuls and all, while no block of the variable does);
   4. graft        that direction rescaled to the per-layer norm of the grafting
                   optimizer's update ("decoupling step size and direction");
                   blocks without roots, steps before `start_preconditioning_step`
@@ -279,8 +280,20 @@ class Shampoo(keras.optimizers.Optimizer):
             self._update_statistics(self._blocks(grad, state), state, step)
             if self.precondition_mode == "sync":
                 self._compute_roots(state, step)
-            blocks = self._blocks(direction, state)
-            update = self._precondition_and_graft(blocks, graft, state, step)
+            # Until a block of this variable has its roots (and preconditioning has
+            # started), the update is the graft's: the preconditioning matmuls are
+            # skipped, not computed and masked out.
+            any_ready = tf.logical_and(
+                step >= self.start_preconditioning_step,
+                tf.reduce_any(tf.concat([_ready(factors) for factors in state.factors], axis=0)),
+            )
+            update = tf.cond(
+                any_ready,
+                lambda: self._precondition_and_graft(
+                    self._blocks(direction, state), graft, state, step
+                ),
+                lambda: self._graft_only(graft, state),
+            )
         else:
             update = graft
 
@@ -289,6 +302,12 @@ class Shampoo(keras.optimizers.Optimizer):
 
         lr = tf.cast(learning_rate, tf.float32)
         self.assign_sub(variable, tf.cast(lr * update, variable.dtype))
+
+    @staticmethod
+    def _graft_only(graft: tf.Tensor, state: VariableState) -> tf.Tensor:
+        """The update while no block is preconditioned: the graft's; no direction to compare."""
+        state.direction_cosine.assign(tf.constant(float("nan")))
+        return graft
 
     @staticmethod
     def _blocks(tensor: tf.Tensor, state: VariableState) -> list[tf.Tensor]:
@@ -410,9 +429,7 @@ class Shampoo(keras.optimizers.Optimizer):
             ]
             directions.append(blocking.precondition_blocks(blocks, preconditioners))
             grafts.append(blocking.to_blocks(merged_graft, group))
-            # A block is preconditioned once every one of its factors has a root.
-            ready = tf.reduce_all(tf.stack([f.stats_step >= 0 for f in factors], axis=0), axis=0)
-            mask = tf.cast(tf.logical_and(ready, started), tf.float32)
+            mask = tf.cast(tf.logical_and(_ready(factors), started), tf.float32)
             masks.append(tf.reshape(mask, [-1] + [1] * len(group.block_shape)))
 
         # Masked sums over the variable's blocks, shared by the per-layer graft
@@ -566,6 +583,11 @@ class Shampoo(keras.optimizers.Optimizer):
             }
         )
         return config
+
+
+def _ready(factors: Sequence[Factor]) -> tf.Tensor:
+    """Per block of a group: whether every one of its factors has a root (it is preconditioned)."""
+    return tf.reduce_all(tf.stack([f.stats_step >= 0 for f in factors], axis=0), axis=0)
 
 
 def run_then_true(fn) -> tf.Tensor:
