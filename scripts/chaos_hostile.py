@@ -7,7 +7,9 @@ Starts a `python -m precond_service` and a trainer (the small async-Shampoo job 
 (in a process of their own, each its own connection) keep at the service:
 - idle pushes: streams that never send a message, opened again as they are closed;
 - unread pulls: pulls of a run with a large root whose replies are never read;
-- large pushes: 32 MiB statistics from several threads at once, against the budget;
+- large pushes: 32 MiB statistics from several threads at once, against the budget
+  (undeclared, as from a client generated from the .proto; or, with
+  `--declare_large_pushes`, declaring their size as `PreconditionerClient` does);
 - a run flood: a new run id in every push, against --max_runs.
 A sampler checks health every `--sample_s` (deadline 5 s) and the resident memory of
 the service's process tree (service and workers). Reported, to stdout and as JSON to
@@ -158,8 +160,15 @@ class Hostiles:
                 request = pb.PushStatisticsRequest(
                     run_id=f"hostile-large-{threading.get_ident()}", blocks=[block]
                 )
+                # Declared as PreconditionerClient declares it (--declare_large_pushes):
+                # admitted or refused before it is read; otherwise counted once received.
+                declared = (
+                    ((wire.MESSAGE_BYTES_METADATA, str(request.ByteSize())),)
+                    if self.args.declare_large_pushes
+                    else ()
+                )
                 try:
-                    stub.PushStatistics(iter([request]), timeout=60)
+                    stub.PushStatistics(iter([request]), timeout=60, metadata=declared)
                     self.count("large-push accepted")
                 except grpc.RpcError as e:
                     self.count(f"large-push {e.code().name}")
@@ -293,6 +302,7 @@ def run(args: argparse.Namespace, root: Path) -> dict:
             "peak_without_workers": max(sampler.server_rss, default=0) // MIB,
         },
         "memory_budget_mb": args.memory_budget_mb,
+        "large_pushes_declared": args.declare_large_pushes,
         "health_checks": len(latencies),
         "health_failures": sampler.failures,
         "health_latency_s": {
@@ -322,6 +332,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--idle_streams", type=int, default=16, help="idle pushes per connection")
     parser.add_argument("--unread_pulls", type=int, default=16, help="unread pulls held open")
     parser.add_argument("--large_push_threads", type=int, default=4, help="32 MiB pushers")
+    parser.add_argument(
+        "--declare_large_pushes",
+        action="store_true",
+        help="the 32 MiB pushes declare their size (precond-message-bytes), as the client does",
+    )
     parser.add_argument("--sample_s", type=float, default=0.2, help="health and RSS period")
     parser.add_argument("--timeout_s", type=float, default=1800, help="longest training run")
     return parser.parse_args(argv)
