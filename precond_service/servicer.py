@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent import futures
 from typing import TypeVar
 
@@ -93,7 +93,7 @@ class PreconditionerServicer:
         """
         reply = pb.PushStatisticsReply(incarnation=self._service.incarnation)
         limit = self._service.config.max_blocks_per_request
-        declared = _declared_message_bytes(context.invocation_metadata())
+        declared = wire.declared_message_bytes(context.invocation_metadata())
         if declared is not None:  # No message can be larger than gRPC's receive limit.
             declared = min(declared, wire.max_message_bytes(self._service.config.max_matrix_size))
         blocks = 0
@@ -196,25 +196,6 @@ class PreconditionerServicer:
                 self._control, self._service.drop_run_by_digest, request.run_digest
             )
         return pb.DropRunReply(dropped=released > 0, blocks_released=released)
-
-
-def _declared_message_bytes(metadata: Sequence[tuple[str, str | bytes]] | None) -> int | None:
-    """The size a push declares for its largest message, or None where it declares none.
-
-    Raises:
-        ValueError: If the declaration is not a non-negative integer (INVALID_ARGUMENT).
-    """
-    values = [v for k, v in metadata or () if k == wire.MESSAGE_BYTES_METADATA]
-    if not values:
-        return None
-    value = values[-1]
-    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
-    if not text.isdigit() or len(text) > 20:
-        raise ValueError(
-            f"{wire.MESSAGE_BYTES_METADATA} must be the size in bytes of the stream's largest "
-            f"message, a non-negative integer; got {text[:40]!r}"
-        )
-    return int(text)
 
 
 def status_message(status: object) -> pb.ServiceStatus:

@@ -336,6 +336,25 @@ def encode_push_request(run_id: str, blocks: Sequence[StatisticsBlock]) -> bytes
     return b"".join(push_request_pieces(run_id, blocks))
 
 
+def declared_message_bytes(metadata: Sequence[tuple[str, str | bytes]] | None) -> int | None:
+    """The size a push declares for its largest message, or None where it declares none.
+
+    Raises:
+        ValueError: If the declaration is not a non-negative integer (INVALID_ARGUMENT).
+    """
+    values = [v for k, v in metadata or () if k == MESSAGE_BYTES_METADATA]
+    if not values:
+        return None
+    value = values[-1]
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+    if not (text.isascii() and text.isdigit()) or len(text) > 20:
+        raise ValueError(
+            f"{MESSAGE_BYTES_METADATA} must be the size in bytes of the stream's largest "
+            f"message, a non-negative integer; got {text[:40]!r}"
+        )
+    return int(text)
+
+
 def push_request_pieces(run_id: str, blocks: Sequence[StatisticsBlock]) -> list[bytes | memoryview]:
     """The pieces `encode_push_request` joins: headers, and views of the matrices.
 

@@ -27,13 +27,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import time
 from collections.abc import Sequence
 
 import ml_collections
 import tensorflow as tf
 
 from trainer import checkpoints
+
+log = logging.getLogger(__name__)
 
 # The strategy of "multi_worker", made once per process (`start_multi_worker`).
 _multi_worker: tf.distribute.MultiWorkerMirroredStrategy | None = None
@@ -269,3 +273,25 @@ class RootBroadcast:
         for variable, value in zip(self._variables, summed):
             local = self._strategy.experimental_local_results(value)[0]
             variable.assign(tf.cast(local, variable.dtype))
+
+
+# Longest wait of a multi-worker job's worker for a file the chief writes.
+_CHIEF_FILE_TIMEOUT_S = 3600.0
+
+
+def wait_for_chief_file(path: str, what: str, timeout_s: float = _CHIEF_FILE_TIMEOUT_S) -> None:
+    """Waits until `path` exists (written whole by the chief), saying so every half minute.
+
+    Raises:
+        TimeoutError: It did not appear within `timeout_s`.
+    """
+    began = time.monotonic()
+    said = began
+    while not os.path.exists(path):
+        now = time.monotonic()
+        if now - began > timeout_s:
+            raise TimeoutError(f"{what} did not appear at {path} within {timeout_s:.0f} s")
+        if now - said >= 30.0:
+            log.info("waiting for %s at %s", what, path)
+            said = now
+        time.sleep(0.5)

@@ -1,3 +1,5 @@
+# Over 400 lines: the Trainer is one class whose building, loop, actions and evaluation
+# share its state; the parts that stand alone live in the modules it imports.
 """Training and evaluation: `train_and_evaluate(config, workdir)` and the `Trainer`.
 
 The whole job behind `python -m trainer`:
@@ -142,7 +144,7 @@ class Trainer:
         config = self.config
         train_pairs = sources.load_pairs(config.data, "train", seed=config.seed)
         if not self.role.is_chief:
-            _wait_for_file(self.vocab_path, "the chief's SentencePiece model")
+            distribution.wait_for_chief_file(self.vocab_path, "the chief's SentencePiece model")
         self.tokenizer = tokenizer_lib.load_or_train(
             self.vocab_path,
             train_pairs,
@@ -484,25 +486,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     Returns None on a multi-worker job's workers other than the chief.
     """
     return Trainer(config, workdir).train_and_evaluate()
-
-
-# Longest wait of a multi-worker job's worker for a file the chief writes.
-_CHIEF_FILE_TIMEOUT_S = 3600.0
-
-
-def _wait_for_file(path: str, what: str, timeout_s: float = _CHIEF_FILE_TIMEOUT_S) -> None:
-    """Waits until `path` exists (written whole by the chief), saying so every half minute.
-
-    Raises:
-        TimeoutError: It did not appear within `timeout_s`.
-    """
-    began = time.monotonic()
-    said = began
-    while not os.path.exists(path):
-        now = time.monotonic()
-        if now - began > timeout_s:
-            raise TimeoutError(f"{what} did not appear at {path} within {timeout_s:.0f} s")
-        if now - said >= 30.0:
-            log.info("waiting for %s at %s", what, path)
-            said = now
-        time.sleep(0.5)
