@@ -410,8 +410,10 @@ def test_crashed_worker_is_replaced_and_its_job_failed(start_service, stub_for) 
 def test_job_past_timeout_is_failed_and_worker_replaced(start_service, stub_for) -> None:
     server = start_service(workers=1, job_timeout_s=0.3)
     stub = stub_for(server.address)
-    push(stub, "run", StatisticsBlock("slow", 1, 4, random_statistic(768, 5)))
-    assert wait_until(lambda: status(stub).failed == 1, 30)
+    # Stopped mid-job: past the timeout however fast the machine (a 768 x 768 root alone
+    # took under 0.3 s on a quiet machine).
+    with worker_held_busy(stub, "run", n=1536):
+        assert wait_until(lambda: status(stub).failed == 1, 30)
     assert wait_until(lambda: status(stub).workers_alive == 1, 30)
     push(stub, "run", StatisticsBlock("k", 1, 2, random_statistic(8, 0)))
     pull_until(stub, "run", {"k": 1})
