@@ -1,8 +1,8 @@
-"""What tools that watch a service from outside share (tests, `scripts/chaos_hostile.py`).
+"""What tools that start or watch services from outside share (tests, scripts).
 
-Resident memory of a process and its descendants, read from /proc (Linux), and gRPC
+Resident memory of a process and its descendants, read from /proc (Linux); gRPC
 channels that each have a connection of their own, so that each is one peer to the
-service, as a client in another process is.
+service, as a client in another process is; and loopback ports free to bind.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import socket
 
 import grpc
 
@@ -71,3 +72,12 @@ def own_channel(address: str) -> grpc.Channel:
             ("grpc.use_local_subchannel_pool", 1),
         ],
     )
+
+
+def free_ports(count: int = 1) -> list[int]:
+    """`count` distinct loopback ports that were free a moment ago (all bound at once)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,8 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench_common import git_commit, git_dirty, machine_info  # noqa: E402
+
+from precond_service.probes import free_ports  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGURATIONS = ("none", "mirrored", "multi_worker")
@@ -54,18 +55,6 @@ def trainer_command(workdir: pathlib.Path, args: argparse.Namespace, *extra: str
         "--config.train.eval_every_steps=0",
         *extra,
     ]
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports free on loopback now (for TF_CONFIG)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def run(configuration: str, scratch: pathlib.Path, args: argparse.Namespace) -> dict:

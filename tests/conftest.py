@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 
 from precond_service import process as precond_process
-from precond_service.probes import descendants
+from precond_service.probes import descendants, free_ports
 from precond_service.server import RunningServer, serve
 from precond_service.service import ServiceConfig
 from protos import precond_service_pb2_grpc as pb_grpc
@@ -105,9 +104,7 @@ def eigh_inverse_root(matrix: np.ndarray, p: int, ridge_epsilon: float) -> np.nd
 
 def free_port() -> int:
     """Returns a loopback port that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 @pytest.fixture

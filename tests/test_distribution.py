@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from precond_service.probes import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,12 +84,7 @@ def _run_workers(
     tmp_path: Path, name: str, vocab_path: str, overrides: dict, workers: int
 ) -> list[dict[str, np.ndarray]]:
     """Runs the job in `workers` processes of one multi-worker cluster on loopback."""
-    ports = []
-    for _ in range(workers):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(workers)]}
     processes, outs = [], []
     for index in range(workers):
         out = tmp_path / name / f"worker{index}" / "state.npz"

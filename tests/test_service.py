@@ -88,16 +88,16 @@ def serving(address: str) -> bool:
 
 @contextlib.contextmanager
 def worker_held_busy(stub, run_id: str, n: int = 768) -> Iterator[int]:
-    """Gives the (single) worker a long job and holds it there (SIGSTOP) until the block ends.
+    """Stops the (single, ready) worker (SIGSTOP), then gives it a job, until the block ends.
 
-    However fast the machine, the job is in flight for as long as the block lasts.
-    Yields the worker's pid.
+    Stopped before the job is sent, so that however fast the machine the job is in
+    flight for as long as the block lasts. Yields the worker's pid.
     """
-    push(stub, run_id, StatisticsBlock("blocker", 1, 4, random_statistic(n, seed=99)))
-    assert wait_until(lambda: status(stub).in_flight == 1, 10)
     (pid,) = status(stub).worker_pids
     os.kill(pid, signal.SIGSTOP)
     try:
+        push(stub, run_id, StatisticsBlock("blocker", 1, 4, random_statistic(n, seed=99)))
+        assert wait_until(lambda: status(stub).in_flight == 1, 10)
         yield pid
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -410,11 +410,19 @@ def test_crashed_worker_is_replaced_and_its_job_failed(start_service, stub_for) 
 def test_job_past_timeout_is_failed_and_worker_replaced(start_service, stub_for) -> None:
     server = start_service(workers=1, job_timeout_s=0.3)
     stub = stub_for(server.address)
-    # Stopped mid-job: past the timeout however fast the machine (a 768 x 768 root alone
-    # took under 0.3 s on a quiet machine).
-    with worker_held_busy(stub, "run", n=1536):
+    # The worker is stopped before it gets the job, so the job runs past the timeout
+    # however fast the machine (a 768 x 768 root alone took under 0.3 s on a quiet one).
+    (pid,) = status(stub).worker_pids
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        push(stub, "run", StatisticsBlock("slow", 1, 4, random_statistic(64, 5)))
         assert wait_until(lambda: status(stub).failed == 1, 30)
-    assert wait_until(lambda: status(stub).workers_alive == 1, 30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    assert wait_until(
+        lambda: status(stub).workers_alive == 1 and list(status(stub).worker_pids) != [pid], 30
+    )
     push(stub, "run", StatisticsBlock("k", 1, 2, random_statistic(8, 0)))
     pull_until(stub, "run", {"k": 1})
     assert status(stub).worker_restarts == 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 
 import pytest
 
@@ -14,7 +13,7 @@ from precond_service.auth import run_digest
 from precond_service.client import PreconditionerClient
 from precond_service.process import local_service
 from precond_service.status import fetch_status
-from tests.conftest import wait_until
+from tests.conftest import free_port, wait_until
 from tests.test_trainer import make_trainer, tiny_config
 from trainer.service_connection import drop_earlier_roots
 
@@ -25,14 +24,8 @@ def vocab_path(tmp_path_factory):
     return str(tmp_path_factory.mktemp("vocab") / "spm.model")
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_failed_reset_is_retried_then_warns_what_the_run_risks(caplog):
-    client = PreconditionerClient(f"127.0.0.1:{_closed_port()}", "run-a")
+    client = PreconditionerClient(f"127.0.0.1:{free_port()}", "run-a")
     with caplog.at_level(logging.INFO, "trainer.service_connection"):
         assert not drop_earlier_roots(client, step=7, attempts=3, backoff_s=0.01)
     tries = [r for r in caplog.records if r.levelno == logging.INFO and "failed (try" in r.message]
