@@ -202,16 +202,19 @@ def check_same_step(strategy: tf.distribute.Strategy, role: WorkerRole, step: in
     chief's save and another's they differ, and the replicas would diverge.
 
     Raises:
-        checkpoints.ResumeRefusedError: This worker's step is not the mean of all of theirs.
+        checkpoints.ResumeRefusedError: The workers' steps differ (every worker raises it:
+            the sum of squares tells each of them, not only those off the mean).
     """
 
     def replica_fn() -> tf.Tensor:
         context = tf.distribute.get_replica_context()
-        return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.constant(float(step), tf.float64))
+        mine = tf.constant([float(step), float(step) ** 2], tf.float64)
+        return context.all_reduce(tf.distribute.ReduceOp.SUM, mine)
 
-    total = float(strategy.experimental_local_results(strategy.run(replica_fn))[0])
+    total, squares = strategy.experimental_local_results(strategy.run(replica_fn))[0].numpy()
     replicas = strategy.num_replicas_in_sync
-    if total != step * replicas:
+    # All equal exactly when their variance is 0 (exact in float64 below 2^26 steps).
+    if replicas * squares != total * total:
         raise checkpoints.ResumeRefusedError(
             f"this worker ({role.task}) restored step {step}, but the job's workers restored "
             f"different steps (mean {total / replicas:g}): start every worker from the same "
