@@ -30,11 +30,11 @@ import threading
 
 import grpc
 
-from precond_service.auth import TOKEN_ENV, read_pem, read_token, server_credentials
-from precond_service.events import EventLog
-from precond_service.roots import METHODS, RIDGE_MODES
-from precond_service.server import RunningServer, serve
-from precond_service.service_records import ServiceConfig
+from precond_service.common.auth import TOKEN_ENV, read_pem, read_token, server_credentials
+from precond_service.common.events import EventLog
+from precond_service.common.roots import METHODS, RIDGE_MODES
+from precond_service.server.server import RunningServer, serve
+from precond_service.server.service_records import ServiceConfig
 
 logger = logging.getLogger("precond_service")
 
@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--events_file",
-        help="append the service's events here as JSON lines (precond_service.events)",
+        help="append the service's events here as JSON lines (precond_service.common.events)",
     )
     parser.add_argument("--log_level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return parser.parse_args(argv)

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from google.protobuf import message as proto_message
 
-from precond_service.auth import TOKEN_ENV, TlsConfig, open_channel, read_token, run_digest
+from precond_service.common.auth import TOKEN_ENV, TlsConfig, open_channel, read_token, run_digest
 from protos import precond_service_pb2 as pb
 from protos import precond_service_pb2_grpc as pb_grpc
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench_common import git_commit, git_dirty, machine_info  # noqa: E402
 
-from precond_service.probes import free_ports  # noqa: E402
+from precond_service.client.probes import free_ports  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGURATIONS = ("none", "mirrored", "multi_worker")

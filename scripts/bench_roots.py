@@ -1,4 +1,4 @@
-"""Benchmark of the inverse p-th root solvers in `precond_service.roots`.
+"""Benchmark of the inverse p-th root solvers in `precond_service.common.roots`.
 
 Times, in float64 on the CPU, for symmetric PSD matrices with log-spaced eigenvalues:
 
@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from bench_common import git_commit, git_dirty, machine_info  # noqa: E402
 
-from precond_service import roots  # noqa: E402
+from precond_service.common import roots  # noqa: E402
 
 METHOD_NAMES = ("schur_newton", "schur_newton_plain", "eigh", "eigh_bare", "svd")
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")

@@ -54,10 +54,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from bench_common import git_commit, git_dirty, machine_info  # noqa: E402
 from google.protobuf import __version__ as protobuf_version  # noqa: E402
 
-from precond_service import roots, wire  # noqa: E402
-from precond_service.blocks import StatisticsBlock  # noqa: E402
-from precond_service.client import PreconditionerClient  # noqa: E402
-from precond_service.process import start_service  # noqa: E402
+from precond_service.client.process import start_service  # noqa: E402
+from precond_service.client.service_client import PreconditionerClient  # noqa: E402
+from precond_service.common import roots, wire  # noqa: E402
+from precond_service.common.blocks import StatisticsBlock  # noqa: E402
 from precond_service.status import fetch_status  # noqa: E402
 from protos import precond_service_pb2 as pb  # noqa: E402
 from protos import precond_service_pb2_grpc as pb_grpc  # noqa: E402

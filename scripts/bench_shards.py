@@ -29,9 +29,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench_common import git_commit, git_dirty, machine_info  # noqa: E402
 
-from precond_service.blocks import StatisticsBlock  # noqa: E402
-from precond_service.process import local_service  # noqa: E402
-from precond_service.sharding import ShardedClient  # noqa: E402
+from precond_service.client.process import local_service  # noqa: E402
+from precond_service.client.sharding import ShardedClient  # noqa: E402
+from precond_service.common.blocks import StatisticsBlock  # noqa: E402
 
 
 def statistics_of(n: int, count: int, seed: int) -> list[np.ndarray]:

@@ -44,7 +44,7 @@ from chaos_report import (  # noqa: E402
     print_report,
 )
 
-from precond_service.process import ServiceProcess, start_service  # noqa: E402
+from precond_service.client.process import ServiceProcess, start_service  # noqa: E402
 
 # configs/quickstart.py made smaller: 300 steps train in well under a minute on 2 cores.
 TRAINER_OVERRIDES = {

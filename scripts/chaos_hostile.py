@@ -43,10 +43,10 @@ from chaos import log, subprocess_env, trainer_command  # noqa: E402
 from chaos_report import TrainerEvents  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from precond_service import wire  # noqa: E402
-from precond_service.blocks import StatisticsBlock  # noqa: E402
-from precond_service.probes import own_channel, rss_bytes, tree_rss_bytes  # noqa: E402
-from precond_service.process import start_service  # noqa: E402
+from precond_service.client.probes import own_channel, rss_bytes, tree_rss_bytes  # noqa: E402
+from precond_service.client.process import start_service  # noqa: E402
+from precond_service.common import wire  # noqa: E402
+from precond_service.common.blocks import StatisticsBlock  # noqa: E402
 from protos import precond_service_pb2 as pb  # noqa: E402
 from protos import precond_service_pb2_grpc as pb_grpc  # noqa: E402
 

@@ -1,7 +1,7 @@
 """What a chaos run did, from the trainer's event log: figures, the verdict and the table.
 
 `scripts/chaos.py` kills and restarts the processes of a job; this module reads what
-the trainer wrote to `WORKDIR/events.jsonl` (`precond_service.events`) and turns it,
+the trainer wrote to `WORKDIR/events.jsonl` (`precond_service.common.events`) and turns it,
 with chaos's own record of its kills, into a `JobReport`, decides pass or fail
 (`verdict`), and prints both runs side by side (`print_report`).
 """
@@ -13,7 +13,7 @@ import os
 import statistics
 from typing import Any
 
-from precond_service.events import Event, read_events
+from precond_service.common.events import Event, read_events
 
 
 @dataclasses.dataclass

@@ -25,8 +25,8 @@ import uuid
 import keras
 import numpy as np
 
-from precond_service.client import PreconditionerClient
-from precond_service.process import local_service
+from precond_service.client.process import local_service
+from precond_service.client.service_client import PreconditionerClient
 from trainer.optimizers import Shampoo
 from trainer.optimizers.service_bridge import (
     ServicePreconditioning,

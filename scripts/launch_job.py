@@ -40,9 +40,9 @@ from pathlib import Path
 # Runs from a checkout without installation too.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from precond_service.auth import TlsConfig  # noqa: E402
-from precond_service.client import wait_for_serving  # noqa: E402
-from precond_service.process import local_service, parse_cpus, start_service  # noqa: E402
+from precond_service.client.process import local_service, parse_cpus, start_service  # noqa: E402
+from precond_service.client.service_client import wait_for_serving  # noqa: E402
+from precond_service.common.auth import TlsConfig  # noqa: E402
 
 
 def _service(args: argparse.Namespace) -> int:

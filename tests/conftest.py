@@ -17,10 +17,10 @@ import grpc
 import numpy as np
 import pytest
 
-from precond_service import process as precond_process
-from precond_service.probes import descendants, free_ports
-from precond_service.server import RunningServer, serve
-from precond_service.service import ServiceConfig
+from precond_service.client import process as precond_process
+from precond_service.client.probes import descendants, free_ports
+from precond_service.server.server import RunningServer, serve
+from precond_service.server.service import ServiceConfig
 from protos import precond_service_pb2_grpc as pb_grpc
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent

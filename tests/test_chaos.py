@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from precond_service.events import Event, EventLog
+from precond_service.common.events import Event, EventLog
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))

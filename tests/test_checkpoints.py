@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from precond_service.events import Event, read_events
+from precond_service.common.events import Event, read_events
 from tests.test_config import ROOT, load_config_file
 from tests.test_trainer import make_trainer, tiny_config
 from trainer import checkpoints

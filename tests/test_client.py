@@ -14,10 +14,14 @@ import grpc
 import numpy as np
 import pytest
 
-from precond_service import wire
-from precond_service.auth import run_digest
-from precond_service.blocks import StatisticsBlock
-from precond_service.client import PermanentServiceError, PreconditionerClient, wait_for_serving
+from precond_service.client.service_client import (
+    PermanentServiceError,
+    PreconditionerClient,
+    wait_for_serving,
+)
+from precond_service.common import wire
+from precond_service.common.auth import run_digest
+from precond_service.common.blocks import StatisticsBlock
 from precond_service.status import fetch_status
 from protos import precond_service_pb2 as pb
 from tests.conftest import (

@@ -265,7 +265,7 @@ started.set()
 
 
 def test_constant_tuples_are_the_optimizer_and_service_ones():
-    from precond_service import roots
+    from precond_service.common import roots
     from trainer.optimizers import shampoo
 
     assert config_lib.GRAFT_TYPES is shampoo.GRAFT_TYPES

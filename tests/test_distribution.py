@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from precond_service.probes import free_ports
+from precond_service.client.probes import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 

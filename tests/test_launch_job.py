@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from precond_service.client import wait_for_serving
+from precond_service.client.service_client import wait_for_serving
 from tests.conftest import alive, descendants, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""precond_service.process: starting, pinning, supervising and stopping real service processes."""
+"""precond_service.client.process: starting, pinning, supervising, stopping real services."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import threading
 
 import pytest
 
-from precond_service.client import wait_for_serving
-from precond_service.events import Event, EventLog, read_events
-from precond_service.process import ServiceChild, local_service, parse_cpus, start_service
+from precond_service.client.process import ServiceChild, local_service, parse_cpus, start_service
+from precond_service.client.service_client import wait_for_serving
+from precond_service.common.events import Event, EventLog, read_events
 from precond_service.status import fetch_status
 from tests.conftest import alive, service_children, signal_tree, wait_until
 

@@ -12,10 +12,10 @@ import time
 
 import numpy as np
 
-from precond_service import wire
-from precond_service.blocks import RootFailure, StatisticsBlock
-from precond_service.client import PreconditionerClient
-from precond_service.store import PublishedRoot, VersionedStore
+from precond_service.client.service_client import PreconditionerClient
+from precond_service.common import wire
+from precond_service.common.blocks import RootFailure, StatisticsBlock
+from precond_service.server.store import PublishedRoot, VersionedStore
 from protos import precond_service_pb2 as pb
 from tests.conftest import random_statistic, wait_until
 

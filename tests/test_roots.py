@@ -1,4 +1,4 @@
-"""Tests of `precond_service.roots` against an eigendecomposition written here.
+"""Tests of `precond_service.common.roots` against an eigendecomposition written here.
 
 The reference root of a matrix built as `V·diag(w)·Vᵀ` is `V·diag((w + ridge)^(-1/p))·Vᵀ`,
 with the ridge rebuilt from the `ridge_epsilon` the solver reports and the (seeded,
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from precond_service import roots
+from precond_service.common import roots
 
 
 def random_orthogonal(n: int, rng: np.random.Generator) -> np.ndarray:

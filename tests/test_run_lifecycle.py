@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from precond_service import status as status_command
-from precond_service.auth import TOKEN_ENV, run_digest
-from precond_service.blocks import StatisticsBlock
-from precond_service.client import PreconditionerClient
-from precond_service.process import start_service as start_service_process
+from precond_service.client.process import start_service as start_service_process
+from precond_service.client.service_client import PreconditionerClient
+from precond_service.common.auth import TOKEN_ENV, run_digest
+from precond_service.common.blocks import StatisticsBlock
 from precond_service.status import drop_run_by_digest, fetch_status
 from protos import precond_service_pb2 as pb
 from tests.conftest import wait_until

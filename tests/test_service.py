@@ -19,15 +19,15 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from precond_service import wire
-from precond_service.auth import run_digest
-from precond_service.blocks import StatisticsBlock
-from precond_service.client import PreconditionerClient
-from precond_service.events import Event, EventLog, read_events
-from precond_service.pool import FAILURES_BEFORE_NOT_SERVING
-from precond_service.roots import batched_inverse_pth_root
-from precond_service.server import serve
-from precond_service.service_records import ServiceConfig
+from precond_service.client.service_client import PreconditionerClient
+from precond_service.common import wire
+from precond_service.common.auth import run_digest
+from precond_service.common.blocks import StatisticsBlock
+from precond_service.common.events import Event, EventLog, read_events
+from precond_service.common.roots import batched_inverse_pth_root
+from precond_service.server.pool import FAILURES_BEFORE_NOT_SERVING
+from precond_service.server.server import serve
+from precond_service.server.service_records import ServiceConfig
 from precond_service.status import main as status_main
 from protos import precond_service_pb2 as pb
 from tests.conftest import eigh_inverse_root, random_statistic, wait_until

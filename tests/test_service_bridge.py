@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from precond_service import roots
-from precond_service.client import PreconditionerClient
-from precond_service.process import local_service
+from precond_service.client.process import local_service
+from precond_service.client.service_client import PreconditionerClient
+from precond_service.common import roots
 from tests.conftest import wait_until
 from trainer.optimizers import Shampoo
 from trainer.optimizers.service_bridge import (

@@ -14,12 +14,12 @@ import grpc
 import numpy as np
 import pytest
 
-from precond_service import wire
-from precond_service.blocks import StatisticsBlock
-from precond_service.budget import BudgetExceededError, ByteBudget
-from precond_service.client import PreconditionerClient
-from precond_service.scheduler import Job, Scheduler
-from precond_service.store import PublishedRoot, VersionedStore
+from precond_service.client.service_client import PreconditionerClient
+from precond_service.common import wire
+from precond_service.common.blocks import StatisticsBlock
+from precond_service.server.budget import BudgetExceededError, ByteBudget
+from precond_service.server.scheduler import Job, Scheduler
+from precond_service.server.store import PublishedRoot, VersionedStore
 from protos import precond_service_pb2 as pb
 from tests.conftest import random_statistic, wait_until
 from tests.test_service import pull_until, push, status, worker_held_busy

@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from precond_service import wire
-from precond_service.blocks import StatisticsBlock
-from precond_service.probes import own_channel, rss_bytes, tree_rss_bytes
-from precond_service.process import start_service
+from precond_service.client.probes import own_channel, rss_bytes, tree_rss_bytes
+from precond_service.client.process import start_service
+from precond_service.common import wire
+from precond_service.common.blocks import StatisticsBlock
 from protos import precond_service_pb2 as pb
 from protos import precond_service_pb2_grpc as pb_grpc
 from tests.conftest import wait_until

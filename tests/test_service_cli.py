@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from precond_service.__main__ import main as service_main
-from precond_service.auth import run_digest
-from precond_service.blocks import StatisticsBlock
-from precond_service.client import PreconditionerClient, wait_for_serving
-from precond_service.events import Event, read_events
+from precond_service.client.service_client import PreconditionerClient, wait_for_serving
+from precond_service.common.auth import run_digest
+from precond_service.common.blocks import StatisticsBlock
+from precond_service.common.events import Event, read_events
 from precond_service.status import fetch_status
 from tests.conftest import (
     eigh_inverse_root,

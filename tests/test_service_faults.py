@@ -18,8 +18,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from precond_service.events import Event, read_events
-from precond_service.process import ServiceProcess, start_service
+from precond_service.client.process import ServiceProcess, start_service
+from precond_service.common.events import Event, read_events
 from tests.conftest import free_port, service_children, signal_tree
 from trainer import train
 from trainer.config import default_config

@@ -20,11 +20,11 @@ import hypothesis.strategies as st
 import numpy as np
 import pytest
 
-from precond_service import wire
-from precond_service.auth import run_digest
-from precond_service.blocks import PreconditionerBlock, StatisticsBlock
-from precond_service.client import PreconditionerClient
-from precond_service.probes import rss_bytes
+from precond_service.client.probes import rss_bytes
+from precond_service.client.service_client import PreconditionerClient
+from precond_service.common import wire
+from precond_service.common.auth import run_digest
+from precond_service.common.blocks import PreconditionerBlock, StatisticsBlock
 from protos import precond_service_pb2 as pb
 from tests.conftest import (
     eigh_inverse_root,

@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from precond_service.blocks import StatisticsBlock
-from precond_service.client import PreconditionerClient
+from precond_service.client.service_client import PreconditionerClient
+from precond_service.common.blocks import StatisticsBlock
 from tests.conftest import eigh_inverse_root, random_statistic, wait_until
 
 pytestmark = pytest.mark.slow

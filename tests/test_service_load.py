@@ -28,10 +28,10 @@ import uuid
 import numpy as np
 import pytest
 
-from precond_service.blocks import StatisticsBlock
-from precond_service.client import PreconditionerClient
-from precond_service.probes import tree_rss_bytes
-from precond_service.process import start_service
+from precond_service.client.probes import tree_rss_bytes
+from precond_service.client.process import start_service
+from precond_service.client.service_client import PreconditionerClient
+from precond_service.common.blocks import StatisticsBlock
 from precond_service.status import fetch_status
 from protos import precond_service_pb2 as pb
 from tests.conftest import wait_until

@@ -23,13 +23,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from precond_service import process
 from precond_service.__main__ import main as service_main
-from precond_service.auth import TlsConfig, read_pem, server_credentials
-from precond_service.blocks import StatisticsBlock
-from precond_service.client import PreconditionerClient, wait_for_serving
-from precond_service.server import RunningServer, serve
-from precond_service.service_records import ServiceConfig
+from precond_service.client.service_client import PreconditionerClient, process, wait_for_serving
+from precond_service.common.auth import TlsConfig, read_pem, server_credentials
+from precond_service.common.blocks import StatisticsBlock
+from precond_service.server.server import RunningServer, serve
+from precond_service.server.service_records import ServiceConfig
 from precond_service.status import fetch_status
 from precond_service.status import main as status_main
 from tests.conftest import eigh_inverse_root, random_statistic, subprocess_env, wait_until
@@ -140,7 +139,7 @@ def tls_server(pki: Pki) -> Iterator[RunningServer]:
 
 
 class ServiceProcess:
-    """`python -m precond_service` started with `precond_service.process`, logging to a file."""
+    """`python -m precond_service`, started by `precond_service.client.process`, logged."""
 
     def __init__(self, service: process.ServiceProcess) -> None:
         self.service = service

@@ -10,14 +10,15 @@ import weakref
 import numpy as np
 import pytest
 
-from precond_service import validation, wire
-from precond_service.auth import run_digest
-from precond_service.blocks import StatisticsBlock
-from precond_service.root_settings import RootSettings
-from precond_service.scheduler import CapacityError, Job, Outcome, Scheduler, StaleError
-from precond_service.service import RootService
-from precond_service.service_records import ServiceConfig
-from precond_service.store import PublishedRoot, VersionedStore
+from precond_service.common import wire
+from precond_service.common.auth import run_digest
+from precond_service.common.blocks import StatisticsBlock
+from precond_service.common.root_settings import RootSettings
+from precond_service.server import validation
+from precond_service.server.scheduler import CapacityError, Job, Outcome, Scheduler, StaleError
+from precond_service.server.service import RootService
+from precond_service.server.service_records import ServiceConfig
+from precond_service.server.store import PublishedRoot, VersionedStore
 from protos import precond_service_pb2 as pb
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from precond_service.blocks import PreconditionerBlock
+from precond_service.common.blocks import PreconditionerBlock
 from tests.test_shampoo import grads_for, make_var, plain_shampoo
 from trainer.optimizers import Shampoo
 from trainer.optimizers.shampoo import NO_PRECONDITIONER, block_key

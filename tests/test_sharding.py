@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from precond_service.blocks import StatisticsBlock
-from precond_service.process import ServiceChild
-from precond_service.sharding import ShardedClient, parse_addresses, shard_of
+from precond_service.client.process import ServiceChild
+from precond_service.client.sharding import ShardedClient, parse_addresses, shard_of
+from precond_service.common.blocks import StatisticsBlock
 from tests.conftest import wait_until
 
 
@@ -24,7 +24,7 @@ def test_shard_of_is_stable_across_processes_and_spreads_keys():
     here = [shard_of(key, 3) for key in keys]
     # Another interpreter (another hash seed) assigns every key the same shard.
     code = (
-        "import sys, json; from precond_service.sharding import shard_of; "
+        "import sys, json; from precond_service.client.sharding import shard_of; "
         "print(json.dumps([shard_of(k, 3) for k in json.load(sys.stdin)]))"
     )
     other = subprocess.run(

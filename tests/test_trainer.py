@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from precond_service.client import wait_for_serving
-from precond_service.events import Event, read_events
-from precond_service.sharding import shard_of
+from precond_service.client.service_client import wait_for_serving
+from precond_service.client.sharding import shard_of
+from precond_service.common.events import Event, read_events
 from trainer import train
 from trainer.config import default_config
 from trainer.optimizers.service_bridge import staleness

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from precond_service.events import Event, read_events
+from precond_service.common.events import Event, read_events
 from tests.conftest import alive, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]

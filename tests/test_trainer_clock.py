@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from precond_service.events import Event, read_events
+from precond_service.common.events import Event, read_events
 from tests.test_trainer import make_trainer, tiny_config
 from tests.test_trainer_reliability import _embedding
 from trainer.optimizers.service_bridge import staleness

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from precond_service.events import Event, read_events
+from precond_service.common.events import Event, read_events
 from tests.test_trainer import make_trainer, tiny_config
 from trainer import checkpoints, train
 from trainer import config as config_lib

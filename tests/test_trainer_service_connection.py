@@ -9,9 +9,9 @@ import logging
 
 import pytest
 
-from precond_service.auth import run_digest
-from precond_service.client import PreconditionerClient
-from precond_service.process import local_service
+from precond_service.client.process import local_service
+from precond_service.client.service_client import PreconditionerClient
+from precond_service.common.auth import run_digest
 from precond_service.status import fetch_status
 from tests.conftest import free_port, wait_until
 from tests.test_trainer import make_trainer, tiny_config

@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from precond_service.blocks import PreconditionerBlock, StatisticsBlock
-from precond_service.client import PreconditionerClient, keep_newest
-from precond_service.scheduler import Job, Outcome, Scheduler, StaleError
-from precond_service.store import PublishedRoot, VersionedStore
-from precond_service.versions import NO_VERSION, is_newer, newest
+from precond_service.client.service_client import PreconditionerClient, keep_newest
+from precond_service.common.blocks import PreconditionerBlock, StatisticsBlock
+from precond_service.common.versions import NO_VERSION, is_newer, newest
+from precond_service.server.scheduler import Job, Outcome, Scheduler, StaleError
+from precond_service.server.store import PublishedRoot, VersionedStore
 
 KEYS = ("a", "b", "c")
 STEPS = st.integers(min_value=0, max_value=30)

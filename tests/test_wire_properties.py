@@ -18,8 +18,9 @@ import hypothesis.strategies as st
 import numpy as np
 import pytest
 
-from precond_service import validation, wire
-from precond_service.roots import METHODS, RIDGE_MODES
+from precond_service.common import wire
+from precond_service.common.roots import METHODS, RIDGE_MODES
+from precond_service.server import validation
 from protos import precond_service_pb2 as pb
 
 MAX_MATRIX_SIZE = 64

@@ -15,11 +15,11 @@ from typing import Any
 
 import ml_collections
 
-from precond_service.auth import MIN_RUN_ID_BITS, run_id_bits
-from precond_service.process import parse_cpus
-from precond_service.roots import METHODS as ROOT_METHODS
-from precond_service.roots import RIDGE_MODES
-from precond_service.sharding import parse_addresses
+from precond_service.client.process import parse_cpus
+from precond_service.client.sharding import parse_addresses
+from precond_service.common.auth import MIN_RUN_ID_BITS, run_id_bits
+from precond_service.common.roots import METHODS as ROOT_METHODS
+from precond_service.common.roots import RIDGE_MODES
 from trainer.optimizers.service_bridge import CADENCES
 from trainer.optimizers.shampoo import (
     GRAFT_SCOPES,

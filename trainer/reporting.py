@@ -1,7 +1,7 @@
 """What a run tells people and programs: progress lines, TensorBoard scalars, events.
 
 People read the log and TensorBoard; programs (scripts, tests) read
-`WORKDIR/events.jsonl` (`precond_service.events`), whose kinds and fields do
+`WORKDIR/events.jsonl` (`precond_service.common.events`), whose kinds and fields do
 not change when the log's wording does.
 """
 
@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from precond_service.events import Event, EventLog
+from precond_service.common.events import Event, EventLog
 from trainer.controller import LoopMetrics
 from trainer.evaluation import EvalResult
 from trainer.optimizers import Shampoo

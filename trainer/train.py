@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from precond_service.events import Event, EventLog
+from precond_service.common.events import Event, EventLog
 from trainer import (
     checkpoints,
     distribution,

@@ -15,7 +15,7 @@ that is L^(-1/4) G R^(-1/4). One step of `update_step` is five visible stages:
 
   1. statistics   every `statistics_compute_steps`, the S_i above;
   2. roots        sync mode only: every `preconditioning_compute_steps`, the
-                  P_i from `precond_service.roots` (float64 Schur-Newton) on the
+                  P_i from `precond_service.common.roots` (float64 Schur-Newton) on the
                   host; async mode gets them through `assign_preconditioners`;
   3. precondition the Shampoo direction of each block that holds all its P_i
                   (skipped, matmuls and all, while no block of the variable does);
@@ -47,7 +47,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from precond_service.blocks import PreconditionerBlock, StatisticsBlock
+from precond_service.common.blocks import PreconditionerBlock, StatisticsBlock
 from trainer.optimizers import blocking
 from trainer.optimizers.shampoo_state import (  # noqa: F401 (re-exported names)
     GRAFT_SCOPES,

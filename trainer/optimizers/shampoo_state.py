@@ -5,7 +5,7 @@ module names every block's factor by a stable key, computes the sync mode's root
 on the host (`host_roots`), and does the host-side work of the asynchronous seam:
 read statistics out (`Registry.snapshot`, converted by `StatisticsSnapshot.blocks`),
 put roots computed elsewhere in (`Registry.install`, newer ones only, by
-`precond_service.versions.is_newer`), and report what is held.
+`precond_service.common.versions.is_newer`), and report what is held.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import numpy as np
 import tensorflow as tf
 import threadpoolctl
 
-from precond_service import roots as roots_lib
-from precond_service.blocks import PreconditionerBlock, StatisticsBlock
-from precond_service.versions import NO_VERSION, is_newer
+from precond_service.common import roots as roots_lib
+from precond_service.common.blocks import PreconditionerBlock, StatisticsBlock
+from precond_service.common.versions import NO_VERSION, is_newer
 from trainer.optimizers import blocking
 
 GRAFT_TYPES = ("adagrad", "adam", "sgd", "none")

@@ -37,13 +37,13 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from precond_service import wire
-from precond_service.auth import TlsConfig, open_channel
-from precond_service.blocks import PreconditionerBlock, StatisticsBlock
-from precond_service.client_core import PermanentServiceError, keep_newest
-from precond_service.client_pull import PullThread
-from precond_service.client_push import PushThread
-from precond_service.versions import is_newer
+from precond_service.client.core import PermanentServiceError, keep_newest
+from precond_service.client.pull import PullThread
+from precond_service.client.push import PushThread
+from precond_service.common import wire
+from precond_service.common.auth import TlsConfig, open_channel
+from precond_service.common.blocks import PreconditionerBlock, StatisticsBlock
+from precond_service.common.versions import is_newer
 from protos import precond_service_pb2 as pb
 from protos import precond_service_pb2_grpc as pb_grpc
 

@@ -7,14 +7,14 @@ import time
 
 import grpc
 
-from precond_service import wire
-from precond_service.blocks import PreconditionerBlock, RootFailure
-from precond_service.client_core import ClientCore, keep_newest
-from precond_service.versions import is_newer
+from precond_service.client.core import ClientCore, keep_newest
+from precond_service.common import wire
+from precond_service.common.blocks import PreconditionerBlock, RootFailure
+from precond_service.common.versions import is_newer
 from protos import precond_service_pb2 as pb
 from protos import precond_service_pb2_grpc as pb_grpc
 
-logger = logging.getLogger("precond_service.client")
+logger = logging.getLogger("precond_service.client.service_client")
 
 
 class PullThread(ClientCore):

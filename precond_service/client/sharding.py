@@ -21,8 +21,8 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
-from precond_service.blocks import PreconditionerBlock, RootFailure, StatisticsBlock
-from precond_service.client import ClientStatus, PreconditionerClient
+from precond_service.client.service_client import ClientStatus, PreconditionerClient
+from precond_service.common.blocks import PreconditionerBlock, RootFailure, StatisticsBlock
 
 # ClientStatus fields summed over the shards; the rest are combined below.
 _SUMMED = (

@@ -9,11 +9,11 @@ import time
 
 import grpc
 
-from precond_service import wire
-from precond_service.blocks import StatisticsBlock
-from precond_service.client_core import ClientCore, keep_newest
+from precond_service.client.core import ClientCore, keep_newest
+from precond_service.common import wire
+from precond_service.common.blocks import StatisticsBlock
 
-logger = logging.getLogger("precond_service.client")
+logger = logging.getLogger("precond_service.client.service_client")
 
 # Errors that retrying the same request cannot fix: the blocks are dropped.
 # RESOURCE_EXHAUSTED is not among them: the service's byte budget or stream caps

@@ -34,7 +34,7 @@ class Event(enum.StrEnum):
     EVALUATED = "evaluated"  # step, split, loss, bleu
     INTERRUPTED = "interrupted"  # step
     FINISHED = "finished"  # step
-    # A service process supervisor (precond_service.process).
+    # A service process supervisor (precond_service.client.process).
     CHILD_STARTED = "child_started"  # pid, address
     CHILD_RESTARTED = "child_restarted"  # pid, address, restarts, exit_status
     # The service itself.

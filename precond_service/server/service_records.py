@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from precond_service.roots import METHODS, RIDGE_MODES
+from precond_service.common.roots import METHODS, RIDGE_MODES
 
 
 @dataclasses.dataclass(frozen=True)

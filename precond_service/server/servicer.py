@@ -26,12 +26,12 @@ import grpc
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from precond_service import wire
-from precond_service.blocks import RootFailure
-from precond_service.budget import BudgetExceededError
-from precond_service.service import RootService
-from precond_service.store import PublishedRoot
-from precond_service.stream_limits import StreamLimits, StreamRefusedError
+from precond_service.common import wire
+from precond_service.common.blocks import RootFailure
+from precond_service.server.budget import BudgetExceededError
+from precond_service.server.service import RootService
+from precond_service.server.store import PublishedRoot
+from precond_service.server.stream_limits import StreamLimits, StreamRefusedError
 from protos import precond_service_pb2 as pb
 
 T = TypeVar("T")

@@ -38,7 +38,7 @@ import numpy as np
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from precond_service.blocks import PreconditionerBlock, StatisticsBlock
+from precond_service.common.blocks import PreconditionerBlock, StatisticsBlock
 from protos import precond_service_pb2 as pb
 
 # The gRPC service's descriptor, and its full name as the health service reports it.

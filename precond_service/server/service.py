@@ -23,23 +23,23 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 
-from precond_service import validation
-from precond_service.auth import run_digest
-from precond_service.blocks import RootFailure
-from precond_service.budget import ByteBudget
-from precond_service.events import Event, EventLog
-from precond_service.pool import JobResult, WorkerPool
-from precond_service.scheduler import Job, Outcome, Scheduler
-from precond_service.service_records import (
+from precond_service.common.auth import run_digest
+from precond_service.common.blocks import RootFailure
+from precond_service.common.events import Event, EventLog
+from precond_service.server import validation
+from precond_service.server.budget import ByteBudget
+from precond_service.server.pool import JobResult, WorkerPool
+from precond_service.server.scheduler import Job, Outcome, Scheduler
+from precond_service.server.service_records import (
     Rejection,
     RunStatus,
     ServiceConfig,
     ServiceStatus,
     Totals,
 )
-from precond_service.store import PublishedRoot, VersionedStore
-from precond_service.throttle import Throttle
-from precond_service.worker_protocol import SolverOptions
+from precond_service.server.store import PublishedRoot, VersionedStore
+from precond_service.server.throttle import Throttle
+from precond_service.worker.protocol import SolverOptions
 from protos import precond_service_pb2 as pb
 
 logger = logging.getLogger(__name__)

@@ -22,9 +22,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from precond_service import wire
-from precond_service.root_settings import RootSettings
-from precond_service.roots import METHODS, RIDGE_MODES
+from precond_service.common import wire
+from precond_service.common.root_settings import RootSettings
+from precond_service.common.roots import METHODS, RIDGE_MODES
 from protos import precond_service_pb2 as pb
 
 # Longest block key accepted, in characters; keys are names, not payloads.

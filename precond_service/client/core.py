@@ -16,11 +16,11 @@ from typing import TypeVar
 
 import grpc
 
-from precond_service.auth import TOKEN_ENV
-from precond_service.blocks import PreconditionerBlock, StatisticsBlock
-from precond_service.versions import is_newer
+from precond_service.common.auth import TOKEN_ENV
+from precond_service.common.blocks import PreconditionerBlock, StatisticsBlock
+from precond_service.common.versions import is_newer
 
-logger = logging.getLogger("precond_service.client")
+logger = logging.getLogger("precond_service.client.service_client")
 
 B = TypeVar("B", StatisticsBlock, PreconditionerBlock)
 

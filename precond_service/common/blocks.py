@@ -29,10 +29,10 @@ class StatisticsBlock:
         statistics: Square [n, n] float32 or float64 matrix.
         ridge_epsilon: Ridge added before the root, relative to the largest
             eigenvalue or absolute as `ridge_mode` says; in (0, 1).
-        ridge_mode: How the ridge is added, one of `precond_service.roots.RIDGE_MODES`.
+        ridge_mode: How the ridge is added, one of `precond_service.common.roots.RIDGE_MODES`.
         failure_threshold: A root whose final residual is above this (or not
             finite) is not published; > 0.
-        method: Solver, one of `precond_service.roots.METHODS`.
+        method: Solver, one of `precond_service.common.roots.METHODS`.
     """
 
     key: str

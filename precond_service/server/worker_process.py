@@ -28,7 +28,7 @@ from multiprocessing import connection
 
 import numpy as np
 
-from precond_service.scheduler import Job
+from precond_service.server.scheduler import Job
 
 # Variables that cap the threads of the BLAS/OpenMP libraries NumPy may use.
 _THREAD_VARIABLES = (
@@ -41,7 +41,7 @@ _THREAD_VARIABLES = (
 )
 
 # The directory that holds the `precond_service` package, for the workers' path.
-_PACKAGE_ROOT = str(pathlib.Path(__file__).resolve().parent.parent)
+_PACKAGE_ROOT = str(pathlib.Path(__file__).resolve().parents[2])
 
 # The largest buffer kept between jobs: a 1024 x 1024 float64 matrix. Reusing it
 # saves page faults on every job of the common block sizes; a larger one costs a

@@ -33,13 +33,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from precond_service import wire
-from precond_service.events import Event, EventLog
-from precond_service.service import RootService
-from precond_service.service_records import ServiceConfig
-from precond_service.servicer import PreconditionerServicer, add_servicer
-from precond_service.stream_limits import StreamLimits
-from precond_service.throttle import Throttle
+from precond_service.common import wire
+from precond_service.common.events import Event, EventLog
+from precond_service.server.service import RootService
+from precond_service.server.service_records import ServiceConfig
+from precond_service.server.servicer import PreconditionerServicer, add_servicer
+from precond_service.server.stream_limits import StreamLimits
+from precond_service.server.throttle import Throttle
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from precond_service.blocks import RootFailure
-from precond_service.budget import ByteBudget
-from precond_service.versions import is_newer
+from precond_service.common.blocks import RootFailure
+from precond_service.common.versions import is_newer
+from precond_service.server.budget import ByteBudget
 
 
 @dataclasses.dataclass(frozen=True)

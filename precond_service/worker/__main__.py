@@ -23,8 +23,8 @@ from multiprocessing import connection
 
 import numpy as np
 
-from precond_service import roots
-from precond_service.worker_protocol import Compute, Done, Ready, RootOutcome, SolverOptions
+from precond_service.common import roots
+from precond_service.worker.protocol import Compute, Done, Ready, RootOutcome, SolverOptions
 
 
 def solve(

@@ -38,9 +38,9 @@ import time
 from collections.abc import Iterator, Sequence
 
 import precond_service
-from precond_service.auth import TlsConfig
-from precond_service.client import wait_for_serving
-from precond_service.events import Event, EventLog
+from precond_service.client.service_client import wait_for_serving
+from precond_service.common.auth import TlsConfig
+from precond_service.common.events import Event, EventLog
 
 log = logging.getLogger(__name__)
 

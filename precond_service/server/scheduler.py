@@ -20,9 +20,9 @@ import threading
 
 import numpy as np
 
-from precond_service.budget import ByteBudget
-from precond_service.root_settings import RootSettings
-from precond_service.versions import is_newer, newest
+from precond_service.common.root_settings import RootSettings
+from precond_service.common.versions import is_newer, newest
+from precond_service.server.budget import ByteBudget
 
 
 class StaleError(ValueError):

@@ -27,11 +27,11 @@ from multiprocessing import connection
 
 import numpy as np
 
-from precond_service.auth import run_digest
-from precond_service.events import Event, EventLog
-from precond_service.scheduler import Job
-from precond_service.worker_process import WorkerProcess, stop_workers
-from precond_service.worker_protocol import Compute, Done, Ready, RootOutcome, SolverOptions
+from precond_service.common.auth import run_digest
+from precond_service.common.events import Event, EventLog
+from precond_service.server.scheduler import Job
+from precond_service.server.worker_process import WorkerProcess, stop_workers
+from precond_service.worker.protocol import Compute, Done, Ready, RootOutcome, SolverOptions
 
 logger = logging.getLogger(__name__)
 
