@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from precond_service.__main__ import main as service_main
-from precond_service.client.service_client import PreconditionerClient, process, wait_for_serving
+from precond_service.client import process
+from precond_service.client.service_client import PreconditionerClient, wait_for_serving
 from precond_service.common.auth import TlsConfig, read_pem, server_credentials
 from precond_service.common.blocks import StatisticsBlock
 from precond_service.server.server import RunningServer, serve
