@@ -9,20 +9,21 @@ preconditioner service as a second process, pushes statistics every
 `precond.update_steps` steps and installs the roots as they come back. Watch
 the loss fall, the staleness column, and the BLEU of the periodic evaluations
 rise. Variants `adam` and `adagrad` train the same model with those optimizers,
-`sync` computes the roots inside the trainer.
+`sync` computes the roots inside the trainer, `soap` runs Adam in the eigenbasis of
+Shampoo's factors with bases from the service.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from trainer.config import default_config
+from trainer.config import default_config, use_eigenbasis
 
-VARIANTS = ("shampoo", "sync", "adam", "adagrad")
+VARIANTS = ("shampoo", "sync", "soap", "adam", "adagrad")
 
 
 def get_config(variant: str = "shampoo") -> ml_collections.ConfigDict:
-    """Returns the quickstart config; `variant` in shampoo, sync, adam, adagrad."""
+    """Returns the quickstart config; `variant` in shampoo, sync, soap, adam, adagrad."""
     if variant not in VARIANTS:
         raise ValueError(
             f"unknown variant {variant!r} of configs/quickstart.py; use one of {list(VARIANTS)}"
@@ -72,4 +73,6 @@ def get_config(variant: str = "shampoo") -> ml_collections.ConfigDict:
 
     config.precond.mode = {"shampoo": "async", "sync": "sync"}.get(variant, "off")
     config.precond.update_steps = 10
+    if variant == "soap":
+        use_eigenbasis(config)
     return config

@@ -1,7 +1,9 @@
 """WMT'14 English->French Transformers (Vaswani et al. 2017 sizes) with Shampoo, Adam or AdaGrad.
 
 Variants are `<size>_<optimizer>`: size in tiny, base, big; optimizer in shampoo,
-adam, adagrad. For example
+soap, adam, adagrad. `soap` is Adam run in the eigenbasis of Shampoo's factors
+(`optimizer.shampoo.preconditioner="eigenbasis"`, Vyas et al. 2024), its bases
+computed by the service with the adaptive cadence. For example
 
     python -m trainer --config=configs/wmt14_en_fr.py:big_shampoo --workdir=runs/big_shampoo
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from trainer.config import default_config
+from trainer.config import default_config, use_eigenbasis
 
 # Layers, d_model, heads, d_ff, dropout: Transformer base and big (Vaswani et al.,
 # Table 3; big used dropout 0.1 on En->Fr), and a CPU-sized tiny model.
@@ -32,14 +34,14 @@ SIZES = {
 # needs a larger one. Sweep them for a new setup (scripts/bench_convergence.py
 # does so at small scale).
 LEARNING_RATES = {
-    "tiny": {"shampoo": 1e-3, "adam": 1e-3, "adagrad": 0.05},
-    "base": {"shampoo": 7e-4, "adam": 7e-4, "adagrad": 0.05},
-    "big": {"shampoo": 5e-4, "adam": 5e-4, "adagrad": 0.05},
+    "tiny": {"shampoo": 1e-3, "soap": 1e-3, "adam": 1e-3, "adagrad": 0.05},
+    "base": {"shampoo": 7e-4, "soap": 7e-4, "adam": 7e-4, "adagrad": 0.05},
+    "big": {"shampoo": 5e-4, "soap": 5e-4, "adam": 5e-4, "adagrad": 0.05},
 }
 
 
 def get_config(variant: str = "base_shampoo") -> ml_collections.ConfigDict:
-    """Returns the config of `variant` ("<tiny|base|big>_<shampoo|adam|adagrad>")."""
+    """Returns the config of `variant` ("<tiny|base|big>_<shampoo|soap|adam|adagrad>")."""
     size, _, optimizer = variant.partition("_")
     optimizer = optimizer or "shampoo"
     if size not in SIZES or optimizer not in LEARNING_RATES["base"]:
@@ -53,6 +55,8 @@ def get_config(variant: str = "base_shampoo") -> ml_collections.ConfigDict:
     config.optimizer.name = optimizer
     config.optimizer.learning_rate = LEARNING_RATES[size][optimizer]
     config.precond.mode = "async" if optimizer == "shampoo" else "off"
+    if optimizer == "soap":
+        use_eigenbasis(config)
 
     if size == "tiny":
         config.data.train_subsets = "newscommentary_v9"

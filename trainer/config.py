@@ -18,6 +18,7 @@ import ml_collections
 from precond_service.client.process import parse_cpus
 from precond_service.client.sharding import parse_addresses
 from precond_service.common.auth import MIN_RUN_ID_BITS, run_id_bits
+from precond_service.common.eigenbasis import PRECONDITIONERS
 from precond_service.common.roots import METHODS as ROOT_METHODS
 from precond_service.common.roots import RIDGE_MODES
 from trainer.optimizers.service_bridge import CADENCES
@@ -260,6 +261,10 @@ def _optimizer_fields() -> ml_collections.ConfigDict:
     section.clip_norm = 0.0
     # Shampoo-only settings.
     section.shampoo = ml_collections.ConfigDict()
+    # What each block's factors give: "root" (Shampoo, L^(-1/4) G R^(-1/4) with
+    # grafting) or "eigenbasis" (Adam run in the factors' eigenbasis, SOAP; it takes
+    # optimizer.beta1, beta2 and epsilon as its Adam's, and no graft).
+    section.shampoo.preconditioner = "root"
     section.shampoo.block_size = 128
     # Layer-wise grafting: "adam", "adagrad", "sgd" or "none".
     section.shampoo.graft_type = "adam"
@@ -389,6 +394,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_precond(config)
 
 
+def use_eigenbasis(config: ml_collections.ConfigDict) -> None:
+    """Turns a Shampoo config into Adam in Shampoo's eigenbasis (SOAP), served async.
+
+    SOAP's defaults (arXiv 2409.11321): β = (0.95, 0.95) for Adam's moments and the
+    statistics, ε = 1e-8. The bases come from the service as fast as it publishes them
+    (the adaptive cadence): the eigenbasis gains only while it is fresh.
+    """
+    config.optimizer.name = "shampoo"
+    config.optimizer.beta1 = 0.95
+    config.optimizer.beta2 = 0.95
+    config.optimizer.epsilon = 1e-8
+    config.optimizer.shampoo.preconditioner = "eigenbasis"
+    config.optimizer.shampoo.statistics_beta2 = 0.95
+    config.precond.mode = "async"
+    config.precond.cadence = "adaptive"
+
+
 def _validate_values(config: ml_collections.ConfigDict) -> None:
     """Choices and ranges of single fields."""
     _check_choice(config, "optimizer.name", OPTIMIZERS)
@@ -399,6 +421,7 @@ def _validate_values(config: ml_collections.ConfigDict) -> None:
     _check_choice(config, "optimizer.shampoo.graft_type", GRAFT_TYPES)
     _check_choice(config, "optimizer.shampoo.root_method", ROOT_METHODS)
     _check_choice(config, "optimizer.shampoo.ridge_mode", RIDGE_MODES)
+    _check_choice(config, "optimizer.shampoo.preconditioner", PRECONDITIONERS)
     _check_choice(config, "optimizer.shampoo.momentum_type", MOMENTUM_TYPES)
     _check_choice(config, "optimizer.shampoo.graft_scope", GRAFT_SCOPES)
     _check_choice(config, "precond.cadence", CADENCES)

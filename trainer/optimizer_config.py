@@ -75,6 +75,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> keras.optimizers.Optimi
         exponent_override=sh.exponent_override or None,
         inverse_failure_threshold=sh.inverse_failure_threshold,
         root_method=sh.root_method,
+        preconditioner=sh.preconditioner,
         momentum_type=sh.momentum_type,
         graft_scope=sh.graft_scope,
         statistics_beta2=sh.statistics_beta2,

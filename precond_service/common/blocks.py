@@ -33,6 +33,9 @@ class StatisticsBlock:
         failure_threshold: A root whose final residual is above this (or not
             finite) is not published; > 0.
         method: Solver, one of `precond_service.common.roots.METHODS`.
+        preconditioner: What is wanted back, one of
+            `precond_service.common.eigenbasis.PRECONDITIONERS`: the inverse root
+            ("root", also for None) or the eigenbasis ("eigenbasis").
     """
 
     key: str
@@ -43,6 +46,7 @@ class StatisticsBlock:
     failure_threshold: float | None = None
     method: str | None = None
     ridge_mode: str | None = None
+    preconditioner: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

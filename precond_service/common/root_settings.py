@@ -21,12 +21,14 @@ class RootSettings:
         failure_threshold: Largest final error of a published root; finite, > 0.
         method: One of `roots.METHODS`.
         ridge_mode: One of `roots.RIDGE_MODES`.
+        preconditioner: One of `eigenbasis.PRECONDITIONERS`: a root or an eigenbasis.
     """
 
     ridge_epsilon: float | None = None
     failure_threshold: float | None = None
     method: str | None = None
     ridge_mode: str | None = None
+    preconditioner: str | None = None
 
     def overrides(self) -> dict[str, Any]:
         """The settings that are set, by name, to apply over the service's defaults."""

@@ -296,6 +296,7 @@ def _statistics_header(block: StatisticsBlock) -> pb.BlockStatistics:
         ),
         method=block.method or "",
         ridge_mode=block.ridge_mode or "",
+        preconditioner=block.preconditioner or "",
     )
 
 

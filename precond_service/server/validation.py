@@ -23,6 +23,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from precond_service.common import wire
+from precond_service.common.eigenbasis import PRECONDITIONERS
 from precond_service.common.root_settings import RootSettings
 from precond_service.common.roots import METHODS, RIDGE_MODES
 from protos import precond_service_pb2 as pb
@@ -122,7 +123,8 @@ def decode_settings(message: pb.BlockStatistics) -> RootSettings:
     Raises:
         ValueError: With the reason, if ridge_epsilon is set and not in (0, 1),
             failure_threshold is set and not finite and > 0, or method or ridge_mode
-            is set and not one of `roots.METHODS` or `roots.RIDGE_MODES`.
+            is set and not one of `roots.METHODS` or `roots.RIDGE_MODES`, or
+            preconditioner is set and not one of `eigenbasis.PRECONDITIONERS`.
     """
     ridge = message.ridge_epsilon if message.HasField("ridge_epsilon") else None
     threshold = message.failure_threshold if message.HasField("failure_threshold") else None
@@ -146,7 +148,18 @@ def decode_settings(message: pb.BlockStatistics) -> RootSettings:
             f"method must be one of {METHODS} (or empty for the service's --method), got "
             f"{message.method[:_ECHOED_CHARACTERS]!r}"
         )
-    return RootSettings(ridge, threshold, message.method or None, message.ridge_mode or None)
+    if message.preconditioner and message.preconditioner not in PRECONDITIONERS:
+        raise ValueError(
+            f"preconditioner must be one of {PRECONDITIONERS} (or empty for a root), got "
+            f"{message.preconditioner[:_ECHOED_CHARACTERS]!r}"
+        )
+    return RootSettings(
+        ridge,
+        threshold,
+        message.method or None,
+        message.ridge_mode or None,
+        message.preconditioner or None,
+    )
 
 
 def _sampled_asymmetry(matrix: np.ndarray) -> float:

@@ -23,7 +23,7 @@ from multiprocessing import connection
 
 import numpy as np
 
-from precond_service.common import roots
+from precond_service.common import eigenbasis
 from precond_service.worker.protocol import Compute, Done, Ready, RootOutcome, SolverOptions
 
 
@@ -42,7 +42,7 @@ def solve(
     """
     start = time.perf_counter()
     try:
-        solved = roots.inverse_pth_root(matrix, exponent, **dataclasses.asdict(options))
+        solved = eigenbasis.compute(matrix, exponent, **dataclasses.asdict(options))
     except (ValueError, ArithmeticError) as e:
         return None, RootOutcome(
             ok=False,

@@ -24,6 +24,7 @@ class SolverOptions:
         method: One of `roots.METHODS`.
         ridge_epsilon: Ridge ε (relative to the largest eigenvalue, or absolute).
         ridge_mode: One of `roots.RIDGE_MODES`.
+        preconditioner: One of `eigenbasis.PRECONDITIONERS`: a root or an eigenbasis.
         failure_threshold: Largest final error of a root that is published.
         max_iterations: Most Schur-Newton iterations.
         symmetry_tolerance: Largest relative asymmetry of a statistic accepted.
@@ -32,6 +33,7 @@ class SolverOptions:
     method: str = "schur_newton"
     ridge_epsilon: float = 1e-6
     ridge_mode: str = "relative"
+    preconditioner: str = "root"
     failure_threshold: float = 0.1
     max_iterations: int = 100
     symmetry_tolerance: float = 1e-4

@@ -233,17 +233,20 @@ def kronecker_statistics(blocks: tf.Tensor, preconditioned: Sequence[bool]) -> l
 
 
 def precondition_blocks(
-    blocks: tf.Tensor, preconditioners: Sequence[tf.Tensor | None]
+    blocks: tf.Tensor, preconditioners: Sequence[tf.Tensor | None], transpose: bool = False
 ) -> tf.Tensor:
-    """Computes G ×_1 P_1 ×_2 ... ×_r P_r for a batch of blocks.
+    """Computes G ×_1 P_1 ×_2 ... ×_r P_r for a batch of blocks (P_iᵀ with `transpose`).
 
-    Each step contracts the leading block dimension with its (symmetric) P and
-    rotates it to the back, so after r steps the dimensions are back in order.
+    Each step contracts the leading block dimension with its P (P·X, or Pᵀ·X) and
+    rotates it to the back, so after r steps the dimensions are back in order. For a
+    matrix that is P_1 G P_2ᵀ: with symmetric roots Shampoo's L^(-1/4) G R^(-1/4);
+    with eigenbases Q, Q_Lᵀ G Q_R (`transpose=True`) and its inverse Q_L G' Q_Rᵀ.
 
     Args:
         blocks: [num_blocks, b_0, ..., b_{r-1}].
         preconditioners: Per block dimension, [num_blocks, b_i, b_i] or None for
             a dimension that is not preconditioned.
+        transpose: Multiply by each P transposed.
 
     Returns:
         The preconditioned blocks, same shape as `blocks`.
@@ -257,7 +260,7 @@ def precondition_blocks(
         rest = math.prod(dims[1:])
         x = tf.reshape(x, [num_blocks, lead, rest])
         if preconditioner is not None:
-            x = tf.matmul(preconditioner, x)
+            x = tf.matmul(preconditioner, x, transpose_a=transpose)
         x = tf.transpose(x, [0, 2, 1])
         dims = dims[1:] + [lead]
         x = tf.reshape(x, [num_blocks] + dims)

@@ -119,6 +119,11 @@ class Shampoo(keras.optimizers.Optimizer):
             the exponent
             travel with every pushed statistic, so that the service computes the
             root the sync mode would.
+        preconditioner: "root" (Shampoo: the stages above) or "eigenbasis" (Adam run
+            in the eigenbasis of the Kronecker factors, SOAP; see
+            `_eigenbasis_update`). An eigenbasis takes `beta1`, `beta2` and
+            `diagonal_epsilon` as its Adam's, needs `graft_type="adam"` and
+            `momentum_type="gradient"`, and travels to the service like a root.
         precondition_mode: "sync" computes roots inside the step (host NumPy,
             needs `jit_compile=False`); "async" only uses roots given to
             `assign_preconditioners` (by the preconditioner service); "off"
@@ -150,6 +155,7 @@ class Shampoo(keras.optimizers.Optimizer):
         exponent_override: int | None = None,
         inverse_failure_threshold: float = 0.1,
         root_method: str = "schur_newton",
+        preconditioner: str = "root",
         precondition_mode: str = "sync",
         name: str = "shampoo",
         **kwargs: Any,
@@ -167,6 +173,7 @@ class Shampoo(keras.optimizers.Optimizer):
             graft_type=graft_type,
             precondition_mode=precondition_mode,
             root_method=root_method,
+            preconditioner=preconditioner,
             ridge_mode=ridge_mode,
             start_preconditioning_step=start_preconditioning_step,
             statistics_compute_steps=statistics_compute_steps,
@@ -195,8 +202,9 @@ class Shampoo(keras.optimizers.Optimizer):
         self.exponent_override = None if exponent_override is None else int(exponent_override)
         self.inverse_failure_threshold = float(inverse_failure_threshold)
         self.root_method = root_method
+        self.preconditioner = preconditioner
         self.precondition_mode = precondition_mode
-        self._registry = Registry()
+        self._registry = Registry(preconditioner)
 
     # ------------------------------------------------------------------ build
 
@@ -231,8 +239,12 @@ class Shampoo(keras.optimizers.Optimizer):
                         statistics=self.add_variable(
                             shape, "zeros", "float32", name=f"{slot}_stat_g{g}_d{dim}"
                         ),
+                        # An eigenbasis starts as the identity: Adam until one comes.
                         preconditioner=self.add_variable(
-                            shape, "zeros", "float32", name=f"{slot}_root_g{g}_d{dim}"
+                            shape,
+                            _identities if self.preconditioner == "eigenbasis" else "zeros",
+                            "float32",
+                            name=f"{slot}_root_g{g}_d{dim}",
                         ),
                         stats_step=self.add_variable(
                             (group.num_blocks,),
@@ -244,7 +256,10 @@ class Shampoo(keras.optimizers.Optimizer):
                 )
             factors.append(group_factors)
         graft = None
-        if self.graft_type in ("adagrad", "adam"):
+        # The eigenbasis mode keeps its blocks' second moments rotated (below).
+        if self.graft_type in ("adagrad", "adam") and not (
+            self.preconditioner == "eigenbasis" and plan.groups
+        ):
             graft = self.add_variable(variable.shape, "zeros", "float32", name=f"{slot}_graft")
         momentum = None
         if self.beta1 > 0:
@@ -252,10 +267,27 @@ class Shampoo(keras.optimizers.Optimizer):
                 variable.shape, "zeros", "float32", name=f"{slot}_momentum"
             )
         cosine = None
-        if plan.groups:
+        if plan.groups and self.preconditioner == "root":
             with tf.init_scope():  # a diagnostic outside Keras's tracked state
                 cosine = tf.Variable(float("nan"), trainable=False, name=f"{slot}_cosine")
-        return VariableState(path, plan, self.exponent(plan), factors, graft, momentum, cosine)
+        # The eigenbasis mode's Adam second moment of each block group, in its basis.
+        rotated_second_moments = [
+            self.add_variable(
+                (group.num_blocks,) + group.block_shape, "zeros", "float32", name=f"{slot}_v_g{g}"
+            )
+            for g, group in enumerate(plan.groups)
+            if self.preconditioner == "eigenbasis"
+        ]
+        return VariableState(
+            path,
+            plan,
+            self.exponent(plan),
+            factors,
+            graft,
+            momentum,
+            cosine,
+            rotated_second_moments,
+        )
 
     def exponent(self, plan: blocking.BlockPlan) -> int:
         """p of the inverse p-th root used for a variable with `plan`."""
@@ -270,6 +302,11 @@ class Shampoo(keras.optimizers.Optimizer):
         state = self._registry.by_variable[self._var_key(variable)]
         step = tf.cast(self.iterations, tf.int64)
         grad = tf.cast(tf.convert_to_tensor(gradient), tf.float32)
+        if self.preconditioner == "eigenbasis":
+            update = self._eigenbasis_update(grad, state, step)
+            lr = tf.cast(learning_rate, tf.float32)
+            self.assign_sub(variable, tf.cast(lr * update, variable.dtype))
+            return
 
         gradient_momentum = state.momentum is not None and self.momentum_type == "gradient"
         # What is preconditioned and grafted: the gradient, or its first moment.
@@ -302,6 +339,55 @@ class Shampoo(keras.optimizers.Optimizer):
 
         lr = tf.cast(learning_rate, tf.float32)
         self.assign_sub(variable, tf.cast(lr * update, variable.dtype))
+
+    def _eigenbasis_update(
+        self, grad: tf.Tensor, state: VariableState, step: tf.Tensor
+    ) -> tf.Tensor:
+        """Adam in the eigenbasis of each block's factors (SOAP, arXiv 2409.11321).
+
+        For a block G with bases Q_i (eigenvectors of S_i, largest eigenvalue first):
+        G' = G ×_1 Q_1ᵀ ... ×_r Q_rᵀ (for a matrix, Q_Lᵀ G Q_R); Adam's second moment
+        v ← β2·v + (1 − β2)·G'² lives in that basis; the first moment m is the
+        bias-corrected EMA of G kept in the original coordinates and rotated every
+        step, which is what carrying it into each new basis amounts to. The update is
+        Q_L (m̂' / (√v̂ + ε)) Q_Rᵀ, no graft. A new basis only replaces Q: entry i of v
+        stays with the i-th largest eigenvalue (the reference's matching by eigenvalue
+        order), and nothing is reset. A side without a factor (above the size limit),
+        or a block without a basis yet, uses the identity there, so a variable with no
+        blocks (rank ≤ 1) is Adam exactly.
+        """
+        first = self._momentum(grad, state, step) if state.momentum is not None else grad
+        if not state.plan.groups:
+            return self._graft_update(grad, first, state, step)  # Adam: graft_type "adam"
+        self._update_statistics(self._blocks(grad, state), state, step)
+        if self.precondition_mode == "sync":
+            self._compute_roots(state, step)
+        plan = state.plan
+        bias_correction = 1.0 - tf.pow(self.beta2, tf.cast(step + 1, tf.float32))
+
+        def rotated_adam(rotate: bool) -> tf.Tensor:
+            updates = []
+            for group_factors, g, m, v in zip(
+                state.factors,
+                self._blocks(grad, state),
+                self._blocks(first, state),
+                state.rotated_second_moments,
+            ):
+                by_dim = {f.dim: f.preconditioner for f in group_factors}
+                bases = [by_dim.get(d) if rotate else None for d in range(len(plan.merged_shape))]
+                second = self.beta2 * v + (1.0 - self.beta2) * tf.square(
+                    blocking.precondition_blocks(g, bases, transpose=True)
+                )
+                self.assign(v, second)
+                rotated = blocking.precondition_blocks(m, bases, transpose=True) / (
+                    tf.sqrt(second / bias_correction) + self.diagonal_epsilon
+                )
+                updates.append(blocking.precondition_blocks(rotated, bases))
+            return tf.reshape(blocking.from_blocks(updates, plan), plan.shape)
+
+        # While no block has a basis every Q is the identity: skip the rotations.
+        any_ready = tf.reduce_any(tf.concat([_ready(f) for f in state.factors], axis=0))
+        return tf.cond(any_ready, lambda: rotated_adam(True), lambda: rotated_adam(False))
 
     @staticmethod
     def _graft_only(graft: tf.Tensor, state: VariableState) -> tf.Tensor:
@@ -516,6 +602,7 @@ class Shampoo(keras.optimizers.Optimizer):
             "ridge_mode": self.ridge_mode,
             "failure_threshold": self.inverse_failure_threshold,
             "method": self.root_method,
+            "preconditioner": self.preconditioner,
         }
 
     def assign_preconditioners(
@@ -579,6 +666,7 @@ class Shampoo(keras.optimizers.Optimizer):
                 "exponent_override": self.exponent_override,
                 "inverse_failure_threshold": self.inverse_failure_threshold,
                 "root_method": self.root_method,
+                "preconditioner": self.preconditioner,
                 "precondition_mode": self.precondition_mode,
             }
         )
@@ -588,6 +676,11 @@ class Shampoo(keras.optimizers.Optimizer):
 def _ready(factors: Sequence[Factor]) -> tf.Tensor:
     """Per block of a group: whether every one of its factors has a root (it is preconditioned)."""
     return tf.reduce_all(tf.stack([f.stats_step >= 0 for f in factors], axis=0), axis=0)
+
+
+def _identities(shape: Sequence[int], dtype: Any = "float32") -> tf.Tensor:
+    """Initializer of a [k, n, n] stack of identity matrices (the eigenbasis mode's start)."""
+    return tf.eye(shape[-1], batch_shape=shape[:-2], dtype=dtype)
 
 
 def run_then_true(fn) -> tf.Tensor:

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 import threadpoolctl
 
+from precond_service.common import eigenbasis as eigenbasis_lib
 from precond_service.common import roots as roots_lib
 from precond_service.common.blocks import PreconditionerBlock, StatisticsBlock
 from precond_service.common.versions import NO_VERSION, is_newer
@@ -62,6 +63,8 @@ class VariableState:
     # the Shampoo direction and the graft's update over the preconditioned
     # blocks, at the last step (NaN while no block is preconditioned).
     direction_cosine: tf.Variable | None = None
+    # The eigenbasis mode's Adam second moment per plan group, in the blocks' bases.
+    rotated_second_moments: list[keras.Variable] = dataclasses.field(default_factory=list)
 
 
 def block_key(path: str, coords: Sequence[int], dim: int) -> str:
@@ -97,7 +100,8 @@ class StatisticsSnapshot:
         step: The update count the statistics include.
         entries: Per factor: variable key path, block coordinates, dimension,
             exponent, and the [num_blocks, n, n] statistics tensor.
-        root_settings: ridge_epsilon, ridge_mode, failure_threshold, method of every
+        root_settings: ridge_epsilon, ridge_mode, failure_threshold, method,
+            preconditioner of every
             block.
     """
 
@@ -133,7 +137,9 @@ class Registry:
     the same variables in checkpoints.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, preconditioner: str = "root") -> None:
+        # What each block's preconditioner variable holds: "root" or "eigenbasis".
+        self.preconditioner = preconditioner
         self.by_variable: dict[Any, VariableState] = {}
         # Block key -> (factor, index of the block in the factor's batch).
         self.by_key: dict[str, tuple[Factor, int]] = {}
@@ -165,7 +171,8 @@ class Registry:
 
         Args:
             step: The update count the statistics include.
-            **root_settings: ridge_epsilon, ridge_mode, failure_threshold, method.
+            **root_settings: ridge_epsilon, ridge_mode, failure_threshold, method,
+                preconditioner.
         """
         entries = [
             (state.path, group.coords, factor.dim, state.exponent, tf.identity(factor.statistics))
@@ -186,6 +193,7 @@ class Registry:
         for entry in entries:
             if isinstance(entry, PreconditionerBlock):
                 key, stats_step, root = entry.key, entry.stats_step, entry.root
+                self._check_kind(key, entry.method)
             else:
                 key, stats_step, root = entry
             factor, index = self._checked(key, np.asarray(root))
@@ -207,6 +215,17 @@ class Registry:
             factor.stats_step.assign(held_steps)
             applied += len(fresh)
         return applied
+
+    def _check_kind(self, key: str, method: str) -> None:
+        """Raises ValueError if a published block is a root where a basis is wanted, or back."""
+        is_basis = method == eigenbasis_lib.EIGENBASIS_METHOD
+        if is_basis != (self.preconditioner == "eigenbasis"):
+            raise ValueError(
+                f"{key!r}: the service sent {'an eigenbasis' if is_basis else 'a root'} "
+                f"(method {method!r}) to an optimizer with preconditioner="
+                f"{self.preconditioner!r}; a service that predates eigenbases ignores "
+                "the request for one: upgrade it"
+            )
 
     def _checked(self, key: str, root: np.ndarray) -> tuple[Factor, int]:
         if key not in self.by_key:
@@ -256,24 +275,31 @@ def host_roots(
     ridge_mode: str,
     failure_threshold: float,
     method: str,
+    preconditioner: str = "root",
 ) -> tuple[np.ndarray, np.ndarray]:
     """The sync mode's roots: [k, n, n] float32 statistics -> (float32 roots, ok mask).
 
-    The same float64 solver and settings the service uses. `ok` is False where a
+    The same float64 solver and settings the service uses; with
+    `preconditioner="eigenbasis"`, eigenbases instead of roots. `ok` is False where a
     root failed (error above `failure_threshold` or not finite) or the statistic is
     still all zero (no information yet): those blocks keep what they hold.
     """
     # One BLAS thread: OpenBLAS threads spinning beside TensorFlow's own
     # pools slowed whole training steps down about 7x (measured).
     with _blas_controller().limit(limits=1, user_api="blas"):
-        result = roots_lib.batched_inverse_pth_root(
-            statistics,
-            exponent,
-            ridge_epsilon=ridge_epsilon,
-            ridge_mode=ridge_mode,
-            failure_threshold=failure_threshold,
-            method=method,
-        )
+        if preconditioner == "eigenbasis":
+            result = eigenbasis_lib.batched_eigenbasis(
+                statistics, failure_threshold=failure_threshold
+            )
+        else:
+            result = roots_lib.batched_inverse_pth_root(
+                statistics,
+                exponent,
+                ridge_epsilon=ridge_epsilon,
+                ridge_mode=ridge_mode,
+                failure_threshold=failure_threshold,
+                method=method,
+            )
     ok = np.isfinite(result.errors) & (result.errors <= failure_threshold)
     ok &= np.all(np.isfinite(result.roots), axis=(1, 2))
     ok &= np.any(statistics != 0, axis=(1, 2))
@@ -315,6 +341,7 @@ def check_arguments(
     graft_type: Any,
     precondition_mode: Any,
     root_method: Any,
+    preconditioner: Any,
     ridge_mode: Any,
     start_preconditioning_step: Any,
     statistics_compute_steps: Any,
@@ -337,6 +364,13 @@ def check_arguments(
     check_choice("precondition_mode", precondition_mode, PRECONDITION_MODES)
     check_choice("root_method", root_method, roots_lib.METHODS)
     check_choice("ridge_mode", ridge_mode, roots_lib.RIDGE_MODES)
+    check_choice("preconditioner", preconditioner, eigenbasis_lib.PRECONDITIONERS)
+    if preconditioner == "eigenbasis" and (graft_type, momentum_type) != ("adam", "gradient"):
+        raise ValueError(
+            "preconditioner='eigenbasis' is Adam in rotated coordinates: it needs "
+            "graft_type='adam' (its unrotated variables are Adam) and momentum_type="
+            f"'gradient', got graft_type={graft_type!r}, momentum_type={momentum_type!r}"
+        )
     if graft_type == "adam" and beta2 >= 1.0:
         raise ValueError(
             "graft_type='adam' needs beta2 < 1 (its second moment decays with beta2), "
