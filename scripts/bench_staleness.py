@@ -1,5 +1,11 @@
 """Preconditioner staleness on Tatoeba En-Fr: async Shampoo with update period N.
 
+`--optimizer=soap` measures the eigenbasis optimizer (Adam in the eigenbasis of
+Shampoo's factors) the same way, its adaptive cadence with 2-step inner loops, and
+reports for each N the steps it needs to reach Adam's best dev loss in
+benchmarks/convergence.json, as a ratio to Adam's (the eigenbasis gains only while
+its basis is fresh).
+
 Async Shampoo pushes its statistics every N steps and installs the roots the
 service returns whenever they arrive. N runs from 1 (push after every inner
 step) to a quarter of the run, at the same learning rate, model and batches
@@ -38,6 +44,7 @@ def parse_args() -> argparse.Namespace:
         "--periods", default="1,10,100,adaptive", help="values of N, or adaptive (N = 100 at most)"
     )
     parser.add_argument("--num_steps", type=int, default=1000)
+    parser.add_argument("--optimizer", choices=("shampoo", "soap"), default="shampoo")
     parser.add_argument(
         "--shampoo_fields",
         default="",
@@ -49,32 +56,57 @@ def parse_args() -> argparse.Namespace:
         default=0.0,
         help="0: async Shampoo's best rate in benchmarks/convergence.json (else the centre rate)",
     )
-    parser.add_argument("--out", default="benchmarks/staleness.json")
-    parser.add_argument("--plot", default="benchmarks/staleness.png")
-    return parser.parse_args()
+    parser.add_argument("--out", default="", help="default benchmarks/staleness[_soap].json")
+    parser.add_argument("--plot", default="", help="default benchmarks/staleness[_soap].png")
+    args = parser.parse_args()
+    suffix = "" if args.optimizer == "shampoo" else f"_{args.optimizer}"
+    args.out = args.out or f"benchmarks/staleness{suffix}.json"
+    args.plot = args.plot or f"benchmarks/staleness{suffix}.png"
+    return args
 
 
-def default_learning_rate() -> float:
-    """Async Shampoo's best rate from the convergence benchmark, else the centre rate."""
+def convergence() -> dict:
+    """benchmarks/convergence.json, or {} before it exists."""
     path = bt.REPO_ROOT / "benchmarks" / "convergence.json"
-    if path.is_file():
-        return json.loads(path.read_text())["summary"]["shampoo-async"]["learning_rate"]
-    return bt.BASE_LEARNING_RATES["shampoo"]
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def default_learning_rate(optimizer: str) -> float:
+    """The optimizer's best async rate from the convergence benchmark, else its centre rate."""
+    summary = convergence().get("summary", {}).get(f"{optimizer}-async")
+    return summary["learning_rate"] if summary else bt.BASE_LEARNING_RATES[optimizer]
+
+
+def spec_for(period: str, rate: float, args: argparse.Namespace, common: dict) -> bt.RunSpec:
+    """The async run with update period `period` (an integer N, or "adaptive")."""
+    fields: dict = dict(update_steps=100, cadence="adaptive") if period == "adaptive" else {}
+    fields = fields or dict(update_steps=int(period))
+    if args.optimizer == "soap":
+        if period == "adaptive":
+            fields["steps_per_loop"] = 2
+        return bt.RunSpec("soap", "async", rate, **fields, **common)
+    return bt.shampoo(
+        "async", rate, shampoo=bt.parse_shampoo_fields(args.shampoo_fields), **fields, **common
+    )
+
+
+def steps_ratio_to_adam(result: dict) -> float | None:
+    """Steps to Adam's best dev loss in benchmarks/convergence.json over Adam's, or None."""
+    report = convergence()
+    if "adam_best_dev_loss" not in report:
+        return None
+    target = report["adam_best_dev_loss"]
+    adam = bt.first_reaching(report["best_runs"]["adam"], target)
+    reached = bt.first_reaching(result, target)
+    return reached and reached["step"] / adam["step"]
 
 
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    rate = args.learning_rate or default_learning_rate()
-    common = dict(
-        num_steps=args.num_steps, shampoo=bt.parse_shampoo_fields(args.shampoo_fields)
-    ) | bt.regime(args)
-    specs = [
-        bt.shampoo("async", rate, update_steps=100, cadence="adaptive", **common)
-        if period == "adaptive"
-        else bt.shampoo("async", rate, update_steps=int(period), **common)
-        for period in args.periods.split(",")
-    ]
+    rate = args.learning_rate or default_learning_rate(args.optimizer)
+    common = dict(num_steps=args.num_steps) | bt.regime(args)
+    specs = [spec_for(period, rate, args, common) for period in args.periods.split(",")]
     rows = []
     for spec in specs:
         result = bt.cached_run(spec, args)
@@ -92,6 +124,7 @@ def main() -> None:
                 "staleness_mean": statistics.mean(s["mean"] for s in held) if held else None,
                 "staleness_max": max(s["max"] for s in held) if held else None,
                 "mean_step_seconds": result.get("mean_step_seconds"),
+                "steps_ratio_to_adam": steps_ratio_to_adam(result),
                 "curve": result["points"],
             }
         )
@@ -108,12 +141,13 @@ def main() -> None:
         specs,
         {"learning_rate": rate, "results": rows, "target": {"N=100 within 1% of N=1": target}},
     )
-    plot(rows, Path(bt.REPO_ROOT / args.plot))
+    plot(rows, Path(bt.REPO_ROOT / args.plot), args.optimizer)
     for row in rows:
         print(
             f"N={row['period']!s:<8s} final dev {row['final_dev_loss']:.4f} "
             f"({100 * row['relative_to_first']:+.2f}% vs N={rows[0]['period']}) staleness mean "
-            f"{_fmt(row['staleness_mean'])} max {_fmt(row['staleness_max'])}"
+            f"{_fmt(row['staleness_mean'])} max {_fmt(row['staleness_max'])} steps to Adam's "
+            f"best x{row['steps_ratio_to_adam'] or float('nan'):.2f}"
         )
     print("target met (N=100 within 1% of N=1):", target)
 
@@ -122,7 +156,7 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f}"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, optimizer: str) -> None:
     """Dev loss against steps for each N, and final dev loss and staleness against N."""
     plt = bt.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -153,7 +187,8 @@ def plot(rows: list[dict], path: Path) -> None:
     )
     twin.set_ylabel("mean staleness (steps)", color="C3")
     axes[1].grid(alpha=0.3)
-    fig.suptitle("Async Shampoo with preconditioner period N, Tatoeba En-Fr")
+    name = "Async Shampoo" if optimizer == "shampoo" else "Adam in Shampoo's eigenbasis"
+    fig.suptitle(f"{name} with preconditioner period N, Tatoeba En-Fr")
     bt.save_figure(fig, path)
 
 

@@ -49,7 +49,8 @@ DEFAULT_DATA_DIR = str(REPO_ROOT.parent / "shared" / "data")
 # Peak learning rates the sweeps are centred on (multiplied by the sweep's
 # factors). Shampoo grafts Adam's per-layer step size, so it shares Adam's scale.
 # Adam's first sweep around 2e-3 was best at its top (4e-3), so the centre moved up.
-BASE_LEARNING_RATES = {"adam": 4e-3, "shampoo": 4e-3, "adagrad": 0.1}
+# Adam in Shampoo's eigenbasis ("soap") starts from the same scale.
+BASE_LEARNING_RATES = {"adam": 4e-3, "shampoo": 4e-3, "soap": 4e-3, "adagrad": 0.1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +58,8 @@ class RunSpec:
     """What distinguishes one benchmark run from another.
 
     Attributes:
-        optimizer: "adam", "adagrad" or "shampoo".
+        optimizer: "adam", "adagrad", "shampoo" or "soap" (configs/wmt14_en_fr.py's
+            variants: "soap" is Shampoo with `preconditioner="eigenbasis"`).
         mode: Shampoo's `precond.mode` ("async", "sync"); "off" for the others.
         learning_rate: Peak learning rate after warmup.
         update_steps: Preconditioner period N (statistics push or root computation).
@@ -70,6 +72,9 @@ class RunSpec:
         host_cpus: `precond.host_cpus`, the cores of async Shampoo's service.
         cadence: Async Shampoo's `precond.cadence`.
         shampoo: Further `optimizer.shampoo.*` fields, as sorted (name, value) pairs.
+        betas: (beta1, beta2) instead of the variant's, or () to keep them.
+        steps_per_loop: `train.steps_per_loop`: how often the host looks at the
+            service (the adaptive cadence pushes at these boundaries).
     """
 
     optimizer: str
@@ -84,11 +89,14 @@ class RunSpec:
     host_cpus: str = ""
     cadence: str = "fixed"
     shampoo: tuple[tuple[str, Any], ...] = ()
+    betas: tuple[float, ...] = ()
+    steps_per_loop: int = 50
 
     @property
     def label(self) -> str:
-        """Short name for plots and logs, e.g. "shampoo-async"."""
-        return self.optimizer if self.optimizer != "shampoo" else f"shampoo-{self.mode}"
+        """Short name for plots and logs, e.g. "shampoo-async" or "adam-b0.95,0.95"."""
+        label = self.optimizer if self.mode == "off" else f"{self.optimizer}-{self.mode}"
+        return label + (f"-b{','.join(f'{b:g}' for b in self.betas)}" if self.betas else "")
 
     @property
     def name(self) -> str:
@@ -100,6 +108,7 @@ class RunSpec:
             + (f"_cpu{self.device_cpus}-{self.host_cpus}" if self.device_cpus else "")
             + (f"_{self.cadence}" if self.cadence != "fixed" else "")
             + "".join(f"_{name}{value}" for name, value in self.shampoo)
+            + (f"_loop{self.steps_per_loop}" if self.steps_per_loop != 50 else "")
         )
 
 
@@ -115,7 +124,11 @@ def first_order(optimizer: str, learning_rate: float, **kwargs: Any) -> RunSpec:
 
 def spec_from_dict(fields: dict[str, Any]) -> RunSpec:
     """A RunSpec from its JSON form (where the `shampoo` pairs became lists)."""
-    fields = {**fields, "shampoo": tuple(tuple(pair) for pair in fields.get("shampoo", ()))}
+    fields = {
+        **fields,
+        "shampoo": tuple(tuple(pair) for pair in fields.get("shampoo", ())),
+        "betas": tuple(fields.get("betas", ())),
+    }
     return RunSpec(**fields)
 
 
@@ -201,6 +214,8 @@ def bench_config(spec: RunSpec, files: dict[str, str], vocab_path: str):
     config.decode.beam_size = 1
 
     config.optimizer.learning_rate = spec.learning_rate
+    if spec.betas:
+        config.optimizer.beta1, config.optimizer.beta2 = spec.betas
     config.optimizer.warmup_steps = 100
     config.optimizer.shampoo.start_preconditioning_step = 50
     config.precond.mode = spec.mode
@@ -215,7 +230,7 @@ def bench_config(spec: RunSpec, files: dict[str, str], vocab_path: str):
 
     train = config.train
     train.num_steps = spec.num_steps
-    train.steps_per_loop = 50
+    train.steps_per_loop = spec.steps_per_loop
     train.log_every_s = 30.0
     train.summary_every_steps = spec.eval_every
     train.checkpoint_every_steps = spec.num_steps
@@ -230,7 +245,7 @@ def resolved_optimizer(spec: RunSpec) -> dict[str, Any]:
     A run cached before a default changed no longer matches, though its spec does.
     """
     optimizer = bench_config(spec, {"train": "", "dev": "", "test": ""}, "").optimizer.to_dict()
-    if spec.optimizer != "shampoo":
+    if spec.optimizer not in ("shampoo", "soap"):
         del optimizer["shampoo"]
     return json.loads(json.dumps(optimizer))
 

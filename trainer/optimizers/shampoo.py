@@ -354,7 +354,8 @@ class Shampoo(keras.optimizers.Optimizer):
         stays with the i-th largest eigenvalue (the reference's matching by eigenvalue
         order), and nothing is reset. A side without a factor (above the size limit),
         or a block without a basis yet, uses the identity there, so a variable with no
-        blocks (rank ≤ 1) is Adam exactly.
+        blocks (rank ≤ 1), or any variable before `start_preconditioning_step`, is Adam
+        exactly.
         """
         first = self._momentum(grad, state, step) if state.momentum is not None else grad
         if not state.plan.groups:
@@ -385,8 +386,12 @@ class Shampoo(keras.optimizers.Optimizer):
                 updates.append(blocking.precondition_blocks(rotated, bases))
             return tf.reshape(blocking.from_blocks(updates, plan), plan.shape)
 
-        # While no block has a basis every Q is the identity: skip the rotations.
-        any_ready = tf.reduce_any(tf.concat([_ready(f) for f in state.factors], axis=0))
+        # While no block has a basis every Q is the identity: skip the rotations. Before
+        # `start_preconditioning_step` bases are not used (held ones wait), as roots.
+        any_ready = tf.logical_and(
+            step >= self.start_preconditioning_step,
+            tf.reduce_any(tf.concat([_ready(f) for f in state.factors], axis=0)),
+        )
         return tf.cond(any_ready, lambda: rotated_adam(True), lambda: rotated_adam(False))
 
     @staticmethod
