@@ -1,5 +1,6 @@
 """Adam in Shampoo's eigenbasis (preconditioner="eigenbasis"): NumPy reference, seams, service."""
 
+import importlib.util
 import os
 import time
 import uuid
@@ -14,11 +15,14 @@ from precond_service.client.service_client import PreconditionerClient
 from precond_service.common import eigenbasis, wire
 from precond_service.common.blocks import PreconditionerBlock, StatisticsBlock
 from precond_service.server import validation
+from trainer.config import validate
+from trainer.optimizer_config import make_optimizer
 from trainer.optimizers import Shampoo
 from trainer.optimizers.service_bridge import ServicePreconditioning
 from trainer.optimizers.shampoo import NO_PRECONDITIONER
 
 BETA1, BETA2, STATS_BETA2, EPS, LR = 0.9, 0.95, 0.95, 1e-8, 0.01
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def soap(**overrides):
@@ -270,3 +274,46 @@ def test_the_service_publishes_the_basis_the_sync_mode_computes(client):
         a, b = (factor.preconditioner.numpy()[index] for factor, index in held)
         # Same basis up to the sign of each eigenvector.
         np.testing.assert_allclose(np.abs(a.T @ b), np.eye(len(a)), atol=1e-4)
+
+
+# ------------------------------------------------------------- configs and fit
+
+
+def _config(path, variant):
+    spec = importlib.util.spec_from_file_location("config_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+@pytest.mark.parametrize(
+    ("path", "variant"),
+    [
+        ("configs/wmt14_en_fr.py", "big_soap"),
+        ("configs/text_en_fr.py", "tiny_soap"),
+        ("configs/quickstart.py", "soap"),
+    ],
+)
+def test_soap_variants_are_async_adaptive_eigenbasis_and_build(path, variant):
+    config = _config(os.path.join(REPO_ROOT, path), variant)
+    if config.data.source == "text":
+        config.data.train_files = config.data.dev_files = "pairs.tsv"
+    validate(config)
+    assert (config.precond.mode, config.precond.cadence) == ("async", "adaptive")
+    optimizer = make_optimizer(config)
+    assert optimizer.preconditioner == "eigenbasis"
+    assert (optimizer.beta1, optimizer.beta2, optimizer.statistics_beta2) == (0.95, 0.95, 0.95)
+
+
+def test_model_fit_in_sync_mode_installs_bases_and_lowers_the_loss():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(256, 12)).astype(np.float32) * np.logspace(0, -1.5, 12)
+    y = (x @ rng.normal(size=(12, 3))).astype(np.float32)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(3, name="dense")])
+    opt = soap(learning_rate=0.05, weight_decay=1e-4)
+    model.compile(optimizer=opt, loss="mse", jit_compile=False)
+    history = model.fit(x, y, batch_size=32, epochs=8, verbose=0, shuffle=False)
+    losses = history.history["loss"]
+    assert losses[-1] < 0.2 * losses[0]
+    assert NO_PRECONDITIONER not in opt.preconditioner_stats_steps().values()

@@ -399,7 +399,8 @@ def use_eigenbasis(config: ml_collections.ConfigDict) -> None:
 
     SOAP's defaults (arXiv 2409.11321): β = (0.95, 0.95) for Adam's moments and the
     statistics, ε = 1e-8. The bases come from the service as fast as it publishes them
-    (the adaptive cadence): the eigenbasis gains only while it is fresh.
+    (the adaptive cadence, looked at every 2 steps): the eigenbasis gains only while it
+    is fresh.
     """
     config.optimizer.name = "shampoo"
     config.optimizer.beta1 = 0.95
@@ -409,6 +410,7 @@ def use_eigenbasis(config: ml_collections.ConfigDict) -> None:
     config.optimizer.shampoo.statistics_beta2 = 0.95
     config.precond.mode = "async"
     config.precond.cadence = "adaptive"
+    config.train.steps_per_loop = min(config.train.steps_per_loop, 2)
 
 
 def _validate_values(config: ml_collections.ConfigDict) -> None:

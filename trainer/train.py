@@ -284,9 +284,12 @@ class Trainer:
             log.info("already at step %d of %d: nothing to train", step, until)
             return
         log.info(
-            "training %s (%s, precond.mode=%s) from step %d to %d; %d parameters",
+            "training %s (%s%s, precond.mode=%s) from step %d to %d; %d parameters",
             config.optimizer.name,
             self.optimizer.__class__.__name__,
+            f", preconditioner={self.optimizer.preconditioner}"
+            if isinstance(self.optimizer, Shampoo)
+            else "",
             config.precond.mode,
             step,
             until,
