@@ -82,6 +82,12 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     bt.add_common_flags(parser)
     parser.add_argument("--lr_factors", default="0.5,1,2", help="the learning-rate sweep")
+    parser.add_argument(
+        "--factors_for",
+        action="append",
+        default=[],
+        help="LABEL=F1,F2: another sweep for one optimizer (repeatable)",
+    )
     parser.add_argument("--num_steps", type=int, default=1000)
     parser.add_argument(
         "--optimizers",
@@ -115,10 +121,16 @@ def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     factors = [float(f) for f in args.lr_factors.split(",")]
+    own_factors = {
+        label: [float(f) for f in values.split(",")]
+        for label, _, values in (entry.partition("=") for entry in args.factors_for)
+    }
     sweeps: dict[str, list[dict]] = {}
     for label in args.optimizers.split(","):
         optimizer, _, mode = label.partition("-")
-        if mode == "sync" and args.sync_sweep == "best":
+        if label in own_factors:
+            factors_here = own_factors[label]
+        elif mode == "sync" and args.sync_sweep == "best":
             async_best = min(sweeps[f"{optimizer}-async"], key=bt.final_dev_loss)
             rate = async_best["spec"]["learning_rate"]
             factors_here = [rate / bt.BASE_LEARNING_RATES[optimizer]]
