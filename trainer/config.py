@@ -15,8 +15,7 @@ from typing import Any
 
 import ml_collections
 
-from precond_service.client.process import parse_cpus
-from precond_service.client.sharding import parse_addresses
+from precond_service.client import parse_addresses, parse_cpus
 from precond_service.common.auth import MIN_RUN_ID_BITS, run_id_bits
 from precond_service.common.roots import METHODS as ROOT_METHODS
 from precond_service.common.roots import RIDGE_MODES

@@ -20,9 +20,13 @@ from collections.abc import Iterator
 
 import ml_collections
 
-from precond_service.client.process import local_service
-from precond_service.client.service_client import PreconditionerClient
-from precond_service.client.sharding import Client, ShardedClient, parse_addresses
+from precond_service.client import (
+    Client,
+    PreconditionerClient,
+    ShardedClient,
+    local_service,
+    parse_addresses,
+)
 from precond_service.common.auth import TlsConfig, read_token, run_digest
 from precond_service.common.events import EventLog
 from trainer.optimizers import Shampoo

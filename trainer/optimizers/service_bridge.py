@@ -16,7 +16,7 @@ import time
 import keras
 import numpy as np
 
-from precond_service.client.service_client import PreconditionerClient
+from precond_service.client import PreconditionerClient
 from precond_service.common.blocks import RootFailure
 from precond_service.common.versions import is_newer
 from trainer.optimizers.shampoo import NO_PRECONDITIONER, Shampoo
