@@ -364,6 +364,29 @@ class PreconditionerClient:
         self._puller.forget()
         return reply.blocks_released
 
+    def service_statuses(self, timeout_s: float = 5.0) -> list[pb.ServiceStatus]:
+        """Asks the service for its figures (GetStatus, listing this run only); blocks.
+
+        Call it off the training loop (the trainer's summaries do, on a thread).
+
+        Args:
+            timeout_s: Deadline of the RPC.
+
+        Returns:
+            One status (a list, as `ShardedClient.service_statuses` returns one per shard).
+
+        Raises:
+            grpc.RpcError: If the service cannot be reached or refuses.
+        """
+        with open_channel(self.address, (), self._tls) as channel:
+            return [
+                pb_grpc.PreconditionerServiceStub(channel).GetStatus(
+                    pb.StatusRequest(run_id=self.run_id),
+                    timeout=timeout_s,
+                    metadata=self._state.metadata,
+                )
+            ]
+
     def close(self, timeout: float = 5.0) -> None:
         """Stops the threads, cancelling RPCs in flight; idempotent.
 
