@@ -3,11 +3,13 @@
 `ConnectionState` holds what both loops update: connected, the service's
 incarnation, the last error, whether the service refused the client for good,
 the RPCs in flight that `close` cancels, and the events by which one loop wakes
-the other. `keep_newest` is the one merge rule of the client's caches.
+the other. `ClientStatus` is what a client reports of itself; `keep_newest` is
+the one merge rule of the client's caches.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import threading
@@ -39,6 +41,53 @@ _FATAL_CODES = {
 
 # Codes after which the service counts as unreachable.
 _UNREACHABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientStatus:
+    """What the client has done so far.
+
+    Attributes:
+        connected: Whether the last RPC reached the service.
+        incarnation: The service's incarnation last seen (None before any reply).
+        restarts_seen: Times the incarnation changed (service restarts noticed).
+        pushes_sent: PushStatistics RPCs that completed.
+        blocks_sent: Blocks in those RPCs.
+        blocks_replaced: Blocks replaced by a newer one before they were sent.
+        pending_blocks: Blocks waiting to be sent now.
+        push_failures: PushStatistics RPCs that failed.
+        blocks_rejected: Blocks the service (or the client itself) rejected.
+        last_rejections: (key, reason) of the latest rejections, oldest first.
+        pulls: GetPreconditioners RPCs that completed.
+        pull_failures: GetPreconditioners RPCs that failed.
+        preconditioners_received: Roots received.
+        last_push_latency_s: Duration of the last completed push RPC.
+        last_pull_latency_s: Duration of the last completed pull RPC.
+        last_error: The last RPC error, as text.
+        permanent_error: Why the client stopped for good (the service refused it,
+            see `PreconditionerClient.check`); None while it runs.
+        root_failures_seen: Roots the service reported it could not compute, each
+            (key, step) counted once (see `PreconditionerClient.failures`).
+    """
+
+    connected: bool
+    incarnation: str | None
+    restarts_seen: int
+    pushes_sent: int
+    blocks_sent: int
+    blocks_replaced: int
+    pending_blocks: int
+    push_failures: int
+    blocks_rejected: int
+    last_rejections: tuple[tuple[str, str], ...]
+    pulls: int
+    pull_failures: int
+    preconditioners_received: int
+    last_push_latency_s: float | None
+    last_pull_latency_s: float | None
+    last_error: str | None
+    permanent_error: str | None = None
+    root_failures_seen: int = 0
 
 
 class PermanentServiceError(RuntimeError):

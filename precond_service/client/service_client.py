@@ -28,7 +28,6 @@ push thread runs `push.PushLoop` and the pull thread `pull.PullLoop`.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -37,7 +36,12 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from precond_service.client.core import ConnectionState, PermanentServiceError, keep_newest
+from precond_service.client.core import (
+    ClientStatus,
+    ConnectionState,
+    PermanentServiceError,
+    keep_newest,
+)
 from precond_service.client.pull import PullLoop
 from precond_service.client.push import PushLoop
 from precond_service.common import wire
@@ -55,53 +59,6 @@ __all__ = [
     "keep_newest",
     "wait_for_serving",
 ]
-
-
-@dataclasses.dataclass(frozen=True)
-class ClientStatus:
-    """What the client has done so far.
-
-    Attributes:
-        connected: Whether the last RPC reached the service.
-        incarnation: The service's incarnation last seen (None before any reply).
-        restarts_seen: Times the incarnation changed (service restarts noticed).
-        pushes_sent: PushStatistics RPCs that completed.
-        blocks_sent: Blocks in those RPCs.
-        blocks_replaced: Blocks replaced by a newer one before they were sent.
-        pending_blocks: Blocks waiting to be sent now.
-        push_failures: PushStatistics RPCs that failed.
-        blocks_rejected: Blocks the service (or the client itself) rejected.
-        last_rejections: (key, reason) of the latest rejections, oldest first.
-        pulls: GetPreconditioners RPCs that completed.
-        pull_failures: GetPreconditioners RPCs that failed.
-        preconditioners_received: Roots received.
-        last_push_latency_s: Duration of the last completed push RPC.
-        last_pull_latency_s: Duration of the last completed pull RPC.
-        last_error: The last RPC error, as text.
-        permanent_error: Why the client stopped for good (the service refused it,
-            see `PreconditionerClient.check`); None while it runs.
-        root_failures_seen: Roots the service reported it could not compute, each
-            (key, step) counted once (see `PreconditionerClient.failures`).
-    """
-
-    connected: bool
-    incarnation: str | None
-    restarts_seen: int
-    pushes_sent: int
-    blocks_sent: int
-    blocks_replaced: int
-    pending_blocks: int
-    push_failures: int
-    blocks_rejected: int
-    last_rejections: tuple[tuple[str, str], ...]
-    pulls: int
-    pull_failures: int
-    preconditioners_received: int
-    last_push_latency_s: float | None
-    last_pull_latency_s: float | None
-    last_error: str | None
-    permanent_error: str | None = None
-    root_failures_seen: int = 0
 
 
 def wait_for_serving(address: str, timeout_s: float, tls: TlsConfig | None = None) -> bool:
