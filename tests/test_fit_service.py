@@ -77,3 +77,6 @@ def test_service_callback_needs_async_mode_and_config_keeps_no_token() -> None:
     assert config["service_address"] == "127.0.0.1:1" and config["service_tls"] is None
     assert "secret" not in repr(config)
     assert Shampoo.from_config(config).service_address == "127.0.0.1:1"
+    tls = {"ca_file": "/nowhere/ca.pem", "cert_file": "", "key_file": ""}
+    # TLS settings travel as file names; no file is read until training begins.
+    assert Shampoo(precondition_mode="async", service_tls=tls).get_config()["service_tls"] == tls

@@ -59,10 +59,10 @@ def tls_config(tls: TlsConfig | dict[str, str] | None) -> TlsConfig | None:
     raise TypeError(f"service_tls must be a TlsConfig, a dict of its fields or None, got {tls!r}")
 
 
-def tls_fields(tls: TlsConfig | None) -> dict[str, str] | None:
-    """The file names of `tls` (what `Shampoo.get_config` keeps), or None."""
-    if tls is None:
-        return None
+def tls_fields(tls: TlsConfig | dict[str, str] | None) -> dict[str, str] | None:
+    """The file names of `tls` (what `Shampoo.get_config` keeps; no file is read), or None."""
+    if tls is None or isinstance(tls, dict):
+        return tls
     return {"ca_file": tls.ca_file, "cert_file": tls.cert_file, "key_file": tls.key_file}
 
 

@@ -597,7 +597,7 @@ class Shampoo(keras.optimizers.Optimizer):
                 "precondition_mode": self.precondition_mode,
                 "service_address": self.service_address,
                 # The token is a secret: a saved model does not carry it.
-                "service_tls": fit_service.tls_fields(fit_service.tls_config(self.service_tls)),
+                "service_tls": fit_service.tls_fields(self.service_tls),
             }
         )
         return config
