@@ -4,8 +4,9 @@ from setuptools import find_packages, setup
 
 # Three kinds of host: `pip install .` (or ".[service]") installs the
 # preconditioner service alone, which needs only these four and no TensorFlow;
-# `pip install ".[trainer]"` adds the trainer; `pip install -e ".[test]"` adds the
-# test tools on top, for development.
+# `pip install ".[trainer]"` adds the trainer (and the shipped configs);
+# `pip install -e ".[test]"` adds the test tools on top, for development, and
+# ".[bench]" the plotting of the benchmark scripts.
 SERVICE_REQUIRES = [
     "numpy>=1.26,<3",
     "grpcio>=1.62,<2",
@@ -31,11 +32,15 @@ TRAINER_REQUIRES = [
     "tensorboard>=2.20,<3",
 ]
 
+# Plots of the benchmark scripts (scripts/bench_*.py).
+BENCH_REQUIRES = [
+    "matplotlib>=3.8,<4",
+]
+
 TEST_REQUIRES = [
     "pytest>=8,<10",
     "hypothesis>=6.100,<7",
     "ruff>=0.5",
-    "matplotlib>=3.8,<4",
     "grpcio-tools>=1.62,<2",
     # Makes the certificates of the TLS tests.
     "cryptography>=42",
@@ -49,11 +54,13 @@ setup(
         "asynchronously by a separate CPU service."
     ),
     python_requires=">=3.11",
-    packages=find_packages(include=["trainer*", "precond_service*", "protos*"]),
+    # `configs` ships the experiment configs, run by name: --config=quickstart.
+    packages=find_packages(include=["trainer*", "precond_service*", "protos*", "configs"]),
     install_requires=SERVICE_REQUIRES,
     extras_require={
         "service": [],
         "trainer": TRAINER_REQUIRES,
+        "bench": TRAINER_REQUIRES + BENCH_REQUIRES,
         "test": TRAINER_REQUIRES + TEST_REQUIRES,
     },
 )

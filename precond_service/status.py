@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 from google.protobuf import message as proto_message
 
+from precond_service.client.service_status import fetch_status
 from precond_service.common.auth import TOKEN_ENV, TlsConfig, open_channel, read_token, run_digest
 from protos import precond_service_pb2 as pb
 from protos import precond_service_pb2_grpc as pb_grpc
@@ -36,35 +37,6 @@ _RUN_COLUMNS = (
     ("latest_step", "latest step"),
     ("max_staleness_steps", "max staleness"),
 )
-
-
-def fetch_status(
-    address: str,
-    *,
-    run_id: str = "",
-    token: str | None = None,
-    tls: TlsConfig | None = None,
-    timeout_s: float = 5.0,
-) -> pb.ServiceStatus:
-    """Asks a service for its status.
-
-    Args:
-        address: "host:port".
-        run_id: When set, only this run is listed.
-        token: Shared secret if the service has one.
-        tls: TLS settings if the service serves TLS; None for plaintext.
-        timeout_s: Deadline of the RPC.
-
-    Returns:
-        The status message.
-
-    Raises:
-        grpc.RpcError: If the service cannot be reached or refuses.
-    """
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    with open_channel(address, (), tls) as channel:
-        stub = pb_grpc.PreconditionerServiceStub(channel)
-        return stub.GetStatus(pb.StatusRequest(run_id=run_id), timeout=timeout_s, metadata=metadata)
 
 
 def drop_run_by_digest(

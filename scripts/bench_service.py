@@ -1,3 +1,4 @@
+# Over 400 lines for a reason: one benchmark, its cases, runs, JSON and plot, top to bottom.
 """Benchmarks the preconditioner service end to end and writes JSON and a plot.
 
 (Over 400 lines: four measurements, their targets and their plot make one report.)

@@ -1,3 +1,4 @@
+# Over 400 lines for a reason: one chaos job, its kill schedule and its checks, top to bottom.
 """Chaos test: a short training job whose service and trainer are killed at random moments.
 
     python scripts/chaos.py --steps=300 --seed=0 --out=/tmp/chaos.json

@@ -9,10 +9,11 @@ span two orders of magnitude, correlated by a random rotation), the regime where
 second-order method pays off. Each optimizer gets the same small learning-rate
 sweep; the table at the end shows each one's best final loss.
 
-In async mode the script starts `python -m precond_service` as a child process,
-pushes Shampoo's statistics to it every `--update_steps` steps from a Keras
-callback, and installs the roots as they arrive; the staleness printed is how
-many steps old the roots in use are.
+In async mode the script starts `python -m precond_service` as a child process
+shared by the sweep's runs, and each Shampoo joins it with
+`Shampoo(..., service_address=...)` and `optimizer.service_callback()`, which pushes
+its statistics every `--update_steps` steps and installs the roots as they arrive;
+the staleness printed is how many steps old the roots in use are.
 """
 
 from __future__ import annotations
@@ -20,19 +21,13 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-import uuid
 
 import keras
 import numpy as np
 
-from precond_service.client.process import local_service
-from precond_service.client.service_client import PreconditionerClient
+from precond_service.client import local_service
 from trainer.optimizers import Shampoo
-from trainer.optimizers.service_bridge import (
-    ServicePreconditioning,
-    ShampooServiceCallback,
-    staleness,
-)
+from trainer.optimizers.staleness import staleness
 
 OPTIMIZERS = ("shampoo", "adam", "adagrad")
 
@@ -61,10 +56,9 @@ def make_model(seed: int, d_in: int, d_out: int) -> keras.Model:
 class EpochReport(keras.callbacks.Callback):
     """Prints one line per epoch: loss, time, and for Shampoo the roots' staleness."""
 
-    def __init__(self, label: str, client: PreconditionerClient | None):
+    def __init__(self, label: str):
         super().__init__()
         self.label = label
-        self.client = client
         self.started = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -75,9 +69,6 @@ class EpochReport(keras.callbacks.Callback):
             line += f"  preconditioned {100 * s.fraction_preconditioned:3.0f}%"
             if s.fraction_preconditioned:
                 line += f"  staleness mean {s.mean:.0f} max {s.max:.0f} steps"
-        if self.client is not None:
-            status = self.client.status()
-            line += f"  pushes {status.pushes_sent} roots {status.preconditioners_received}"
         print(line, flush=True)
 
 
@@ -86,7 +77,6 @@ def train(args: argparse.Namespace, name: str, lr: float, address: str | None) -
     x, y = make_data(args.seed)
     model = make_model(args.seed, x.shape[1], y.shape[1])
     callbacks: list[keras.callbacks.Callback] = []
-    client = None
     if name == "shampoo":
         optimizer = Shampoo(
             lr,
@@ -96,30 +86,21 @@ def train(args: argparse.Namespace, name: str, lr: float, address: str | None) -
             start_preconditioning_step=args.update_steps,
             preconditioning_compute_steps=args.update_steps,
             precondition_mode=args.precond,
+            service_address=address,
         )
         if args.precond == "async":
-            optimizer.build(model.trainable_variables)
-            client = PreconditionerClient(
-                address=address, run_id=f"fit-example-{uuid.uuid4()}", pull_interval_s=0.2
-            )
-            client.start()
-            bridge = ServicePreconditioning(optimizer, client, update_steps=args.update_steps)
-            callbacks.append(ShampooServiceCallback(bridge))
+            callbacks.append(optimizer.service_callback())
     elif name == "adam":
         optimizer = keras.optimizers.Adam(lr)
     else:
         # Sums start at zero, as in Duchi et al. and the trainer (Keras defaults to 0.1).
         optimizer = keras.optimizers.Adagrad(lr, initial_accumulator_value=0.0)
     label = f"{name}{'/' + args.precond if name == 'shampoo' else ''} lr={lr:g}"
-    callbacks.append(EpochReport(label, client))
+    callbacks.append(EpochReport(label))
     model.compile(optimizer=optimizer, loss="mse", jit_compile=False)
-    try:
-        history = model.fit(
-            x, y, batch_size=args.batch_size, epochs=args.epochs, verbose=0, callbacks=callbacks
-        )
-    finally:
-        if client is not None:
-            client.close()
+    history = model.fit(
+        x, y, batch_size=args.batch_size, epochs=args.epochs, verbose=0, callbacks=callbacks
+    )
     return float(history.history["loss"][-1])
 
 

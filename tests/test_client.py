@@ -178,7 +178,7 @@ def test_push_packs_small_blocks_and_sends_large_ones_alone() -> None:
     client = PreconditionerClient("127.0.0.1:1", "run")
     small = [StatisticsBlock(f"s{i}", 1, 2, np.eye(300, dtype=np.float32)) for i in range(20)]
     large = StatisticsBlock("large", 1, 2, np.eye(1100, dtype=np.float32))
-    pieces = client._messages([*small[:10], large, *small[10:]], [])
+    pieces = client._pusher.encode([*small[:10], large, *small[10:]], [])
     encoded = [b"".join(p) for p in pieces]
     # What the push declares to the service is each message's exact size.
     assert [wire.pieces_size(p) for p in pieces] == [len(m) for m in encoded]

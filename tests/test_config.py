@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from trainer import config as config_lib
+from trainer import config_names
 from trainer.optimizer_config import WarmupSchedule, make_optimizer
 from trainer.optimizers import Shampoo
 
@@ -155,13 +156,18 @@ def test_cli_rejects_misspelt_field_wrong_type_and_bad_choice(tmp_path):
     assert wrong_type.returncode != 0
     assert "num_steps" in wrong_type.stderr
 
+    # A shipped config by name, as an installed trainer runs it from any folder.
     bad_choice = _run_trainer_cli(
-        "--config=configs/quickstart.py:adam", f"--workdir={workdir}", "--config.precond.mode=fast"
+        "--config=quickstart:adam", f"--workdir={workdir}", "--config.precond.mode=fast"
     )
     assert bad_choice.returncode == 1
     assert bad_choice.stderr.strip().splitlines() == [
         "python -m trainer: config.precond.mode must be one of ['sync', 'async', 'off'], got 'fast'"
     ]
+    unknown = _run_trainer_cli("--config=quickstrat", f"--workdir={workdir}")
+    assert unknown.returncode == 1
+    assert "'quickstrat' is neither a config file" in unknown.stderr
+    assert "quickstart" in unknown.stderr.split("shipped:")[-1]
     # Nothing was trained: refused before any work.
     assert not (tmp_path / "w" / "checkpoints").exists()
 
@@ -342,3 +348,30 @@ def test_multi_worker_refuses_split_cpus_and_float16_loss_scaling():
     config.train.distribution = "multi"
     with pytest.raises(ValueError, match="train.distribution.*multi_worker"):
         config_lib.validate(config)
+
+
+def test_shipped_config_names_resolve_to_the_configs_package():
+    path = config_names.config_path("quickstart:sync")
+    assert path == f"{ROOT / 'configs' / 'quickstart.py'}:sync"
+    assert config_names.config_path("my/own.py:v") == "my/own.py:v"
+    assert {"quickstart", "wmt14_en_fr", "text_en_fr"} <= set(config_names.shipped_configs())
+
+
+def test_service_limits_are_typed_fields_that_become_service_flags():
+    config = config_lib.default_config()
+    assert config_lib.service_limit_flags(config.precond) == []
+    config.precond.service.memory_budget_mb = 512
+    config.precond.service.stream_timeout_s = 30.0
+    assert config_lib.service_limit_flags(config.precond) == [
+        "--memory_budget_mb=512",
+        "--stream_timeout_s=30.0",
+    ]
+    config_lib.validate(config)
+    config.precond.service_flags = "--memory_budget_mb=64"
+    with pytest.raises(ValueError, match="set it in one place only"):
+        config_lib.validate(config)
+    config.precond.service_flags = ""
+    config.precond.service.max_runs = 0
+    with pytest.raises(ValueError, match=r"precond\.service\.max_runs must be > 0"):
+        config_lib.validate(config)
+    assert config_lib.is_resumable_field("precond.service.max_runs")

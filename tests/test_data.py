@@ -1,3 +1,4 @@
+# Over 400 lines for a reason: the data pipeline's tests share their fixtures (sources, tokenizer).
 """Tests of trainer.data: pair sources, the tokenizer, the tf.data pipelines.
 
 (Over 400 lines: the three share the real-text fixtures below; the generated numbers

@@ -1,3 +1,4 @@
+# Over 400 lines for a reason: decoding's tests share their toy models and reference search.
 """Tests of cached decoding, greedy and beam search, and BLEU."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# Over 400 lines for a reason: end-to-end tests sharing one service fixture and helpers.
 """End-to-end tests of the service: real server on a loopback port, real worker processes.
 
 (Over 400 lines: every RPC of the contract against one real server; the units behind it

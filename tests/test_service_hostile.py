@@ -1,3 +1,4 @@
+# Over 400 lines for a reason: one hostile request per test, sharing the raw-stub helpers.
 """Hostile input against a real service: each bad request fails alone, memory stays bounded.
 
 Random bytes, truncated messages, absurd shapes, byte lengths that lie, unknown dtypes,

@@ -1,3 +1,4 @@
+# Over 400 lines for a reason: the TLS tests share their generated certificates.
 """TLS between the service and its clients, and the refusal of plaintext off loopback.
 
 Certificates are made here with `cryptography`: a CA, a service certificate it signed

@@ -1,6 +1,7 @@
-"""`python -m trainer --config=configs/<file>.py[:<variant>] --workdir=DIR [--config.<f>=<v>]`.
+"""`python -m trainer --config=<name>|<file>.py[:<variant>] --workdir=DIR [--config.<f>=<v>]`.
 
-Loads the config (a Python file with `get_config(variant)`; overrides are
+Loads the config (a shipped one by name, e.g. `quickstart:sync`, or a Python file
+with `get_config(variant)`; overrides are
 type-checked and a misspelt field is an error), checks it, and trains.
 """
 
@@ -26,7 +27,8 @@ except ImportError as e:  # a service-only install: `pip install .` without [tra
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
     None,
-    "Experiment config: configs/<file>.py or configs/<file>.py:<variant>.",
+    "Experiment config: a shipped one by name (quickstart, wmt14_en_fr, ...) or a file "
+    "path/to/config.py, either with :<variant>.",
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string(
@@ -37,6 +39,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing (which loads the config file), quietly, with one-line errors."""
+    from trainer.config_names import resolve_config_flag
+
+    try:
+        argv = resolve_config_flag(argv)
+    except ValueError as e:
+        _refuse(str(e))
     with quiet_tensorflow_start():
         try:
             return flags.FLAGS(argv)

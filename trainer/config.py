@@ -15,8 +15,7 @@ from typing import Any
 
 import ml_collections
 
-from precond_service.client.process import parse_cpus
-from precond_service.client.sharding import parse_addresses
+from precond_service.client import parse_addresses, parse_cpus
 from precond_service.common.auth import MIN_RUN_ID_BITS, run_id_bits
 from precond_service.common.eigenbasis import PRECONDITIONERS
 from precond_service.common.roots import METHODS as ROOT_METHODS
@@ -69,6 +68,7 @@ RESUMABLE_FIELDS = (
     "precond.workers",
     "precond.shards",
     "precond.service_flags",
+    "precond.service.",
     "precond.token_file",
     "precond.tls_ca_file",
     "precond.tls_cert_file",
@@ -324,7 +324,10 @@ def _precond_fields() -> ml_collections.ConfigDict:
     # as soon as every root of the previous push has arrived (at the latest after
     # update_steps), so staleness follows the service's throughput.
     section.cadence = "fixed"
-    # Further flags for a service the trainer starts, space-separated.
+    # Limits of a service the trainer starts itself (precond.service.*).
+    section.service = _service_fields()
+    # Escape hatch: further `python -m precond_service` flags for a service the
+    # trainer starts, space-separated; a limit goes in precond.service.* instead.
     section.service_flags = ""
     # Reproducible async mode: 0 installs roots as soon as they arrive; D > 0
     # installs the root computed from the statistics of step t exactly at step
@@ -351,6 +354,65 @@ def _precond_fields() -> ml_collections.ConfigDict:
     section.tls_cert_file = ""
     section.tls_key_file = ""
     return section
+
+
+# The `python -m precond_service` flags that precond.service.* sets, with their types.
+SERVICE_LIMITS = {
+    "max_matrix_size": int,
+    "memory_budget_mb": int,
+    "max_blocks": int,
+    "max_blocks_per_run": int,
+    "max_runs": int,
+    "max_blocks_per_request": int,
+    "max_streams": int,
+    "max_streams_per_peer": int,
+    "stream_idle_timeout_s": float,
+    "stream_timeout_s": float,
+    "run_ttl_s": float,
+    "job_timeout_s": float,
+}
+
+
+def _service_fields() -> ml_collections.ConfigDict:
+    """`config.precond.service`: Limits of a service the trainer starts; unset: its default.
+
+    Each is the `python -m precond_service` flag of the same name (see its --help).
+    """
+    placeholder = ml_collections.config_dict.placeholder
+    section = ml_collections.ConfigDict()
+    # Largest matrix side accepted (the client refuses larger ones before sending);
+    # sets the gRPC message size limit. Service default 4096.
+    section.max_matrix_size = placeholder(int)
+    # Most MiB held for clients (statistics being received, pending and computed,
+    # published roots); a push beyond it is retried later. Service default 4096.
+    section.memory_budget_mb = placeholder(int)
+    # Most (run, key) blocks held over all runs, and most keys of one run.
+    section.max_blocks = placeholder(int)
+    section.max_blocks_per_run = placeholder(int)
+    # Most runs held at once.
+    section.max_runs = placeholder(int)
+    # Most blocks in one push (>= max_blocks_per_run).
+    section.max_blocks_per_request = placeholder(int)
+    # Most pushes and pulls open at once, in all and on one connection.
+    section.max_streams = placeholder(int)
+    section.max_streams_per_peer = placeholder(int)
+    # Seconds a stream may wait for its next message, and stay open in all.
+    section.stream_idle_timeout_s = placeholder(float)
+    section.stream_timeout_s = placeholder(float)
+    # Seconds without a push or pull after which a run is dropped.
+    section.run_ttl_s = placeholder(float)
+    # Seconds one root may take before its worker is replaced; 0: no limit.
+    section.job_timeout_s = placeholder(float)
+    return section
+
+
+def service_limit_flags(precond: ml_collections.ConfigDict) -> list[str]:
+    """The `python -m precond_service` flags of the precond.service.* fields that are set."""
+    return [
+        f"--{name}={precond.service[name]}"
+        for name in SERVICE_LIMITS
+        if precond.service[name] is not None
+    ]
 
 
 def _check_choice(config: ml_collections.ConfigDict, field: str, allowed: Sequence[Any]) -> None:
@@ -523,6 +585,28 @@ def _validate_model_and_data(config: ml_collections.ConfigDict) -> None:
 def _validate_precond(config: ml_collections.ConfigDict) -> None:
     """The preconditioning fields that only make sense together."""
     precond = config.precond
+    _validate_tls(precond)
+    _validate_address(precond)
+    _validate_service_limits(precond)
+    if precond.run_id and run_id_bits(precond.run_id) < MIN_RUN_ID_BITS:
+        raise ValueError(
+            f"config.precond.run_id ({len(precond.run_id)} characters) can hold at most "
+            f"{run_id_bits(precond.run_id):.0f} bits of entropy, fewer than {MIN_RUN_ID_BITS}: "
+            "whoever guesses it can read, poison or drop the run's preconditioners. Leave it "
+            '"" for a random one kept in the workdir, or use e.g. 32 random hex digits '
+            '(python -c "import secrets; print(secrets.token_hex(16))")'
+        )
+    if precond.delay_steps:
+        _validate_delay(config)
+    if config.optimizer.name != "shampoo" and config.precond.mode != "off":
+        raise ValueError(
+            f'config.precond.mode must be "off" for config.optimizer.name='
+            f"{config.optimizer.name!r}, got {config.precond.mode!r}"
+        )
+
+
+def _validate_tls(precond: ml_collections.ConfigDict) -> None:
+    """precond.tls_*_file: the certificate and key together, and both need the CA."""
     if bool(precond.tls_cert_file) != bool(precond.tls_key_file):
         raise ValueError(
             "config.precond.tls_cert_file and config.precond.tls_key_file go together, got "
@@ -533,6 +617,10 @@ def _validate_precond(config: ml_collections.ConfigDict) -> None:
             "config.precond.tls_cert_file needs config.precond.tls_ca_file (the CA of the "
             "service's certificate); without it the trainer connects in plaintext"
         )
+
+
+def _validate_address(precond: ml_collections.ConfigDict) -> None:
+    """precond.address: well formed, and not together with what only a local service takes."""
     if precond.address:
         try:
             parse_addresses(precond.address)
@@ -549,42 +637,50 @@ def _validate_precond(config: ml_collections.ConfigDict) -> None:
             "config.precond.tls_ca_file needs config.precond.address: the service the "
             'trainer starts itself (address "") is plaintext on loopback'
         )
-    if precond.run_id and run_id_bits(precond.run_id) < MIN_RUN_ID_BITS:
+
+
+def _validate_service_limits(precond: ml_collections.ConfigDict) -> None:
+    """precond.service.*: positive where set, and not also in precond.service_flags."""
+    for name in SERVICE_LIMITS:
+        value = precond.service[name]
+        lowest = 0 if name == "job_timeout_s" else 1e-9
+        if value is not None and value < lowest:
+            raise ValueError(
+                f"config.precond.service.{name} must be {'>= 0' if lowest == 0 else '> 0'} "
+                f"or unset, got {value!r}"
+            )
+        if value is not None and f"--{name}" in precond.service_flags:
+            raise ValueError(
+                f"config.precond.service.{name} is set and config.precond.service_flags also "
+                f"passes --{name} ({precond.service_flags!r}): set it in one place only"
+            )
+
+
+def _validate_delay(config: ml_collections.ConfigDict) -> None:
+    """precond.delay_steps > 0, the repeatable async mode, and what it needs."""
+    precond = config.precond
+    if precond.cadence != "fixed":
         raise ValueError(
-            f"config.precond.run_id ({len(precond.run_id)} characters) can hold at most "
-            f"{run_id_bits(precond.run_id):.0f} bits of entropy, fewer than {MIN_RUN_ID_BITS}: "
-            "whoever guesses it can read, poison or drop the run's preconditioners. Leave it "
-            '"" for a random one kept in the workdir, or use e.g. 32 random hex digits '
-            '(python -c "import secrets; print(secrets.token_hex(16))")'
+            'config.precond.delay_steps needs config.precond.cadence="fixed", got '
+            f"{precond.cadence!r}: the repeatable mode pushes at multiples of update_steps"
         )
-    if precond.delay_steps:
-        if precond.cadence != "fixed":
-            raise ValueError(
-                'config.precond.delay_steps needs config.precond.cadence="fixed", got '
-                f"{precond.cadence!r}: the repeatable mode pushes at multiples of update_steps"
-            )
-        if precond.mode != "async":
-            raise ValueError(
-                'config.precond.delay_steps applies to config.precond.mode="async" only, got '
-                f"mode {precond.mode!r}; set delay_steps=0"
-            )
-        if precond.delay_steps > precond.update_steps:
-            raise ValueError(
-                "config.precond.delay_steps must be between 1 and config.precond.update_steps "
-                f"({precond.update_steps}), got {precond.delay_steps}: a later push would "
-                "replace the statistics whose root is awaited"
-            )
-        if config.train.checkpoint_every_steps % precond.update_steps:
-            raise ValueError(
-                "config.train.checkpoint_every_steps must be a multiple of "
-                f"config.precond.update_steps ({precond.update_steps}) with "
-                f"config.precond.delay_steps, got {config.train.checkpoint_every_steps}: a "
-                "checkpoint between a push and its install could not resume exactly"
-            )
-    if config.optimizer.name != "shampoo" and config.precond.mode != "off":
+    if precond.mode != "async":
         raise ValueError(
-            f'config.precond.mode must be "off" for config.optimizer.name='
-            f"{config.optimizer.name!r}, got {config.precond.mode!r}"
+            'config.precond.delay_steps applies to config.precond.mode="async" only, got '
+            f"mode {precond.mode!r}; set delay_steps=0"
+        )
+    if precond.delay_steps > precond.update_steps:
+        raise ValueError(
+            "config.precond.delay_steps must be between 1 and config.precond.update_steps "
+            f"({precond.update_steps}), got {precond.delay_steps}: a later push would "
+            "replace the statistics whose root is awaited"
+        )
+    if config.train.checkpoint_every_steps % precond.update_steps:
+        raise ValueError(
+            "config.train.checkpoint_every_steps must be a multiple of "
+            f"config.precond.update_steps ({precond.update_steps}) with "
+            f"config.precond.delay_steps, got {config.train.checkpoint_every_steps}: a "
+            "checkpoint between a push and its install could not resume exactly"
         )
 
 

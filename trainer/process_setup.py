@@ -15,7 +15,7 @@ import keras
 import ml_collections
 import tensorflow as tf
 
-from precond_service.client.process import parse_cpus
+from precond_service.client import parse_cpus
 from trainer.distribution import split_cpu, start_multi_worker
 
 log = logging.getLogger(__name__)

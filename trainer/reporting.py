@@ -29,6 +29,7 @@ from trainer.optimizers.service_bridge import (
     block_ages,
     staleness,
 )
+from trainer.service_figures import ServiceStatusPoller, service_scalars
 
 # The trainer's log lines keep the logger name they always had: scripts and
 # tests still filter the console by it.
@@ -85,6 +86,8 @@ class Reporter:
         self.optimizer = optimizer
         self.writer = writer
         self.events = events
+        # GetStatus of the service(s), fetched on a thread at the summary cadence.
+        self._status_poller: ServiceStatusPoller | None = None
 
     def staleness(self) -> Staleness | None:
         """Age of the roots held; None when the run has no preconditioning."""
@@ -170,9 +173,17 @@ class Reporter:
                     scalars[f"precond/direction_cosine/{path}"] = cosine
         if bridge is not None:
             scalars.update(_service_scalars(bridge))
+            scalars.update(self._service_figures(bridge))
             errors = [block.error for block in bridge.client.latest().values()]
             histograms["precond/root_error"] = np.array(errors, dtype=np.float64)
         write_scalars(self.writer, step, scalars, histograms)
+
+    def _service_figures(self, bridge: ServicePreconditioning) -> dict[str, float | None]:
+        """The service's own figures as last fetched (none before the first fetch returns)."""
+        if self._status_poller is None:
+            self._status_poller = ServiceStatusPoller(bridge.client)
+        statuses = self._status_poller.latest()
+        return service_scalars(statuses) if statuses else {}
 
     def skipped(self, step: int, count: int, in_a_row: int, total: int) -> None:
         """Steps skipped for non-finite gradients: a warning and a SKIPPED_STEPS event."""

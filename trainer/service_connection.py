@@ -20,11 +20,16 @@ from collections.abc import Iterator
 
 import ml_collections
 
-from precond_service.client.process import local_service
-from precond_service.client.service_client import PreconditionerClient
-from precond_service.client.sharding import Client, ShardedClient, parse_addresses
+from precond_service.client import (
+    Client,
+    PreconditionerClient,
+    ShardedClient,
+    local_service,
+    parse_addresses,
+)
 from precond_service.common.auth import TlsConfig, read_token, run_digest
 from precond_service.common.events import EventLog
+from trainer.config import service_limit_flags
 from trainer.optimizers import Shampoo
 from trainer.optimizers.service_bridge import ServicePreconditioning
 
@@ -119,24 +124,9 @@ def preconditioning(
     if config.precond.mode != "async":
         yield None
         return
+    precond = config.precond
     with contextlib.ExitStack() as stack:
-        precond = config.precond
-        token, tls = service_token(config), service_tls(config)
-        addresses = (
-            parse_addresses(precond.address)
-            if precond.address
-            else start_local_shards(stack, precond, events)
-        )
-        address = ",".join(addresses)
-        write_service_address(workdir, address)
-        run_id = run_id_for(config, workdir)
-        options = dict(token=token, tls=tls, pull_interval_s=precond.pull_interval_s)
-        client = (
-            PreconditionerClient(address, run_id, **options)
-            if len(addresses) == 1
-            else ShardedClient(addresses, run_id, **options)
-        )
-        drop_earlier_roots(client, int(optimizer.iterations.numpy()))
+        client = connect(stack, config, workdir, int(optimizer.iterations.numpy()), events)
         finished: list[bool] = []
         if precond.address:  # A shared service: free what it holds for us at a clean exit.
             stack.callback(lambda: finished and drop_finished_run(client))
@@ -145,9 +135,9 @@ def preconditioning(
         log.info(
             "asynchronous preconditioning: service %s (also in %s), run %s (sha256 prefix of "
             "its run_id)%s",
-            address,
+            client.address,
             os.path.join(workdir, SERVICE_ADDRESS_FILE),
-            run_digest(run_id),
+            run_digest(client.run_id),
             f"; roots installed exactly {precond.delay_steps} steps after their statistics"
             if precond.delay_steps
             else "",
@@ -165,11 +155,45 @@ def preconditioning(
         finished.append(True)  # Not reached when the block raised.
 
 
+def connect(
+    stack: contextlib.ExitStack,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    step: int,
+    events: EventLog | None,
+) -> Client:
+    """The run's client (not started), its service children started under `stack` if any.
+
+    The service forgets what it held of an earlier process of this run first
+    (`drop_earlier_roots`, `step` being the optimizer's update count now).
+    """
+    precond = config.precond
+    token, tls = service_token(config), service_tls(config)
+    addresses = (
+        parse_addresses(precond.address)
+        if precond.address
+        else start_local_shards(stack, precond, events)
+    )
+    address = ",".join(addresses)
+    write_service_address(workdir, address)
+    run_id = run_id_for(config, workdir)
+    options = dict(token=token, tls=tls, pull_interval_s=precond.pull_interval_s)
+    if precond.service.max_matrix_size is not None:
+        options["max_matrix_size"] = precond.service.max_matrix_size
+    client = (
+        PreconditionerClient(address, run_id, **options)
+        if len(addresses) == 1
+        else ShardedClient(addresses, run_id, **options)
+    )
+    drop_earlier_roots(client, step)
+    return client
+
+
 def start_local_shards(
     stack: contextlib.ExitStack, precond: ml_collections.ConfigDict, events: EventLog | None
 ) -> list[str]:
     """Starts `precond.shards` supervised service children (stopped with `stack`); addresses."""
-    flags = shlex.split(precond.service_flags)
+    flags = service_limit_flags(precond) + shlex.split(precond.service_flags)
     if precond.token_file:
         flags.append(f"--token_file={precond.token_file}")
     return [

@@ -1,17 +1,19 @@
-"""State and rules the client's push and pull threads share (see `client.py`).
+"""The connection state a client's push and pull loops share (see `service_client.py`).
 
-`ClientCore` holds the connection state both threads update (connected, the
-service's incarnation, the last error, whether the service refused the client for
-good), the RPCs in flight that `close` cancels, and the one merge rule of the
-client's caches, `keep_newest`.
+`ConnectionState` holds what both loops update: connected, the service's
+incarnation, the last error, whether the service refused the client for good,
+the RPCs in flight that `close` cancels, and the events by which one loop wakes
+the other. `ClientStatus` is what a client reports of itself; `keep_newest` is
+the one merge rule of the client's caches.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 import grpc
@@ -25,7 +27,7 @@ logger = logging.getLogger("precond_service.client.service_client")
 B = TypeVar("B", StatisticsBlock, PreconditionerBlock)
 
 # Errors that no request of this client can get past, and what to do about each:
-# the push and pull threads stop, and `check` raises PermanentServiceError.
+# the push and pull loops stop, and `check` raises PermanentServiceError.
 _FATAL_CODES = {
     grpc.StatusCode.UNAUTHENTICATED: (
         f"the service wants a token this client does not send or gets wrong: give the "
@@ -36,6 +38,56 @@ _FATAL_CODES = {
         "and the service's access settings"
     ),
 }
+
+# Codes after which the service counts as unreachable.
+_UNREACHABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientStatus:
+    """What the client has done so far.
+
+    Attributes:
+        connected: Whether the last RPC reached the service.
+        incarnation: The service's incarnation last seen (None before any reply).
+        restarts_seen: Times the incarnation changed (service restarts noticed).
+        pushes_sent: PushStatistics RPCs that completed.
+        blocks_sent: Blocks in those RPCs.
+        blocks_replaced: Blocks replaced by a newer one before they were sent.
+        pending_blocks: Blocks waiting to be sent now.
+        push_failures: PushStatistics RPCs that failed.
+        blocks_rejected: Blocks the service (or the client itself) rejected.
+        last_rejections: (key, reason) of the latest rejections, oldest first.
+        pulls: GetPreconditioners RPCs that completed.
+        pull_failures: GetPreconditioners RPCs that failed.
+        preconditioners_received: Roots received.
+        last_push_latency_s: Duration of the last completed push RPC.
+        last_pull_latency_s: Duration of the last completed pull RPC.
+        last_error: The last RPC error, as text.
+        permanent_error: Why the client stopped for good (the service refused it,
+            see `PreconditionerClient.check`); None while it runs.
+        root_failures_seen: Roots the service reported it could not compute, each
+            (key, step) counted once (see `PreconditionerClient.failures`).
+    """
+
+    connected: bool
+    incarnation: str | None
+    restarts_seen: int
+    pushes_sent: int
+    blocks_sent: int
+    blocks_replaced: int
+    pending_blocks: int
+    push_failures: int
+    blocks_rejected: int
+    last_rejections: tuple[tuple[str, str], ...]
+    pulls: int
+    pull_failures: int
+    preconditioners_received: int
+    last_push_latency_s: float | None
+    last_pull_latency_s: float | None
+    last_error: str | None
+    permanent_error: str | None = None
+    root_failures_seen: int = 0
 
 
 class PermanentServiceError(RuntimeError):
@@ -50,8 +102,22 @@ class PermanentServiceError(RuntimeError):
         self.code = code
 
 
-class ClientCore:
-    """What the push and pull threads share; guarded by `_lock`."""
+class ConnectionState:
+    """One client's connection to one service, shared by its push and pull loops.
+
+    Every attribute that changes is guarded by `lock`.
+
+    Attributes:
+        address: "host:port" of the service.
+        run_id: The run's name at the service.
+        metadata: gRPC metadata of every RPC (the token, if any).
+        rpc_timeout_s: Deadline of one push or pull RPC.
+        lock: Guards this object and the loops' figures.
+        closing: Set by `close`.
+        wake_puller: Cuts the pull loop's wait short (`pull_now`, or a push got
+            through after failures).
+        wake_retry: Cuts the push loop's backoff short (a pull got through).
+    """
 
     def __init__(
         self,
@@ -65,33 +131,47 @@ class ClientCore:
     ) -> None:
         self.address = address
         self.run_id = run_id
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._rpc_timeout_s = rpc_timeout_s
-        self._backoff_initial_s = backoff_initial_s
-        self._backoff_max_s = backoff_max_s
-        self._lock = threading.Lock()
-        self._wake_pusher = threading.Condition(self._lock)
-        self._closing = threading.Event()
-        # Cut the pull thread's wait short (`pull_now`, or the push thread got
-        # through after failures), and the push thread's backoff (a pull got through).
-        self._wake_puller = threading.Event()
-        self._wake_retry = threading.Event()
-        # Statistics not yet sent, and the newest sent (pushed again after a restart).
-        self._pending: dict[str, StatisticsBlock] = {}
-        self._last_sent: dict[str, StatisticsBlock] = {}
+        self.metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+        self.rpc_timeout_s = rpc_timeout_s
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.lock = threading.Lock()
+        self.closing = threading.Event()
+        self.wake_puller = threading.Event()
+        self.wake_retry = threading.Event()
+        self.connected = False
+        self.incarnation: str | None = None
+        self.restarts_seen = 0
+        self.last_error: str | None = None
+        self.permanent_error: PermanentServiceError | None = None
         self._calls: set[grpc.Future | grpc.Call] = set()
-        self._connected = False
-        self._incarnation: str | None = None
-        self._restarts_seen = 0
-        self._last_error: str | None = None
-        self._permanent_error: PermanentServiceError | None = None
+        # Called, with the lock held, when the service restarted (forgot everything).
+        self._restart_listeners: list[Callable[[], None]] = []
+        # Called, with the lock held, when the loops must stop (close, refused).
+        self._stop_listeners: list[Callable[[], None]] = []
 
-    def _stopped(self) -> bool:
-        """Whether the threads should end: closing, or refused for good."""
-        return self._closing.is_set() or self._permanent_error is not None
+    def on_restart(self, listener: Callable[[], None]) -> None:
+        """Calls `listener` (with the lock held) whenever the service's incarnation changes."""
+        self._restart_listeners.append(listener)
 
-    def _fail_if_permanent(self, rpc: str, code: grpc.StatusCode, details: str | None) -> bool:
-        """Stops both threads for good if `code` is one no retry gets past.
+    def on_stop(self, listener: Callable[[], None]) -> None:
+        """Calls `listener` (with the lock held) when the loops must stop."""
+        self._stop_listeners.append(listener)
+
+    def stopped(self) -> bool:
+        """Whether the loops should end: closing, or refused for good."""
+        return self.closing.is_set() or self.permanent_error is not None
+
+    def rpc_failed(self, rpc: str, code: grpc.StatusCode, details: str | None) -> None:
+        """Records a failed RPC's error; the caller holds the lock."""
+        self.last_error = f"{rpc}: {code.name}: {details}"
+        if code in _UNREACHABLE_CODES:
+            self.connected = False
+
+    def fail_if_permanent(self, rpc: str, code: grpc.StatusCode, details: str | None) -> bool:
+        """Stops both loops for good if `code` is one no retry gets past.
 
         Returns:
             Whether it did.
@@ -102,45 +182,63 @@ class ClientCore:
         error = PermanentServiceError(
             code, f"{rpc} to {self.address} failed with {code.name} ({details}); {advice}"
         )
-        with self._lock:
-            if self._permanent_error is not None:
+        with self.lock:
+            if self.permanent_error is not None:
                 return True
-            self._permanent_error = error
-            self._wake_pusher.notify_all()
-        self._wake_puller.set()
-        self._wake_retry.set()
+            self.permanent_error = error
+            self._notify_stop()
         logger.error("%s; the client stops pushing and pulling", error)
         return True
 
-    def _track(self, call: grpc.Future | grpc.Call) -> None:
+    def close(self) -> None:
+        """Stops both loops and cancels the RPCs in flight; returns at once."""
+        with self.lock:
+            self.closing.set()
+            self._notify_stop()
+            calls = list(self._calls)
+        for call in calls:
+            call.cancel()
+
+    def track(self, call: grpc.Future | grpc.Call) -> None:
         """Remembers an RPC in flight so that `close` can cancel it."""
-        with self._lock:
+        with self.lock:
             self._calls.add(call)
-            closing = self._closing.is_set()
+            closing = self.closing.is_set()
         if closing:  # `close` ran before the call was remembered.
             call.cancel()
 
-    def _saw_incarnation(self, incarnation: str) -> None:
-        """Re-pushes the newest statistics when the service has restarted."""
-        with self._lock:
-            if self._incarnation == incarnation:
-                return
-            if self._incarnation is not None:
-                self._restarts_seen += 1
-                keep_newest(self._pending, self._last_sent.values())
-                self._wake_pusher.notify()
-                logger.warning(
-                    "service at %s restarted (incarnation %s -> %s); pushing %d statistics again",
-                    self.address,
-                    self._incarnation,
-                    incarnation,
-                    len(self._last_sent),
-                )
-            self._incarnation = incarnation
+    def untrack(self, call: grpc.Future | grpc.Call) -> None:
+        """Forgets an RPC that ended."""
+        with self.lock:
+            self._calls.discard(call)
 
-    def _backoff(self, failures: int) -> float:
-        delay = min(self._backoff_max_s, self._backoff_initial_s * 2 ** (failures - 1))
+    def saw_incarnation(self, incarnation: str) -> None:
+        """Notes the service's incarnation; a change means it restarted and forgot everything."""
+        with self.lock:
+            if self.incarnation == incarnation:
+                return
+            if self.incarnation is not None:
+                self.restarts_seen += 1
+                logger.warning(
+                    "service at %s restarted (incarnation %s -> %s)",
+                    self.address,
+                    self.incarnation,
+                    incarnation,
+                )
+                for listener in self._restart_listeners:
+                    listener()
+            self.incarnation = incarnation
+
+    def backoff(self, failures: int) -> float:
+        """Seconds to wait after `failures` failures in a row: doubling, capped, jittered."""
+        delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** (failures - 1))
         return delay * random.uniform(0.5, 1.0)
+
+    def _notify_stop(self) -> None:
+        for listener in self._stop_listeners:
+            listener()
+        self.wake_puller.set()
+        self.wake_retry.set()
 
 
 def _version(block: StatisticsBlock | PreconditionerBlock) -> int:

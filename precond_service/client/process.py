@@ -1,3 +1,4 @@
+# Over 400 lines for a reason: every way a service process starts, is watched and stops.
 """Starts, supervises and stops `python -m precond_service` processes: the one way to do it.
 
 (Over 400 lines: one job, a service process's life from start to stop, supervised or

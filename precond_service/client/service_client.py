@@ -22,13 +22,12 @@ client pushes the newest statistic of every key again. When the service refuses 
 client for good (UNAUTHENTICATED, PERMISSION_DENIED) both threads stop and `check`
 raises `PermanentServiceError`.
 
-The push thread is `client_push.PushThread`, the pull thread `client_pull.PullThread`,
-and what they share `client_core.ClientCore`.
+Built by composition: what both threads share is one `core.ConnectionState`; the
+push thread runs `push.PushLoop` and the pull thread `pull.PullLoop`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -37,13 +36,17 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from precond_service.client.core import PermanentServiceError, keep_newest
-from precond_service.client.pull import PullThread
-from precond_service.client.push import PushThread
+from precond_service.client.core import (
+    ClientStatus,
+    ConnectionState,
+    PermanentServiceError,
+    keep_newest,
+)
+from precond_service.client.pull import PullLoop
+from precond_service.client.push import PushLoop
 from precond_service.common import wire
 from precond_service.common.auth import TlsConfig, open_channel
-from precond_service.common.blocks import PreconditionerBlock, StatisticsBlock
-from precond_service.common.versions import is_newer
+from precond_service.common.blocks import PreconditionerBlock, RootFailure, StatisticsBlock
 from protos import precond_service_pb2 as pb
 from protos import precond_service_pb2_grpc as pb_grpc
 
@@ -56,53 +59,6 @@ __all__ = [
     "keep_newest",
     "wait_for_serving",
 ]
-
-
-@dataclasses.dataclass(frozen=True)
-class ClientStatus:
-    """What the client has done so far.
-
-    Attributes:
-        connected: Whether the last RPC reached the service.
-        incarnation: The service's incarnation last seen (None before any reply).
-        restarts_seen: Times the incarnation changed (service restarts noticed).
-        pushes_sent: PushStatistics RPCs that completed.
-        blocks_sent: Blocks in those RPCs.
-        blocks_replaced: Blocks replaced by a newer one before they were sent.
-        pending_blocks: Blocks waiting to be sent now.
-        push_failures: PushStatistics RPCs that failed.
-        blocks_rejected: Blocks the service (or the client itself) rejected.
-        last_rejections: (key, reason) of the latest rejections, oldest first.
-        pulls: GetPreconditioners RPCs that completed.
-        pull_failures: GetPreconditioners RPCs that failed.
-        preconditioners_received: Roots received.
-        last_push_latency_s: Duration of the last completed push RPC.
-        last_pull_latency_s: Duration of the last completed pull RPC.
-        last_error: The last RPC error, as text.
-        permanent_error: Why the client stopped for good (the service refused it,
-            see `PreconditionerClient.check`); None while it runs.
-        root_failures_seen: Roots the service reported it could not compute, each
-            (key, step) counted once (see `PreconditionerClient.failures`).
-    """
-
-    connected: bool
-    incarnation: str | None
-    restarts_seen: int
-    pushes_sent: int
-    blocks_sent: int
-    blocks_replaced: int
-    pending_blocks: int
-    push_failures: int
-    blocks_rejected: int
-    last_rejections: tuple[tuple[str, str], ...]
-    pulls: int
-    pull_failures: int
-    preconditioners_received: int
-    last_push_latency_s: float | None
-    last_pull_latency_s: float | None
-    last_error: str | None
-    permanent_error: str | None = None
-    root_failures_seen: int = 0
 
 
 def wait_for_serving(address: str, timeout_s: float, tls: TlsConfig | None = None) -> bool:
@@ -150,8 +106,12 @@ def _channel_options(max_matrix_size: int, backoff_max_s: float = 5.0) -> list[t
     ]
 
 
-class PreconditionerClient(PushThread, PullThread):
-    """Pushes statistics to, and pulls roots from, a service in the background."""
+class PreconditionerClient:
+    """Pushes statistics to, and pulls roots from, a service in the background.
+
+    Composed of one `ConnectionState` and the `PushLoop` and `PullLoop` that use it,
+    each on a thread of its own.
+    """
 
     def __init__(
         self,
@@ -192,7 +152,7 @@ class PreconditionerClient(PushThread, PullThread):
             backoff_max_s=backoff_max_s,
             max_matrix_size=max_matrix_size,
         )
-        super().__init__(
+        self._state = ConnectionState(
             address,
             run_id,
             token=token,
@@ -200,12 +160,21 @@ class PreconditionerClient(PushThread, PullThread):
             backoff_initial_s=backoff_initial_s,
             backoff_max_s=backoff_max_s,
         )
-        self._init_push(max_matrix_size)
-        self._init_pull(pull_interval_s)
+        self._pusher = PushLoop(self._state, max_matrix_size)
+        self._puller = PullLoop(self._state, pull_interval_s)
         self._tls = tls
         self._channel: grpc.Channel | None = None
         self._threads: list[threading.Thread] = []
-        self._closed = False
+
+    @property
+    def address(self) -> str:
+        """ "host:port" of the service."""
+        return self._state.address
+
+    @property
+    def run_id(self) -> str:
+        """The run's name at the service."""
+        return self._state.run_id
 
     # The trainer's side: none of these block on the network.
 
@@ -215,14 +184,14 @@ class PreconditionerClient(PushThread, PullThread):
         Raises:
             RuntimeError: If the client was closed.
         """
-        with self._lock:
-            if self._closed:
+        with self._state.lock:
+            if self._state.closing.is_set():
                 raise RuntimeError("start() after close(): create a new PreconditionerClient")
             if self._channel is not None:
                 return
             self._channel = open_channel(
                 self.address,
-                _channel_options(self._max_matrix_size, self._backoff_max_s),
+                _channel_options(self._pusher.max_matrix_size, self._state.backoff_max_s),
                 self._tls,
             )
         stub = pb_grpc.PreconditionerServiceStub(self._channel)
@@ -235,10 +204,10 @@ class PreconditionerClient(PushThread, PullThread):
         )
         self._threads = [
             threading.Thread(
-                target=self._push_loop, args=(push_call,), name="precond-push", daemon=True
+                target=self._pusher.run, args=(push_call,), name="precond-push", daemon=True
             ),
             threading.Thread(
-                target=self._pull_loop, args=(stub,), name="precond-pull", daemon=True
+                target=self._puller.run, args=(stub,), name="precond-pull", daemon=True
             ),
         ]
         for thread in self._threads:
@@ -258,15 +227,7 @@ class PreconditionerClient(PushThread, PullThread):
         for block in blocks:
             if not isinstance(block, StatisticsBlock):
                 raise TypeError(f"push() takes StatisticsBlock objects, got {type(block).__name__}")
-        with self._lock:
-            for block in blocks:
-                held = self._pending.get(block.key)
-                if held is not None:
-                    if not is_newer(block.step, held.step):
-                        continue
-                    self._blocks_replaced += 1
-                self._pending[block.key] = block
-            self._wake_pusher.notify()
+        self._pusher.offer(blocks)
 
     def latest(self) -> dict[str, PreconditionerBlock]:
         """Returns every root received so far, the newest per key, at once.
@@ -274,32 +235,44 @@ class PreconditionerClient(PushThread, PullThread):
         Returns:
             key -> PreconditionerBlock (a new dict; the roots are read-only arrays).
         """
-        return dict(self._cache)
+        return self._puller.latest()
+
+    def failures(self) -> dict[str, RootFailure]:
+        """Returns the roots the service reported failed and the client holds no newer root of.
+
+        A failed root does not come unless a newer statistic of its key is pushed
+        (the previous root stays); see `ClientStatus.root_failures_seen` for the count.
+
+        Returns:
+            key -> RootFailure (a new dict).
+        """
+        return self._puller.failures()
 
     def status(self) -> ClientStatus:
         """Returns what the client has done so far."""
-        with self._lock:
+        state, pusher, puller = self._state, self._pusher, self._puller
+        with state.lock:
             return ClientStatus(
-                connected=self._connected,
-                incarnation=self._incarnation,
-                restarts_seen=self._restarts_seen,
-                pushes_sent=self._pushes_sent,
-                blocks_sent=self._blocks_sent,
-                blocks_replaced=self._blocks_replaced,
-                pending_blocks=len(self._pending),
-                push_failures=self._push_failures,
-                blocks_rejected=self._blocks_rejected,
-                last_rejections=tuple(self._rejections),
-                pulls=self._pulls,
-                pull_failures=self._pull_failures,
-                preconditioners_received=self._received,
-                last_push_latency_s=self._push_latency,
-                last_pull_latency_s=self._pull_latency,
-                last_error=self._last_error,
+                connected=state.connected,
+                incarnation=state.incarnation,
+                restarts_seen=state.restarts_seen,
+                pushes_sent=pusher.pushes_sent,
+                blocks_sent=pusher.blocks_sent,
+                blocks_replaced=pusher.blocks_replaced,
+                pending_blocks=pusher.pending_blocks,
+                push_failures=pusher.push_failures,
+                blocks_rejected=pusher.blocks_rejected,
+                last_rejections=tuple(pusher.rejections),
+                pulls=puller.pulls,
+                pull_failures=puller.pull_failures,
+                preconditioners_received=puller.received,
+                last_push_latency_s=pusher.latency_s,
+                last_pull_latency_s=puller.latency_s,
+                last_error=state.last_error,
                 permanent_error=(
-                    None if self._permanent_error is None else str(self._permanent_error)
+                    None if state.permanent_error is None else str(state.permanent_error)
                 ),
-                root_failures_seen=self._failures_seen,
+                root_failures_seen=puller.failures_seen,
             )
 
     def check(self) -> None:
@@ -312,14 +285,14 @@ class PreconditionerClient(PushThread, PullThread):
             PermanentServiceError: If a push or pull failed with UNAUTHENTICATED or
                 PERMISSION_DENIED; the client then sends nothing more.
         """
-        with self._lock:
-            error = self._permanent_error
+        with self._state.lock:
+            error = self._state.permanent_error
         if error is not None:
             raise error
 
     def pull_now(self) -> None:
         """Asks the pull thread to pull at once instead of at its next interval; returns at once."""
-        self._wake_puller.set()
+        self._state.wake_puller.set()
 
     def drop_run(self, timeout_s: float = 10.0) -> int:
         """Asks the service to forget this run; blocks, so call it outside the training loop.
@@ -341,13 +314,35 @@ class PreconditionerClient(PushThread, PullThread):
         """
         with open_channel(self.address, (), self._tls) as channel:
             reply = pb_grpc.PreconditionerServiceStub(channel).DropRun(
-                pb.DropRunRequest(run_id=self.run_id), timeout=timeout_s, metadata=self._metadata
+                pb.DropRunRequest(run_id=self.run_id),
+                timeout=timeout_s,
+                metadata=self._state.metadata,
             )
-        with self._lock:
-            self._generation += 1
-            self._cache = {}
-            self._failures = {}
+        self._puller.forget()
         return reply.blocks_released
+
+    def service_statuses(self, timeout_s: float = 5.0) -> list[pb.ServiceStatus]:
+        """Asks the service for its figures (GetStatus, listing this run only); blocks.
+
+        Call it off the training loop (the trainer's summaries do, on a thread).
+
+        Args:
+            timeout_s: Deadline of the RPC.
+
+        Returns:
+            One status (a list, as `ShardedClient.service_statuses` returns one per shard).
+
+        Raises:
+            grpc.RpcError: If the service cannot be reached or refuses.
+        """
+        with open_channel(self.address, (), self._tls) as channel:
+            return [
+                pb_grpc.PreconditionerServiceStub(channel).GetStatus(
+                    pb.StatusRequest(run_id=self.run_id),
+                    timeout=timeout_s,
+                    metadata=self._state.metadata,
+                )
+            ]
 
     def close(self, timeout: float = 5.0) -> None:
         """Stops the threads, cancelling RPCs in flight; idempotent.
@@ -355,17 +350,9 @@ class PreconditionerClient(PushThread, PullThread):
         Args:
             timeout: Longest wait for each thread to end.
         """
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._closing.set()
-            self._wake_puller.set()
-            self._wake_retry.set()
-            self._wake_pusher.notify_all()
-            calls = list(self._calls)
-        for call in calls:
-            call.cancel()
+        if self._state.closing.is_set():
+            return
+        self._state.close()
         for thread in self._threads:
             thread.join(timeout)
         if self._channel is not None:

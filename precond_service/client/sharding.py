@@ -82,6 +82,10 @@ class ShardedClient:
         self.run_id = run_id
         self.address = ",".join(addresses)
 
+    def service_statuses(self, timeout_s: float = 5.0) -> list[Any]:
+        """Every shard's GetStatus, in shard order; blocks (see `PreconditionerClient`)."""
+        return [c.service_statuses(timeout_s)[0] for c in self.clients]
+
     def start(self) -> None:
         """Starts every shard's client (none waits for its service)."""
         for client in self.clients:

@@ -22,6 +22,8 @@ positions, the shuffle buffer and the buckets' partial batches.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import tensorflow as tf
 
 from trainer.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
@@ -91,6 +93,24 @@ def train_dataset(
     padded_lengths = tf.constant(lengths, tf.int64)
     batch_sizes = tf.constant([tokens_per_batch // length for length in lengths], tf.int64)
 
+    pairs = pairs.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        pairs = pairs.repeat()
+    encode = _bucketed_encoder(tokenizer, max_length, padded_lengths)
+    examples = pairs.batch(_ENCODE_BATCH).map(encode, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    batches = examples.group_by_window(
+        key_func=lambda example: example["bucket"],
+        reduce_func=_bucket_batcher(padded_lengths, batch_sizes),
+        window_size_func=lambda bucket: batch_sizes[bucket],
+    )
+    return batches.prefetch(tf.data.AUTOTUNE)
+
+
+def _bucketed_encoder(
+    tokenizer: Tokenizer, max_length: int, padded_lengths: tf.Tensor
+) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
+    """Encodes string pairs, drops those over `max_length`, and names each one's bucket."""
+
     def encode(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         inputs = tokenizer.tf_encode(batch["source"])
         targets = tokenizer.tf_encode(batch["target"])
@@ -107,6 +127,14 @@ def train_dataset(
             ),
         }
 
+    return encode
+
+
+def _bucket_batcher(
+    padded_lengths: tf.Tensor, batch_sizes: tf.Tensor
+) -> Callable[[tf.Tensor, tf.data.Dataset], tf.data.Dataset]:
+    """Batches one bucket's examples, cut to the bucket's padded length."""
+
     def batch_bucket(bucket: tf.Tensor, examples: tf.data.Dataset) -> tf.data.Dataset:
         length = padded_lengths[bucket]
         batches = examples.batch(batch_sizes[bucket], drop_remainder=True)
@@ -117,16 +145,7 @@ def train_dataset(
             }
         )
 
-    pairs = pairs.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        pairs = pairs.repeat()
-    examples = pairs.batch(_ENCODE_BATCH).map(encode, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-    batches = examples.group_by_window(
-        key_func=lambda example: example["bucket"],
-        reduce_func=batch_bucket,
-        window_size_func=lambda bucket: batch_sizes[bucket],
-    )
-    return batches.prefetch(tf.data.AUTOTUNE)
+    return batch_bucket
 
 
 def eval_dataset(

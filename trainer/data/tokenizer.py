@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
@@ -163,23 +164,7 @@ class Tokenizer:
             minloglevel=2,  # SentencePiece's own INFO lines would flood the console.
         )
         start = time.monotonic()
-        try:
-            model = _train_model(sentences, options)
-        except RuntimeError as error:
-            if "Vocabulary size is smaller than required_chars" in str(error):
-                raise ValueError(
-                    f"vocab_size {vocab_size} cannot hold the distinct characters of the "
-                    f"training text (SentencePiece: {error}); raise config.data.vocab_size"
-                ) from error
-            if "Vocabulary size too high" not in str(error):
-                raise
-            logger.warning(
-                "%d sentences are too few for %d pieces (%s); retrying with a soft limit",
-                len(sentences),
-                vocab_size,
-                str(error).rsplit("]", 1)[-1].strip(),
-            )
-            model = _train_model(sentences, dict(options, hard_vocab_limit=False))
+        model = _train_model_or_smaller(sentences, options)
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, delete=False) as tmp:
             tmp.write(model)
@@ -248,6 +233,31 @@ class Tokenizer:
             itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum())
         )
         return flat, lengths
+
+
+def _train_model_or_smaller(sentences: list[str], options: dict[str, Any]) -> bytes:
+    """`_train_model`, retried with a soft vocabulary limit where the text is too small.
+
+    Raises:
+        ValueError: If `vocab_size` cannot even hold the text's distinct characters.
+    """
+    try:
+        return _train_model(sentences, options)
+    except RuntimeError as error:
+        if "Vocabulary size is smaller than required_chars" in str(error):
+            raise ValueError(
+                f"vocab_size {options['vocab_size']} cannot hold the distinct characters of the "
+                f"training text (SentencePiece: {error}); raise config.data.vocab_size"
+            ) from error
+        if "Vocabulary size too high" not in str(error):
+            raise
+        logger.warning(
+            "%d sentences are too few for %d pieces (%s); retrying with a soft limit",
+            len(sentences),
+            options["vocab_size"],
+            str(error).rsplit("]", 1)[-1].strip(),
+        )
+        return _train_model(sentences, dict(options, hard_vocab_limit=False))
 
 
 def _train_model(sentences: list[str], options: dict) -> bytes:

@@ -160,29 +160,15 @@ def beam_search(
     Raises:
         ValueError: If `beam_size` is not a positive int or `length_penalty` is negative.
     """
-    if not isinstance(beam_size, int) or beam_size < 1:
-        raise ValueError(f"beam_size must be a positive integer, got {beam_size!r}")
-    if length_penalty < 0:
-        raise ValueError(f"length_penalty must be >= 0, got {length_penalty}")
-    _check_length(max_decode_length, model)
+    _check_beam_arguments(model, beam_size, length_penalty, max_decode_length)
     inputs = tf.convert_to_tensor(inputs, tf.int32)
     batch_size = _batch_size(inputs)
     k = beam_size
-    vocab_size = model.vocab_size
 
     memory = model.decoder_memory(model.encode(inputs), inputs)
     memory = tf.nest.map_structure(lambda t: tf.repeat(t, k, axis=0), memory)
 
-    initial_state = {
-        "position": tf.constant(0),
-        "alive_seqs": tf.zeros([batch_size, k, max_decode_length], tf.int32),
-        "alive_log_probs": tf.tile(tf.constant([[0.0] + [_DEAD] * (k - 1)]), [batch_size, 1]),
-        "alive_tokens": tf.fill([batch_size, k], PAD_ID),
-        "cache": model.init_cache(batch_size * k, max_decode_length),
-        "finished_seqs": tf.zeros([batch_size, k, max_decode_length], tf.int32),
-        "finished_scores": tf.fill([batch_size, k], _DEAD),
-        "finished_flags": tf.zeros([batch_size, k], tf.bool),
-    }
+    initial_state = _initial_beam_state(model, batch_size, k, max_decode_length)
 
     def not_done(state):
         searching = ~tf.reduce_all(state["finished_flags"])
@@ -192,7 +178,7 @@ def beam_search(
         _beam_step,
         model=model,
         memory=memory,
-        shape=(batch_size, k, vocab_size),
+        shape=(batch_size, k, model.vocab_size),
         length_penalty=length_penalty,
     )
 
@@ -201,6 +187,33 @@ def beam_search(
     # Slot 0 holds a row's best finished hypothesis, if it has one.
     has_finished = final["finished_flags"][:, 0]
     return tf.where(has_finished[:, None], final["finished_seqs"][:, 0], final["alive_seqs"][:, 0])
+
+
+def _check_beam_arguments(
+    model: Any, beam_size: int, length_penalty: float, max_decode_length: int | tf.Tensor
+) -> None:
+    """Raises ValueError naming the first argument of `beam_search` that is out of range."""
+    if not isinstance(beam_size, int) or beam_size < 1:
+        raise ValueError(f"beam_size must be a positive integer, got {beam_size!r}")
+    if length_penalty < 0:
+        raise ValueError(f"length_penalty must be >= 0, got {length_penalty}")
+    _check_length(max_decode_length, model)
+
+
+def _initial_beam_state(
+    model: Any, batch_size: tf.Tensor, k: int, max_decode_length: int | tf.Tensor
+) -> dict[str, Any]:
+    """The beam search's loop state before the first token: one live hypothesis per row."""
+    return {
+        "position": tf.constant(0),
+        "alive_seqs": tf.zeros([batch_size, k, max_decode_length], tf.int32),
+        "alive_log_probs": tf.tile(tf.constant([[0.0] + [_DEAD] * (k - 1)]), [batch_size, 1]),
+        "alive_tokens": tf.fill([batch_size, k], PAD_ID),
+        "cache": model.init_cache(batch_size * k, max_decode_length),
+        "finished_seqs": tf.zeros([batch_size, k, max_decode_length], tf.int32),
+        "finished_scores": tf.fill([batch_size, k], _DEAD),
+        "finished_flags": tf.zeros([batch_size, k], tf.bool),
+    }
 
 
 def translate_batch(

@@ -88,27 +88,16 @@ class Transformer(keras.Model):
                 `num_heads`, or a dropout rate is outside [0, 1).
         """
         super().__init__(name=name, **kwargs)
-        for field, value in (
-            ("vocab_size", vocab_size),
-            ("num_layers", num_layers),
-            ("d_model", d_model),
-            ("num_heads", num_heads),
-            ("d_ff", d_ff),
-            ("max_length", max_length),
-        ):
-            if not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{field} must be a positive integer, got {value!r}")
-        if vocab_size <= EOS_ID:
-            raise ValueError(f"vocab_size must hold pad and EOS ids 0 and 1, got {vocab_size}")
-        if d_model % num_heads:
-            raise ValueError(
-                f"d_model must be divisible by num_heads, got {d_model} and {num_heads}"
-            )
-        if d_model % 2:
-            raise ValueError(f"d_model must be even (sinusoidal positions), got {d_model}")
-        for field, value in (("dropout", dropout), ("attention_dropout", attention_dropout)):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{field} must be in [0, 1), got {value!r}")
+        _check_sizes(
+            vocab_size=vocab_size,
+            num_layers=num_layers,
+            d_model=d_model,
+            num_heads=num_heads,
+            d_ff=d_ff,
+            max_length=max_length,
+            dropout=dropout,
+            attention_dropout=attention_dropout,
+        )
         self.vocab_size = vocab_size
         self.num_layers = num_layers
         self.d_model = d_model
@@ -350,3 +339,36 @@ def token_accuracy(logits: tf.Tensor, targets: tf.Tensor) -> tuple[tf.Tensor, tf
     weights = tf.cast(tf.not_equal(targets, PAD_ID), tf.float32)
     correct = tf.cast(tf.equal(predictions, targets), tf.float32) * weights
     return tf.reduce_sum(correct), tf.reduce_sum(weights)
+
+
+def _check_sizes(
+    *,
+    vocab_size: int,
+    num_layers: int,
+    d_model: int,
+    num_heads: int,
+    d_ff: int,
+    max_length: int,
+    dropout: float,
+    attention_dropout: float,
+) -> None:
+    """Raises ValueError naming the first `Transformer` argument out of range."""
+    for field, value in (
+        ("vocab_size", vocab_size),
+        ("num_layers", num_layers),
+        ("d_model", d_model),
+        ("num_heads", num_heads),
+        ("d_ff", d_ff),
+        ("max_length", max_length),
+    ):
+        if not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{field} must be a positive integer, got {value!r}")
+    if vocab_size <= EOS_ID:
+        raise ValueError(f"vocab_size must hold pad and EOS ids 0 and 1, got {vocab_size}")
+    if d_model % num_heads:
+        raise ValueError(f"d_model must be divisible by num_heads, got {d_model} and {num_heads}")
+    if d_model % 2:
+        raise ValueError(f"d_model must be even (sinusoidal positions), got {d_model}")
+    for field, value in (("dropout", dropout), ("attention_dropout", attention_dropout)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{field} must be in [0, 1), got {value!r}")

@@ -3,133 +3,42 @@
 The host calls `ServicePreconditioning.after_steps()` between inner training
 loops (or lets `ShampooServiceCallback` do it in `model.fit`). It never waits on
 the service: statistics go to the client's push thread, and whatever roots the
-pull thread has received by then are installed.
+pull thread has received by then are installed. How old the installed roots are
+is `staleness.staleness`; the thread that turns statistics into blocks is
+`snapshot_pusher.SnapshotPusher`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 
 import keras
-import numpy as np
 
-from precond_service.client.service_client import PreconditionerClient
+from precond_service.client import PreconditionerClient
 from precond_service.common.blocks import RootFailure
 from precond_service.common.versions import is_newer
-from trainer.optimizers.shampoo import NO_PRECONDITIONER, Shampoo
-from trainer.optimizers.shampoo_state import StatisticsSnapshot
+from trainer.optimizers.shampoo import Shampoo
+from trainer.optimizers.snapshot_pusher import SnapshotPusher
+from trainer.optimizers.staleness import Staleness, block_ages, staleness
+
+__all__ = [
+    "CADENCES",
+    "ServicePreconditioning",
+    "ShampooServiceCallback",
+    "Staleness",
+    "block_ages",
+    "staleness",
+]
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Staleness:
-    """How old the roots in use are, in steps (current step - stats_step).
-
-    Attributes:
-        min: Freshest root's age; nan when no block has a root.
-        mean: Mean age over blocks that have a root.
-        max: Oldest root's age.
-        fraction_preconditioned: Share of block factors that hold a root.
-    """
-
-    min: float
-    mean: float
-    max: float
-    fraction_preconditioned: float
-
-
-def block_ages(optimizer: Shampoo) -> np.ndarray:
-    """Per block factor that holds a root: its age (update count - stats_step)."""
-    return _ages(optimizer, np.array(list(optimizer.preconditioner_stats_steps().values())))
-
-
-def _ages(optimizer: Shampoo, held: np.ndarray) -> np.ndarray:
-    return int(optimizer.iterations.numpy()) - held[held != NO_PRECONDITIONER]
-
-
-def staleness(optimizer: Shampoo) -> Staleness:
-    """Summarises the age of the preconditioners `optimizer` holds now."""
-    held = np.array(list(optimizer.preconditioner_stats_steps().values()), dtype=np.int64)
-    ages = _ages(optimizer, held)
-    if ages.size == 0:
-        return Staleness(float("nan"), float("nan"), float("nan"), 0.0)
-    return Staleness(
-        float(ages.min()), float(ages.mean()), float(ages.max()), ages.size / held.size
-    )
 
 
 # When pushes happen: every `update_steps` updates ("fixed"), or as soon as the
 # service has published the roots of the previous push, and at the latest after
 # `update_steps` updates ("adaptive"), so that staleness follows its throughput.
 CADENCES = ("fixed", "adaptive")
-
-
-class _Pusher:
-    """Converts read statistics to blocks and hands them to the client, on its own thread.
-
-    The training thread only reads the statistics (`Shampoo.read_statistics`); the
-    copy out of the variables' buffers, the per-block loop and the push happen here.
-    Newest only: a snapshot not yet taken up is replaced by a newer one.
-    """
-
-    def __init__(self, client: PreconditionerClient) -> None:
-        self._client = client
-        self._cond = threading.Condition()
-        self._pending: StatisticsSnapshot | None = None
-        self._busy = False
-        self._closed = False
-        self._error: BaseException | None = None
-        # (step, keys) of the last snapshot handed to the client.
-        self.last_pushed: tuple[int, frozenset[str]] | None = None
-        self._thread = threading.Thread(target=self._run, name="precond-snapshot", daemon=True)
-        self._thread.start()
-
-    def submit(self, snapshot: StatisticsSnapshot) -> None:
-        """Queues `snapshot` for pushing; returns at once. Raises an earlier failure."""
-        with self._cond:
-            if self._error is not None:
-                raise RuntimeError("pushing statistics failed") from self._error
-            self._pending = snapshot
-            self._cond.notify_all()
-
-    def wait_idle(self, timeout_s: float = 30.0) -> bool:
-        """Waits until every submitted snapshot was handed to the client."""
-        with self._cond:
-            return self._cond.wait_for(
-                lambda: self._pending is None and not self._busy, timeout=timeout_s
-            )
-
-    def close(self, timeout_s: float = 5.0) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._thread.join(timeout_s)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._pending is not None or self._closed)
-                if self._closed:
-                    return
-                snapshot, self._pending, self._busy = self._pending, None, True
-            try:
-                blocks = snapshot.blocks()
-                self._client.push(blocks)
-                pushed = (snapshot.step, frozenset(block.key for block in blocks))
-            except BaseException as e:  # noqa: BLE001 - reported on the training thread
-                log.exception("could not push the statistics of step %d", snapshot.step)
-                pushed, error = None, e
-            else:
-                error = None
-            with self._cond:
-                self._busy = False
-                self._error = self._error or error
-                self.last_pushed = pushed or self.last_pushed
-                self._cond.notify_all()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +133,7 @@ class ServicePreconditioning:
         # Pushes made, and the training thread's seconds spent reading statistics.
         self.pushes = 0
         self.read_seconds = 0.0
-        self._pusher = None if delay_steps else _Pusher(client)
+        self._pusher = None if delay_steps else SnapshotPusher(client)
 
     @property
     def step(self) -> int:

@@ -129,6 +129,13 @@ class Shampoo(keras.optimizers.Optimizer):
             `assign_preconditioners` (by the preconditioner service); "off"
             keeps no statistics and applies the grafting update alone (a
             baseline that differs from Shampoo only in the preconditioner).
+        service_address: Async mode in `model.fit` (`service_callback()`): the
+            service's "host:port" (comma-separated for shards); None starts a
+            local service child.
+        service_token: The service's shared token; None reads
+            $PRECOND_SERVICE_TOKEN, if set. Never part of `get_config()`.
+        service_tls: A `TlsConfig` (or a dict of its fields) for a TLS service;
+            None for plaintext.
         name: Optimizer name.
         **kwargs: Further `keras.optimizers.Optimizer` arguments (clipnorm, ...).
     """
@@ -157,6 +164,9 @@ class Shampoo(keras.optimizers.Optimizer):
         root_method: str = "schur_newton",
         preconditioner: str = "root",
         precondition_mode: str = "sync",
+        service_address: str | None = None,
+        service_token: str | None = None,
+        service_tls: Any = None,
         name: str = "shampoo",
         **kwargs: Any,
     ) -> None:
@@ -204,6 +214,9 @@ class Shampoo(keras.optimizers.Optimizer):
         self.root_method = root_method
         self.preconditioner = preconditioner
         self.precondition_mode = precondition_mode
+        self.service_address = service_address
+        self.service_token = service_token
+        self.service_tls = service_tls
         self._registry = Registry(preconditioner)
 
     # ------------------------------------------------------------------ build
@@ -650,6 +663,8 @@ class Shampoo(keras.optimizers.Optimizer):
     # ----------------------------------------------------------------- config
 
     def get_config(self) -> dict[str, Any]:
+        from trainer.optimizers import fit_service  # imports this module
+
         config = super().get_config()
         config.update(
             {
@@ -673,9 +688,24 @@ class Shampoo(keras.optimizers.Optimizer):
                 "root_method": self.root_method,
                 "preconditioner": self.preconditioner,
                 "precondition_mode": self.precondition_mode,
+                "service_address": self.service_address,
+                # The token is a secret: a saved model does not carry it.
+                "service_tls": fit_service.tls_fields(self.service_tls),
             }
         )
         return config
+
+    def service_callback(self) -> keras.callbacks.Callback:
+        """The `model.fit` callback of the async mode: service, client, pushes, installs.
+
+        See `trainer.optimizers.fit_service` (it closes them when training ends).
+
+        Raises:
+            ValueError: The optimizer is not in async mode.
+        """
+        from trainer.optimizers import fit_service  # imports this module
+
+        return fit_service.ShampooFitCallback(self)
 
 
 def _ready(factors: Sequence[Factor]) -> tf.Tensor:
