@@ -12,6 +12,7 @@ assembles one statistic at a time, so beyond the budget it holds one message.
 from __future__ import annotations
 
 import dataclasses
+import mmap
 
 import numpy as np
 
@@ -97,7 +98,9 @@ class ChunkAssembler:
         self._header = pb.BlockStatistics()
         self._header.CopyFrom(block)
         self._header.statistics.ClearField("data")
-        self._buffer = np.empty(nbytes, np.uint8)
+        # Mapped on its own, not taken from malloc: its pages go back to the system
+        # as soon as it is freed, wherever malloc's heaps stand.
+        self._buffer = np.frombuffer(mmap.mmap(-1, nbytes), np.uint8)
         self._filled = 0
         return out + self._continue(block)
 
