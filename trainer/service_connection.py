@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import secrets
 import shlex
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import ml_collections
 
@@ -25,6 +26,7 @@ from precond_service.client.service_client import PreconditionerClient
 from precond_service.client.sharding import Client, ShardedClient, parse_addresses
 from precond_service.common.auth import TlsConfig, read_token, run_digest
 from precond_service.common.events import EventLog
+from precond_service.server.service_records import ServiceConfig
 from trainer.optimizers import Shampoo
 from trainer.optimizers.service_bridge import ServicePreconditioning
 
@@ -40,6 +42,12 @@ DROP_BACKOFF_S = 0.5
 # Longest wait for one reset: a service that is down costs at most about
 # DROP_ATTEMPTS * (this + backoff) seconds before training starts without it.
 DROP_TIMEOUT_S = 3.0
+
+_MIB = 1 << 20
+
+# Budget beyond a run's statistics and roots: its push stream's message (2 x 4 MiB),
+# and room for a second client of the same run (a restarted trainer) meanwhile.
+_MESSAGE_ROOM_MB = 64
 
 
 def run_id_for(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -125,7 +133,7 @@ def preconditioning(
         addresses = (
             parse_addresses(precond.address)
             if precond.address
-            else start_local_shards(stack, precond, events)
+            else start_local_shards(stack, precond, events, optimizer.statistic_sides())
         )
         address = ",".join(addresses)
         write_service_address(workdir, address)
@@ -165,11 +173,50 @@ def preconditioning(
         finished.append(True)  # Not reached when the block raised.
 
 
+def sized_service_flags(sides: Sequence[int], given: Sequence[str]) -> list[str]:
+    """The limits a service child needs for a run whose statistics have these sides.
+
+    The byte budget holds each key's float32 statistic (one queued) and float64 root
+    (12 n^2 bytes), with a quarter more for statistics being computed and
+    `_MESSAGE_ROOM_MB` for push messages; the block limits hold every key. A limit is
+    raised above the service's default only, and never where `given` sets it
+    (`precond.service_flags`).
+
+    Args:
+        sides: `Shampoo.statistic_sides()` of the run.
+        given: The flags the config already passes.
+
+    Returns:
+        Further `python -m precond_service` flags.
+    """
+    defaults = ServiceConfig()
+    held = sum(12 * n * n for n in sides)
+    needed = {
+        "memory_budget_mb": math.ceil(held * 1.25 / _MIB) + _MESSAGE_ROOM_MB,
+        "max_blocks_per_run": len(sides),
+        "max_blocks_per_request": len(sides),
+        "max_blocks": len(sides),
+    }
+    named = {flag.split("=", 1)[0].lstrip("-") for flag in given}
+    return [
+        f"--{name}={value}"
+        for name, value in needed.items()
+        if name not in named and value > getattr(defaults, name)
+    ]
+
+
 def start_local_shards(
-    stack: contextlib.ExitStack, precond: ml_collections.ConfigDict, events: EventLog | None
+    stack: contextlib.ExitStack,
+    precond: ml_collections.ConfigDict,
+    events: EventLog | None,
+    sides: Sequence[int] = (),
 ) -> list[str]:
-    """Starts `precond.shards` supervised service children (stopped with `stack`); addresses."""
+    """Starts `precond.shards` supervised service children (stopped with `stack`); addresses.
+
+    Each child's limits are sized for the run (`sized_service_flags` of `sides`).
+    """
     flags = shlex.split(precond.service_flags)
+    flags += sized_service_flags(sides, flags)
     if precond.token_file:
         flags.append(f"--token_file={precond.token_file}")
     return [

@@ -59,9 +59,10 @@ class ServiceConfig:
     failure_threshold: float = 0.1
     max_iterations: int = 100
     max_matrix_size: int = 4096
+    # Two runs of the largest shipped config (wmt14_en_fr.py:big_shampoo, 21,512 keys),
+    # with room to spare.
     max_blocks: int = 65536
-    # A big WMT Transformer has 1-3 thousand blocks.
-    max_blocks_per_run: int = 16384
+    max_blocks_per_run: int = 32768
     max_runs: int = 256
     max_blocks_per_request: int = 32768
     # Trainers make "host-<32 hex digits>" run ids; a user-chosen one may be longer.
