@@ -297,12 +297,7 @@ def serve(
                 service, address=f"{bind_host}:{port}", token=token, credentials=credentials
             )
         )
-        service.start()
-        try:
-            loop.call(built.server.start())
-        except Exception:
-            service.stop()
-            raise
+        _start_workers_and_server(service, loop, built)
     except Exception:
         loop.close()
         raise
@@ -311,10 +306,27 @@ def serve(
     running = RunningServer(
         service, built.server, built.health, host, built.port, loop, built.servicer
     )
+    _announce(running, "TLS" if credentials is not None else "plaintext")
+    return running
+
+
+def _start_workers_and_server(service: RootService, loop: _LoopThread, built: _Built) -> None:
+    """Starts the workers, then the server; stops the workers if the server fails."""
+    service.start()
+    try:
+        loop.call(built.server.start())
+    except Exception:
+        service.stop()
+        raise
+
+
+def _announce(running: RunningServer, transport: str) -> None:
+    """Logs that the service listens, and writes SERVICE_STARTED."""
+    service, config = running.service, running.service.config
     logger.info(
         "precond_service listening on %s (%s, workers=%d, method=%s, incarnation=%s)",
         running.address,
-        "TLS" if credentials is not None else "plaintext",
+        transport,
         config.workers,
         config.method,
         service.incarnation,
@@ -325,7 +337,6 @@ def serve(
         address=running.address,
         workers=config.workers,
     )
-    return running
 
 
 def _set_health_soon(loop: _LoopThread, health_servicer: object, serving: bool) -> None:

@@ -1,3 +1,4 @@
+# Over 400 lines: RootService is the one object joining scheduler, pool, store and figures.
 """The preconditioner service without the network: validate, queue, compute, publish.
 
 `RootService` ties together the scheduler (newest-only queue, stalest first), the
