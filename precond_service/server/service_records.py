@@ -26,7 +26,8 @@ class ServiceConfig:
             above it, or with a non-finite error, is counted failed and dropped.
         max_iterations: Most Schur-Newton iterations per root.
         max_matrix_size: Largest matrix side n accepted; it also sets the gRPC
-            message size limit (n * n * 8 bytes + 1 MiB).
+            send limit for roots (n * n * 8 bytes + 1 MiB). Statistics arrive in
+            messages of at most 4 MiB + 64 KiB, a larger one in chunks.
         max_blocks: Most (run_id, key) pairs held over all runs; bounds memory.
         max_blocks_per_run: Most keys held for one run; a statistic for a new key
             beyond it is rejected, the run's existing keys still update.
@@ -48,8 +49,9 @@ class ServiceConfig:
         run_ttl_s: A run with no push or pull for this long is dropped (as by
             DropRun), so that runs whose trainers are gone do not hold the caps.
         memory_budget_mb: Most MiB the service holds for clients (push messages
-            being validated, statistics pending or being computed, published
-            roots); a push message beyond it is refused (`budget.ByteBudget`).
+            being parsed and validated, statistics being reassembled, pending or being
+            computed, each key's float64 root); a push beyond it is refused
+            (`budget.ByteBudget`).
     """
 
     workers: int = 1
