@@ -19,8 +19,10 @@ import shlex
 import time
 from collections.abc import Iterator, Sequence
 
+import grpc
 import ml_collections
 
+from precond_service.client.core import permanent_error
 from precond_service.client.process import local_service
 from precond_service.client.service_client import PreconditionerClient
 from precond_service.client.sharding import Client, ShardedClient, parse_addresses
@@ -39,8 +41,8 @@ SERVICE_ADDRESS_FILE = "service_address"
 # between them (doubled after each failure).
 DROP_ATTEMPTS = 3
 DROP_BACKOFF_S = 0.5
-# Longest wait for one reset: a service that is down costs at most about
-# DROP_ATTEMPTS * (this + backoff) seconds before training starts without it.
+# Longest wait for one reset: a service that cannot be reached stops the trainer
+# after about DROP_ATTEMPTS * (this + backoff) seconds (`ServiceUnreachableError`).
 DROP_TIMEOUT_S = 3.0
 
 _MIB = 1 << 20
@@ -48,6 +50,10 @@ _MIB = 1 << 20
 # Budget beyond a run's statistics and roots: its push stream's message (2 x 4 MiB),
 # and room for a second client of the same run (a restarted trainer) meanwhile.
 _MESSAGE_ROOM_MB = 64
+
+
+class ServiceUnreachableError(ConnectionError):
+    """No service answered at the run's address at start, after `DROP_ATTEMPTS` tries."""
 
 
 def run_id_for(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -255,45 +261,56 @@ def drop_earlier_roots(
     step: int,
     attempts: int = DROP_ATTEMPTS,
     backoff_s: float = DROP_BACKOFF_S,
-) -> bool:
-    """Asks the service to forget this run, retrying; returns whether it did.
+) -> None:
+    """Asks the service to forget this run, retrying; the trainer's first contact with it.
 
     The service may hold roots of this run id from an earlier process, computed
     from statistics of steps after the checkpoint this process resumed from.
-    When every attempt fails, training goes on (the service may be down) and a
-    warning says what that risks.
 
     Args:
         client: The run's client (not started yet).
-        step: The optimizer's update count now, named in the warning.
+        step: The optimizer's update count now, named in the log.
         attempts: Tries in all.
         backoff_s: Wait after the first failure, doubled after each further one.
+
+    Raises:
+        PermanentServiceError: The service refused this client (token, certificate,
+            run id); not retried.
+        ServiceUnreachableError: Every attempt failed otherwise (nothing listens
+            at the address, or it does not answer).
     """
     run_name = run_digest(client.run_id)
     error: Exception | None = None
     for attempt in range(attempts):
         try:
             released = client.drop_run(timeout_s=DROP_TIMEOUT_S)
-        except Exception as e:  # noqa: BLE001 - any failure is retried, then reported
+        except grpc.RpcError as e:
+            refused = permanent_error("DropRun", client.address, e.code(), e.details())
+            if refused is not None:
+                raise refused from None
             error = e
             log.info(
-                "reset of run %s failed (try %d of %d): %s", run_name, attempt + 1, attempts, e
+                "reset of run %s failed (try %d of %d): %s: %s",
+                run_name,
+                attempt + 1,
+                attempts,
+                e.code().name,
+                e.details(),
             )
             if attempt + 1 < attempts:
                 time.sleep(backoff_s * 2**attempt)
             continue
         if released:
-            log.info("service released %d blocks of an earlier run %s", released, run_name)
-        return True
-    log.warning(
-        "could not reset run %s at %s after %d attempts (%s). Training goes on, but roots that "
-        "an earlier process of this run computed from statistics after update %d may be "
-        "installed; if that process trained past this checkpoint, restart the service or "
-        "set a new precond.run_id for an exact resume",
-        run_name,
-        client.address,
-        attempts,
-        error,
-        step,
+            log.info(
+                "service released %d blocks of an earlier run %s (resuming at update %d)",
+                released,
+                run_name,
+                step,
+            )
+        return
+    raise ServiceUnreachableError(
+        f"no preconditioner service answered at {client.address} (config.precond.address) "
+        f"in {attempts} tries ({error.code().name}: {error.details()}): start the service "
+        "there, correct config.precond.address, or leave it empty to have the trainer start "
+        "its own"
     )
-    return False

@@ -50,6 +50,18 @@ class PermanentServiceError(RuntimeError):
         self.code = code
 
 
+def permanent_error(
+    rpc: str, address: str, code: grpc.StatusCode, details: str | None
+) -> PermanentServiceError | None:
+    """The error of an RPC answered with a status no retry gets past; None for any other."""
+    advice = _FATAL_CODES.get(code)
+    if advice is None:
+        return None
+    return PermanentServiceError(
+        code, f"{rpc} to {address} failed with {code.name} ({details}); {advice}"
+    )
+
+
 class ClientCore:
     """What the push and pull threads share; guarded by `_lock`."""
 
@@ -96,12 +108,9 @@ class ClientCore:
         Returns:
             Whether it did.
         """
-        advice = _FATAL_CODES.get(code)
-        if advice is None:
+        error = permanent_error(rpc, self.address, code, details)
+        if error is None:
             return False
-        error = PermanentServiceError(
-            code, f"{rpc} to {self.address} failed with {code.name} ({details}); {advice}"
-        )
         with self._lock:
             if self._permanent_error is not None:
                 return True
