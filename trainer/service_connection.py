@@ -38,8 +38,9 @@ RUN_ID_FILE = "run_id"
 # The address of the run's service ("HOST:PORT"), for `python -m precond_service.status`.
 SERVICE_ADDRESS_FILE = "service_address"
 # Attempts at resetting the run at the service at start, and the first wait
-# between them (doubled after each failure).
-DROP_ATTEMPTS = 3
+# between them (doubled after each failure): 7.5 s of waits in all, so that a
+# trainer restarted while its service restarts too (scripts/chaos.py) gets through.
+DROP_ATTEMPTS = 5
 DROP_BACKOFF_S = 0.5
 # Longest wait for one reset: a service that cannot be reached stops the trainer
 # after about DROP_ATTEMPTS * (this + backoff) seconds (`ServiceUnreachableError`).
