@@ -7,7 +7,7 @@ Starts a `python -m precond_service` and a trainer (the small async-Shampoo job 
 (in a process of their own, each its own connection) keep at the service:
 - idle pushes: streams that never send a message, opened again as they are closed;
 - unread pulls: pulls of a run with a large root whose replies are never read;
-- large pushes: 32 MiB statistics from several threads at once, against the budget
+- large pushes: 32 MiB statistics in 4 MiB chunks from several threads at once, against the budget
   (undeclared, as from a client generated from the .proto; or, with
   `--declare_large_pushes`, declaring their size as `PreconditionerClient` does);
 - a run flood: a new run id in every push, against --max_runs.
@@ -15,13 +15,15 @@ A sampler checks health every `--sample_s` (deadline 5 s) and the resident memor
 the service's process tree (service and workers). Reported, to stdout and as JSON to
 `--out`: steps lost (steps the trainer did not finish), its stall time (longest gap
 between its progress events, and their median), peak RSS, health latencies and
-failures, and what the service refused. Exit status 0 when the trainer finished every
-step and every health check answered.
+failures, and what the service refused. Exit status 0 (and "passed") when the trainer
+finished every step, every health check answered, and the service's process tree
+stayed within --memory_budget_mb plus the 400 MiB overhead the README states.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import statistics
@@ -51,6 +53,10 @@ from protos import precond_service_pb2 as pb  # noqa: E402
 from protos import precond_service_pb2_grpc as pb_grpc  # noqa: E402
 
 MIB = 1 << 20
+
+# What the service's process tree may hold beyond --memory_budget_mb (the README's
+# "Memory" section): interpreters, gRPC's per-stream receive buffers, the workers.
+MEMORY_OVERHEAD_MB = 400
 
 
 def hostile_process(
@@ -106,10 +112,11 @@ class Hostiles:
         with own_channel(self.address) as channel:
             stub = pb_grpc.PreconditionerServiceStub(channel)
             block = StatisticsBlock("big", 1, 2, np.eye(1536) * 2.0)
-            request = pb.PushStatisticsRequest(
-                run_id="hostile-big", blocks=[wire.statistics_to_message(block)]
-            )
-            stub.PushStatistics(iter([request]), timeout=120)
+            requests = [
+                pb.PushStatisticsRequest.FromString(b"".join(message))
+                for message in wire.push_messages("hostile-big", [block])
+            ]
+            stub.PushStatistics(iter(requests), timeout=120)
 
     def _silent(self) -> Iterator[pb.PushStatisticsRequest]:
         self.stop.wait(3600)
@@ -149,26 +156,31 @@ class Hostiles:
                 call.cancel()
 
     def _large_pushes(self) -> None:
-        """Pushes 32 MiB statistics (2048 x 2048 float64) back to back."""
-        block = wire.statistics_to_message(StatisticsBlock("large", 1, 2, np.eye(2048)))
+        """Pushes 32 MiB statistics (2048 x 2048 float64), in 4 MiB chunks, back to back."""
+        block = StatisticsBlock("large", 1, 2, np.eye(2048))
         with own_channel(self.address) as channel:
-            stub = pb_grpc.PreconditionerServiceStub(channel)
+            push = channel.stream_unary(  # Bytes as they are.
+                "/precond.v1.PreconditionerService/PushStatistics",
+                response_deserializer=pb.PushStatisticsReply.FromString,
+            )
             step = 0
             while not self.stop.is_set():
                 step += 1
-                block.step = step
-                request = pb.PushStatisticsRequest(
-                    run_id=f"hostile-large-{threading.get_ident()}", blocks=[block]
-                )
+                run_id = f"hostile-large-{threading.get_ident()}"
+                messages = [
+                    b"".join(m)
+                    for m in wire.push_messages(run_id, [dataclasses.replace(block, step=step)])
+                ]
                 # Declared as PreconditionerClient declares it (--declare_large_pushes):
-                # admitted or refused before it is read; otherwise counted once received.
+                # admitted or refused before it is read; otherwise each message is
+                # counted once received, before it is parsed.
                 declared = (
-                    ((wire.MESSAGE_BYTES_METADATA, str(request.ByteSize())),)
+                    ((wire.MESSAGE_BYTES_METADATA, str(max(map(len, messages)))),)
                     if self.args.declare_large_pushes
                     else ()
                 )
                 try:
-                    stub.PushStatistics(iter([request]), timeout=60, metadata=declared)
+                    push(iter(messages), timeout=60, metadata=declared)
                     self.count("large-push accepted")
                 except grpc.RpcError as e:
                     self.count(f"large-push {e.code().name}")
@@ -311,7 +323,10 @@ def run(args: argparse.Namespace, root: Path) -> dict:
         },
         "hostile": dict(sorted(counts.items())),
         "service": figures,
-        "passed": finished == args.steps and not sampler.failures,
+        "memory_bound_mb": args.memory_budget_mb + MEMORY_OVERHEAD_MB,
+        "passed": finished == args.steps
+        and not sampler.failures
+        and max(sampler.rss, default=0) <= (args.memory_budget_mb + MEMORY_OVERHEAD_MB) * MIB,
     }
 
 

@@ -174,19 +174,24 @@ def test_client_round_trip_and_status(start_service) -> None:
         assert status.incarnation == server.service.incarnation
 
 
-def test_push_packs_small_blocks_and_sends_large_ones_alone() -> None:
+def test_push_packs_blocks_into_4_mib_messages_and_chunks_large_ones() -> None:
     client = PreconditionerClient("127.0.0.1:1", "run")
     small = [StatisticsBlock(f"s{i}", 1, 2, np.eye(300, dtype=np.float32)) for i in range(20)]
-    large = StatisticsBlock("large", 1, 2, np.eye(1100, dtype=np.float32))
+    matrix = np.arange(1100 * 1100, dtype=np.float32).reshape(1100, 1100)
+    large = StatisticsBlock("large", 1, 2, matrix)
     pieces = client._pusher.encode([*small[:10], large, *small[10:]], [])
     encoded = [b"".join(p) for p in pieces]
     # What the push declares to the service is each message's exact size.
     assert [wire.pieces_size(p) for p in pieces] == [len(m) for m in encoded]
+    assert max(map(len, encoded)) <= wire.PUSH_BATCH_BYTES < wire.MAX_REQUEST_BYTES
     messages = [pb.PushStatisticsRequest.FromString(m) for m in encoded]
-    sizes = [sum(len(b.statistics.data) for b in m.blocks) for m in messages]
-    assert [len(m.blocks) for m in messages] == [10, 1, 10]
-    assert max(sizes[0], sizes[2]) <= 4 * 1024 * 1024 and sizes[1] == 1100 * 1100 * 4
-    assert {m.run_id for m in messages} == {"run"}
+    assert len(messages) == 3 and {m.run_id for m in messages} == {"run"}
+    blocks = [b for m in messages for b in m.blocks]
+    keys = [b.key for b in blocks if not b.data_offset]
+    assert keys == [b.key for b in [*small[:10], large, *small[10:]]]
+    chunks = [b for b in blocks if b.key == "large"]
+    assert len(chunks) == 3 and [list(c.statistics.shape) for c in chunks] == [[1100, 1100]] * 3
+    assert b"".join(c.statistics.data for c in chunks) == matrix.tobytes()
 
 
 def test_rejections_are_reported(start_service) -> None:

@@ -39,7 +39,11 @@ RIDGE = 1e-6
 def push(
     stub, run_id: str, *blocks: StatisticsBlock | pb.BlockStatistics
 ) -> pb.PushStatisticsReply:
-    """Pushes blocks in one message of one PushStatistics RPC."""
+    """Pushes blocks in one PushStatistics RPC: one message, or chunked as clients do."""
+    if all(isinstance(b, StatisticsBlock) for b in blocks):
+        chunked = wire.push_messages(run_id, blocks)
+        requests = [pb.PushStatisticsRequest.FromString(b"".join(m)) for m in chunked]
+        return stub.PushStatistics(iter(requests))
     messages = [
         b if isinstance(b, pb.BlockStatistics) else wire.statistics_to_message(b) for b in blocks
     ]

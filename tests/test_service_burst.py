@@ -6,9 +6,8 @@ Checked: every push is accepted or refused with RESOURCE_EXHAUSTED naming
 `--memory_budget_mb`; what the service counts against the budget never exceeds it;
 health answers throughout (deadline 10 s: the machine may be loaded); after DropRun
 the budget is empty and the server process is back near its resident memory at the
-start. The peak of the process tree is printed, not asserted: what gRPC receives of a
-refused push before the refusal reaches the client is not the service's to bound
-(see the README for the measured peaks).
+start; the peak of the process tree is within the budget and the overhead the README
+states.
 """
 
 from __future__ import annotations
@@ -37,14 +36,17 @@ MIB = 1 << 20
 BUDGET_MB = 512
 PUSHES = 64
 # The server process's resident memory once the burst's client has gone and its run
-# is dropped: at most 10% over the start, plus one of the burst's messages. Measured
-# (collector on or off alike): 87-89 MiB after a 52-53 MiB start in 14 of 21 runs, where
-# one 32 MiB buffer stays resident (likely in gRPC's C core: in one process under
-# tracemalloc no Python allocation of that size survived), and 55-57 MiB in the others.
-# While that client stays connected, gRPC also keeps up to about 50 MiB of its
-# connection's buffers.
+# is dropped: at most 10% over the start, plus what gRPC's receive buffers leave in the
+# heap. Statistics now arrive in 4 MiB chunks and a stream declares one chunk, so all
+# 64 streams are admitted and each is read up to its first chunk before its statistic
+# (reserved whole there) is refused: about 1 GiB passes through gRPC's small receive
+# buffers, and the heap they fragment stays partly resident (measured: 180-220 MiB
+# after a 64 MiB start, 2 runs; it was 87-89 MiB when these pushes were refused
+# unread). malloc_trim cannot return a page that still holds a live object.
 AFTER_DROP_RATIO = 1.10
-AFTER_DROP_SLACK = 40 * MIB
+# The process tree's bound beyond the budget (see the README's "Memory" section).
+OVERHEAD_MB = 400
+AFTER_DROP_SLACK = 160 * MIB
 
 
 def test_concurrent_large_pushes_are_admitted_against_the_budget(
@@ -80,6 +82,7 @@ def test_concurrent_large_pushes_are_admitted_against_the_budget(
             start = rss_bytes(service.pid)
             outcomes, health, peak = burst(service, push)
         print(f"tree RSS peak {peak // MIB} MiB; outcomes {collections.Counter(outcomes)}")
+        assert peak <= (BUDGET_MB + OVERHEAD_MB) * MIB, peak // MIB
         assert set(outcomes) <= {"ok", "RESOURCE_EXHAUSTED"}, outcomes
         assert all(h == "SERVING" for h in health) and health, health
         status = stub.GetStatus(pb.StatusRequest(), timeout=30)
@@ -100,15 +103,16 @@ def test_concurrent_large_pushes_are_admitted_against_the_budget(
 
 def burst(service, push) -> tuple[list[str], list[str], int]:
     """64 concurrent 32 MiB pushes; health and RSS sampled meanwhile."""
-    data = wire.encode_push_request("burst", [StatisticsBlock("big", 1, 2, np.eye(2048))])
+    block = StatisticsBlock("big", 1, 2, np.eye(2048))
+    data = [b"".join(m) for m in wire.push_messages("burst", [block])]  # In 4 MiB chunks.
     # As PreconditionerClient does: the service admits each push before reading it.
-    declared = ((wire.MESSAGE_BYTES_METADATA, str(len(data))),)
+    declared = ((wire.MESSAGE_BYTES_METADATA, str(max(map(len, data)))),)
     outcomes: list[str] = []
     details: list[str] = []
 
     def one() -> None:
         try:
-            push(iter([data]), timeout=300, metadata=declared)
+            push(iter(data), timeout=300, metadata=declared)
             outcomes.append("ok")
         except grpc.RpcError as e:
             outcomes.append(e.code().name)

@@ -109,7 +109,7 @@ def test_service_process_rejects_bad_flags() -> None:
         ("--max_run_id_length=0", "max_run_id_length (--max_run_id_length) must be >= 1, got 0"),
         (
             "--max_blocks_per_request=100",
-            "max_blocks_per_request (--max_blocks_per_request) must be >= max_blocks_per_run=16384",
+            "max_blocks_per_request (--max_blocks_per_request) must be >= max_blocks_per_run=32768",
         ),
     ],
 )

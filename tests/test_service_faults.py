@@ -2,9 +2,10 @@
 
 A real `trainer.train.Trainer` on a tiny numbers task in async mode against a service
 that is killed and restarted (by the trainer's own supervisor, or by the test on its
-port), absent from the start, or stopped (SIGSTOP) for a while: training never stops
-or raises, the roots in use grow stale while the service is gone, and fresh roots are
-installed again once it is back. The supervisor alone is tested in test_process.py.
+port), or stopped (SIGSTOP) for a while: training never stops or raises, the roots in
+use grow stale while the service is gone, and fresh roots are installed again once it
+is back. A service absent from the start stops the trainer, naming the address. The
+supervisor alone is tested in test_process.py.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import numpy as np
 import pytest
 
 from precond_service.client.process import ServiceProcess, start_service
-from precond_service.common.events import Event, read_events
 from tests.conftest import free_port, service_children, signal_tree
 from trainer import train
 from trainer.config import default_config
 from trainer.optimizers.service_bridge import ServicePreconditioning, Staleness, staleness
+from trainer.service_connection import DROP_ATTEMPTS, DROP_TIMEOUT_S, ServiceUnreachableError
 
 # A chunk of training between two looks at the staleness: one inner loop.
 CHUNK = 4
@@ -201,36 +202,18 @@ def test_service_killed_mid_training_then_restarted(
     )
 
 
-def test_service_unreachable_from_the_start_then_started_later(
-    tmp_path, vocab_path, service_on_port
+def test_service_unreachable_from_the_start_stops_the_trainer_naming_the_address(
+    tmp_path, vocab_path
 ):
-    port = free_port()  # nothing listens there
-    config = fault_config(vocab_path, address=f"127.0.0.1:{port}", num_steps=24)
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    config = fault_config(vocab_path, address=address, num_steps=24)
     trainer = train.Trainer(config, str(tmp_path / "work"))
     began = time.monotonic()
-    result = trainer.train_and_evaluate()
-    whole_run_s = time.monotonic() - began
-
-    assert result.step == 24 and np.isfinite(result.dev_loss)
-    assert staleness(trainer.optimizer).fraction_preconditioned == 0.0
-    progress = read_events(tmp_path / "work" / "events.jsonl", Event.PROGRESS)
-    assert progress and all(event["staleness_max"] is None for event in progress)
-
-    # The same run goes on; a service started on that port later is picked up.
-    config.train.num_steps = 100_000
-    with trainer.preconditioning() as bridge:
-        run = Run(trainer, bridge)
-        assert run.chunk().fraction_preconditioned == 0.0
-        service_on_port(port)
-        started_at, started_s = run.step, time.monotonic()
-        run.until(fresh)
-        assert bridge.client.status().connected
-        picked_up_after = run.step - started_at
-        picked_up_s = time.monotonic() - started_s
-    print(
-        f"unreachable: 24 graft-only steps and evaluation in {whole_run_s:.1f} s; fresh roots "
-        f"{picked_up_after} steps ({picked_up_s:.1f} s) after the service started"
-    )
+    with pytest.raises(ServiceUnreachableError, match=r"config\.precond\.address"):
+        trainer.train_and_evaluate()
+    # Each try is refused at once by a closed port: the backoff, not the RPC deadlines.
+    assert time.monotonic() - began < DROP_ATTEMPTS * DROP_TIMEOUT_S
+    assert int(trainer.step.numpy()) == 0
 
 
 def test_service_stopped_for_a_while_then_continued(tmp_path, vocab_path, service_on_port):

@@ -1,5 +1,5 @@
-"""The run at the service: reset at start (retried; a failure says what it risks), released
-at a clean exit of a trainer on a shared service.
+"""The run at the service: reset at start (retried; a service that cannot be reached or
+refuses the trainer stops it), released at a clean exit of a trainer on a shared service.
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import logging
 import pytest
 
 from precond_service.client.process import local_service
-from precond_service.client.service_client import PreconditionerClient
+from precond_service.client.service_client import PermanentServiceError, PreconditionerClient
 from precond_service.common.auth import run_digest
 from precond_service.status import fetch_status
 from tests.conftest import free_port, wait_until
 from tests.test_trainer import make_trainer, tiny_config
-from trainer.service_connection import drop_earlier_roots
+from trainer.service_connection import ServiceUnreachableError, drop_earlier_roots
 
 
 @pytest.fixture(scope="module")
@@ -24,22 +24,35 @@ def vocab_path(tmp_path_factory):
     return str(tmp_path_factory.mktemp("vocab") / "spm.model")
 
 
-def test_failed_reset_is_retried_then_warns_what_the_run_risks(caplog):
-    client = PreconditionerClient(f"127.0.0.1:{free_port()}", "run-a")
-    with caplog.at_level(logging.INFO, "trainer.service_connection"):
-        assert not drop_earlier_roots(client, step=7, attempts=3, backoff_s=0.01)
+def test_failed_reset_is_retried_then_stops_naming_the_address(caplog):
+    address = f"127.0.0.1:{free_port()}"
+    client = PreconditionerClient(address, "run-a")
+    with (
+        caplog.at_level(logging.INFO, "trainer.service_connection"),
+        pytest.raises(ServiceUnreachableError, match="config.precond.address") as raised,
+    ):
+        drop_earlier_roots(client, step=7, attempts=3, backoff_s=0.01)
     tries = [r for r in caplog.records if r.levelno == logging.INFO and "failed (try" in r.message]
     assert [r.message.split("(try ")[1][:6] for r in tries] == ["1 of 3", "2 of 3", "3 of 3"]
-    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert "after 3 attempts" in warning.message
-    assert "statistics after update 7 may be installed" in warning.message
+    assert f"at {address} " in str(raised.value) and "in 3 tries" in str(raised.value)
+
+
+def test_a_refused_token_is_not_retried(caplog, start_service):
+    server = start_service(token="the-right-token")
+    client = PreconditionerClient(server.address, "run-c", token="a-wrong-token")
+    with (
+        caplog.at_level(logging.INFO, "trainer.service_connection"),
+        pytest.raises(PermanentServiceError, match="UNAUTHENTICATED.*precond.token_file"),
+    ):
+        drop_earlier_roots(client, step=0, attempts=3, backoff_s=0.01)
+    assert not [r for r in caplog.records if "failed (try" in r.message]
 
 
 def test_reset_succeeds_at_once_against_a_real_service(caplog):
     with local_service() as address:
         client = PreconditionerClient(address, "run-b")
         with caplog.at_level(logging.INFO, "trainer.service_connection"):
-            assert drop_earlier_roots(client, step=0, attempts=3, backoff_s=0.01)
+            drop_earlier_roots(client, step=0, attempts=3, backoff_s=0.01)
     assert not [r for r in caplog.records if "failed (try" in r.message]
 
 

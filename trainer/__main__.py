@@ -8,10 +8,12 @@ type-checked and a misspelt field is an error), checks it, and trains.
 from __future__ import annotations
 
 import difflib
+import errno
 import logging
 import os
 import signal
 import sys
+import traceback
 
 from trainer.quiet import quiet_tensorflow_start
 
@@ -33,6 +35,13 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, summaries, vocabulary and the final config."
+)
+_VERBOSE = flags.DEFINE_bool(
+    "verbose",
+    False,
+    "On a failure you can fix (a refused or unreachable service, a missing or empty data "
+    "file, divergence, a full disk), print the traceback above the one line that says what "
+    "to fix.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -57,8 +66,40 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def _refuse(message: str) -> None:
-    """Exits with status 1 and `message` on one line, before any work."""
-    sys.exit(f"python -m trainer: {message}")
+    """Exits with status 1 and `message` on one line: what the user has to fix."""
+    print(f"python -m trainer: {message}", file=sys.stderr)
+    _leave(1)
+
+
+def _what_to_fix(error: BaseException) -> str | None:
+    """The message of a failure the user causes and can fix; None for any other (a bug).
+
+    These are the trainer's one-line errors; every other exception keeps its traceback.
+    """
+    from precond_service.client.core import PermanentServiceError
+    from trainer.checkpoints import ResumeRefusedError
+    from trainer.data.sources import DataFileError
+    from trainer.data.tokenizer import VocabularyError
+    from trainer.service_connection import ServiceUnreachableError
+
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        # checkpoints.DiskFullError, or any other write to a full disk.
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror or error}{where}"
+    if isinstance(error, (FileNotFoundError, PermissionError)) and error.filename:
+        return f"{error.strerror}: {error.filename}"
+    fixable = (
+        PermanentServiceError,  # token, certificate or run id refused by the service
+        ServiceUnreachableError,  # nothing answers at precond.address
+        TimeoutError,  # precond.delay_timeout_s; a multi-worker job's chief file
+        FloatingPointError,  # divergence: train.max_loss, skipped steps
+        ResumeRefusedError,  # a config that would change the run in the workdir
+        DataFileError,  # config.data's files: unreadable, empty, not parallel text
+        FileNotFoundError,  # config.data's files, TLS and token files
+        PermissionError,
+        VocabularyError,  # config.data.vocab_size and the training text
+    )
+    return str(error) if isinstance(error, fixable) else None
 
 
 def _unknown_field(argv: list[str]) -> str | None:
@@ -94,8 +135,8 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     # Imported here so that --help comes without loading TensorFlow.
     with quiet_tensorflow_start():
-        from trainer import checkpoints, process_setup, train
         from trainer import config as config_lib
+        from trainer import process_setup, train
         from trainer.distribution import worker_role
 
     config = _CONFIG.value
@@ -112,12 +153,24 @@ def main(argv: list[str]) -> None:
     process_setup.setup_process(config)
     try:
         result = train.train_and_evaluate(config, _WORKDIR.value)
-    except checkpoints.ResumeRefusedError as e:
-        _refuse(str(e))
     except KeyboardInterrupt:
         # The trainer has saved a checkpoint, said so in one line and stopped its
         # service child; no traceback, the shell's status for SIGINT.
         _leave(130)
+    except Exception as e:
+        # The one place that turns a failure the user can fix into one line.
+        message = _what_to_fix(e)
+        if message is None:
+            raise
+        # The traceback goes to train.log alone (the console's log handler would print it).
+        handler.handle(
+            logging.LogRecord(
+                "trainer", logging.ERROR, __file__, 0, "stopped: %s", (message,), sys.exc_info()
+            )
+        )
+        if _VERBOSE.value:
+            traceback.print_exc()
+        _refuse(message)
     if result is None:  # a multi-worker job's worker: the chief evaluates
         print(f"done: this worker's checkpoints are in {own_dir}")
         _leave(0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import glob
 import json
 import logging
@@ -54,6 +55,32 @@ _MISMATCH = (ValueError, AssertionError)
 
 class ResumeRefusedError(ValueError):
     """The config cannot resume the run in the workdir; nothing was written or moved."""
+
+
+class DiskFullError(OSError):
+    """A checkpoint could not be written: its disk is full (errno ENOSPC)."""
+
+
+def save(manager: tf.train.CheckpointManager, step: int) -> str:
+    """Saves a checkpoint numbered `step` with `manager`; returns its path.
+
+    Raises:
+        DiskFullError: Its disk has no space left (TensorFlow reports that as
+            RESOURCE_EXHAUSTED, Python as ENOSPC); the checkpoints already there
+            are kept.
+    """
+    try:
+        return manager.save(checkpoint_number=step)
+    except (tf.errors.ResourceExhaustedError, OSError) as e:
+        if getattr(e, "errno", None) != errno.ENOSPC and "No space left" not in str(e):
+            raise
+        kept = manager.latest_checkpoint
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"no space left on the disk of {manager.directory} to save the checkpoint of step "
+            f"{step}: free space there or lower config.train.keep_checkpoints, then run the "
+            f"same command to resume from {kept or 'the start (no checkpoint was saved)'}",
+        ) from e
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> str:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import secrets
 import shlex
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
+import grpc
 import ml_collections
 
 from precond_service.client import (
@@ -27,8 +29,10 @@ from precond_service.client import (
     local_service,
     parse_addresses,
 )
+from precond_service.client.core import permanent_error
 from precond_service.common.auth import TlsConfig, read_token, run_digest
 from precond_service.common.events import EventLog
+from precond_service.common.limits import SERVICE_DEFAULTS
 from trainer.config import service_limit_flags
 from trainer.optimizers import Shampoo
 from trainer.optimizers.service_bridge import ServicePreconditioning
@@ -39,12 +43,23 @@ RUN_ID_FILE = "run_id"
 # The address of the run's service ("HOST:PORT"), for `python -m precond_service.status`.
 SERVICE_ADDRESS_FILE = "service_address"
 # Attempts at resetting the run at the service at start, and the first wait
-# between them (doubled after each failure).
-DROP_ATTEMPTS = 3
+# between them (doubled after each failure): 7.5 s of waits in all, so that a
+# trainer restarted while its service restarts too (scripts/chaos.py) gets through.
+DROP_ATTEMPTS = 5
 DROP_BACKOFF_S = 0.5
-# Longest wait for one reset: a service that is down costs at most about
-# DROP_ATTEMPTS * (this + backoff) seconds before training starts without it.
+# Longest wait for one reset: a service that cannot be reached stops the trainer
+# after about DROP_ATTEMPTS * (this + backoff) seconds (`ServiceUnreachableError`).
 DROP_TIMEOUT_S = 3.0
+
+_MIB = 1 << 20
+
+# Budget beyond a run's statistics and roots: its push stream's message (2 x 4 MiB),
+# and room for a second client of the same run (a restarted trainer) meanwhile.
+_MESSAGE_ROOM_MB = 64
+
+
+class ServiceUnreachableError(ConnectionError):
+    """No service answered at the run's address at start, after `DROP_ATTEMPTS` tries."""
 
 
 def run_id_for(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -126,7 +141,14 @@ def preconditioning(
         return
     precond = config.precond
     with contextlib.ExitStack() as stack:
-        client = connect(stack, config, workdir, int(optimizer.iterations.numpy()), events)
+        client = connect(
+            stack,
+            config,
+            workdir,
+            int(optimizer.iterations.numpy()),
+            events,
+            optimizer.statistic_sides(),
+        )
         finished: list[bool] = []
         if precond.address:  # A shared service: free what it holds for us at a clean exit.
             stack.callback(lambda: finished and drop_finished_run(client))
@@ -161,18 +183,20 @@ def connect(
     workdir: str,
     step: int,
     events: EventLog | None,
+    sides: Sequence[int] = (),
 ) -> Client:
     """The run's client (not started), its service children started under `stack` if any.
 
     The service forgets what it held of an earlier process of this run first
-    (`drop_earlier_roots`, `step` being the optimizer's update count now).
+    (`drop_earlier_roots`, `step` being the optimizer's update count now). A service
+    child is sized for statistics of `sides` (`Shampoo.statistic_sides`).
     """
     precond = config.precond
     token, tls = service_token(config), service_tls(config)
     addresses = (
         parse_addresses(precond.address)
         if precond.address
-        else start_local_shards(stack, precond, events)
+        else start_local_shards(stack, precond, events, sides)
     )
     address = ",".join(addresses)
     write_service_address(workdir, address)
@@ -189,11 +213,49 @@ def connect(
     return client
 
 
+def sized_service_flags(sides: Sequence[int], given: Sequence[str]) -> list[str]:
+    """The limits a service child needs for a run whose statistics have these sides.
+
+    The byte budget holds each key's float32 statistic (one queued) and float64 root
+    (12 n^2 bytes), with a quarter more for statistics being computed and
+    `_MESSAGE_ROOM_MB` for push messages; the block limits hold every key. A limit is
+    raised above the service's default only, and never where `given` sets it
+    (`precond.service.*` or `precond.service_flags`).
+
+    Args:
+        sides: `Shampoo.statistic_sides()` of the run.
+        given: The flags the config already passes.
+
+    Returns:
+        Further `python -m precond_service` flags.
+    """
+    held = sum(12 * n * n for n in sides)
+    needed = {
+        "memory_budget_mb": math.ceil(held * 1.25 / _MIB) + _MESSAGE_ROOM_MB,
+        "max_blocks_per_run": len(sides),
+        "max_blocks_per_request": len(sides),
+        "max_blocks": len(sides),
+    }
+    named = {flag.split("=", 1)[0].lstrip("-") for flag in given}
+    return [
+        f"--{name}={value}"
+        for name, value in needed.items()
+        if name not in named and value > SERVICE_DEFAULTS[name]
+    ]
+
+
 def start_local_shards(
-    stack: contextlib.ExitStack, precond: ml_collections.ConfigDict, events: EventLog | None
+    stack: contextlib.ExitStack,
+    precond: ml_collections.ConfigDict,
+    events: EventLog | None,
+    sides: Sequence[int] = (),
 ) -> list[str]:
-    """Starts `precond.shards` supervised service children (stopped with `stack`); addresses."""
+    """Starts `precond.shards` supervised service children (stopped with `stack`); addresses.
+
+    Each child's limits are sized for the run (`sized_service_flags` of `sides`).
+    """
     flags = service_limit_flags(precond) + shlex.split(precond.service_flags)
+    flags += sized_service_flags(sides, flags)
     if precond.token_file:
         flags.append(f"--token_file={precond.token_file}")
     return [
@@ -232,45 +294,56 @@ def drop_earlier_roots(
     step: int,
     attempts: int = DROP_ATTEMPTS,
     backoff_s: float = DROP_BACKOFF_S,
-) -> bool:
-    """Asks the service to forget this run, retrying; returns whether it did.
+) -> None:
+    """Asks the service to forget this run, retrying; the trainer's first contact with it.
 
     The service may hold roots of this run id from an earlier process, computed
     from statistics of steps after the checkpoint this process resumed from.
-    When every attempt fails, training goes on (the service may be down) and a
-    warning says what that risks.
 
     Args:
         client: The run's client (not started yet).
-        step: The optimizer's update count now, named in the warning.
+        step: The optimizer's update count now, named in the log.
         attempts: Tries in all.
         backoff_s: Wait after the first failure, doubled after each further one.
+
+    Raises:
+        PermanentServiceError: The service refused this client (token, certificate,
+            run id); not retried.
+        ServiceUnreachableError: Every attempt failed otherwise (nothing listens
+            at the address, or it does not answer).
     """
     run_name = run_digest(client.run_id)
     error: Exception | None = None
     for attempt in range(attempts):
         try:
             released = client.drop_run(timeout_s=DROP_TIMEOUT_S)
-        except Exception as e:  # noqa: BLE001 - any failure is retried, then reported
+        except grpc.RpcError as e:
+            refused = permanent_error("DropRun", client.address, e.code(), e.details())
+            if refused is not None:
+                raise refused from None
             error = e
             log.info(
-                "reset of run %s failed (try %d of %d): %s", run_name, attempt + 1, attempts, e
+                "reset of run %s failed (try %d of %d): %s: %s",
+                run_name,
+                attempt + 1,
+                attempts,
+                e.code().name,
+                e.details(),
             )
             if attempt + 1 < attempts:
                 time.sleep(backoff_s * 2**attempt)
             continue
         if released:
-            log.info("service released %d blocks of an earlier run %s", released, run_name)
-        return True
-    log.warning(
-        "could not reset run %s at %s after %d attempts (%s). Training goes on, but roots that "
-        "an earlier process of this run computed from statistics after update %d may be "
-        "installed; if that process trained past this checkpoint, restart the service or "
-        "set a new precond.run_id for an exact resume",
-        run_name,
-        client.address,
-        attempts,
-        error,
-        step,
+            log.info(
+                "service released %d blocks of an earlier run %s (resuming at update %d)",
+                released,
+                run_name,
+                step,
+            )
+        return
+    raise ServiceUnreachableError(
+        f"no preconditioner service answered at {client.address} (config.precond.address) "
+        f"in {attempts} tries ({error.code().name}: {error.details()}): start the service "
+        "there, correct config.precond.address, or leave it empty to have the trainer start "
+        "its own"
     )
-    return False

@@ -438,7 +438,7 @@ class Trainer:
             )
 
     def _save_checkpoint(self, step: int, quiet: bool = False) -> str:
-        path = self.manager.save(checkpoint_number=step)
+        path = checkpoints.save(self.manager, step)
         if not quiet:
             log.info("step %d: saved %s", step, path)
         self.events.write(Event.CHECKPOINT_SAVED, step=step, path=path)

@@ -39,6 +39,19 @@ _FATAL_CODES = {
     ),
 }
 
+
+def permanent_error(
+    rpc: str, address: str, code: grpc.StatusCode, details: str | None
+) -> PermanentServiceError | None:
+    """The error of an RPC answered with a status no retry gets past; None for any other."""
+    advice = _FATAL_CODES.get(code)
+    if advice is None:
+        return None
+    return PermanentServiceError(
+        code, f"{rpc} to {address} failed with {code.name} ({details}); {advice}"
+    )
+
+
 # Codes after which the service counts as unreachable.
 _UNREACHABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
@@ -176,12 +189,9 @@ class ConnectionState:
         Returns:
             Whether it did.
         """
-        advice = _FATAL_CODES.get(code)
-        if advice is None:
+        error = permanent_error(rpc, self.address, code, details)
+        if error is None:
             return False
-        error = PermanentServiceError(
-            code, f"{rpc} to {self.address} failed with {code.name} ({details}); {advice}"
-        )
         with self.lock:
             if self.permanent_error is not None:
                 return True

@@ -55,20 +55,24 @@ _PIN_AND_EXEC = (
 )
 
 
+# The CPUs this process may use (its affinity), taken before anything pins it: a
+# trainer pinned to its own "device" cores still starts its service on the "host" cores.
+CPUS_AT_START = frozenset(os.sched_getaffinity(0))
+
+
 def parse_cpus(cpus: str) -> frozenset[int]:
     """The CPUs of a list like "1", "2-5" or "0,2"; "" is no pinning (an empty set).
 
     Raises:
-        ValueError: `cpus` is not such a list, or names a CPU this machine does not have.
+        ValueError: `cpus` is not such a list, or names a CPU outside `CPUS_AT_START`
+            (a CPU the machine has but taskset or a cpuset keeps this process off).
     """
     if not cpus.strip():
         return frozenset()
-    # The machine's CPUs, not only this process's: a trainer pinned to its own
-    # "device" cores still starts its service on the "host" cores.
-    allowed = set(range(os.cpu_count() or 1)) | os.sched_getaffinity(0)
+    allowed = CPUS_AT_START
     usage = (
-        f"cpus={cpus!r} is not a CPU list: use e.g. '1', '2-5' or '0,2' of this machine's "
-        f"CPUs ({_format_cpus(allowed)}), or '' for no pinning"
+        f"cpus={cpus!r} is not a CPU list: use e.g. '1', '2-5' or '0,2' of the CPUs this "
+        f"process may use ({_format_cpus(allowed)}), or '' for no pinning"
     )
     chosen: set[int] = set()
     for part in cpus.split(","):
@@ -81,8 +85,9 @@ def parse_cpus(cpus: str) -> frozenset[int]:
         chosen.update(range(first, last + 1))
     if not chosen <= allowed:
         raise ValueError(
-            f"cpus={cpus!r} names CPUs {_format_cpus(chosen - allowed)} this machine does not "
-            f"have: choose among {_format_cpus(allowed)}, or '' for no pinning"
+            f"cpus={cpus!r} names CPUs {_format_cpus(chosen - allowed)} this process may not "
+            f"use: choose among {_format_cpus(allowed)} (its CPU affinity, as taskset or a "
+            "container's cpuset set it), or '' for no pinning"
         )
     return frozenset(chosen)
 

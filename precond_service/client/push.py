@@ -102,11 +102,10 @@ class PushLoop:
     ) -> list[list[bytes | memoryview]]:
         """The push's messages as unjoined pieces (`wire.push_request_pieces`).
 
-        Each holds about PUSH_BATCH_BYTES of blocks, or one large block alone. A block
+        Each holds at most PUSH_BATCH_BYTES, a large block going in chunks. A block
         that cannot be sent is left out, with its reason in `local_rejections`.
         """
-        batches: list[list[StatisticsBlock]] = []
-        batch_bytes = 0
+        sendable: list[StatisticsBlock] = []
         for block in blocks:
             try:
                 array = wire.wire_array(block.statistics)
@@ -118,12 +117,8 @@ class PushLoop:
             except (ValueError, TypeError) as e:
                 local_rejections.append((block.key, f"not sent: {e}"))
                 continue
-            if not batches or batch_bytes + array.nbytes > wire.PUSH_BATCH_BYTES:
-                batches.append([])
-                batch_bytes = 0
-            batches[-1].append(dataclasses.replace(block, statistics=array))
-            batch_bytes += array.nbytes
-        return [wire.push_request_pieces(self._state.run_id, batch) for batch in batches]
+            sendable.append(dataclasses.replace(block, statistics=array))
+        return wire.push_messages(self._state.run_id, sendable)
 
     def _push_once(
         self, push_call: grpc.StreamUnaryMultiCallable, blocks: list[StatisticsBlock]

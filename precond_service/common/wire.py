@@ -5,14 +5,17 @@ Tensors travel as raw row-major little-endian bytes with a dtype and a shape, ne
 as repeated doubles. Decoding returns a read-only view on the message's bytes, so a
 received matrix is not copied until a worker needs it in float64.
 
-Message size limits: the service raises gRPC's limits (4 MiB by default) instead of
-chunking a matrix over several messages. One statistic or root always travels in one
-message; `max_message_bytes(n)` is the limit that fits an n x n float64 matrix, and
-the server and client both derive their limits from the largest matrix side they
-accept (4096 by default: 128 MiB + 1 MiB). A client packs small blocks together into
-messages of at most `PUSH_BATCH_BYTES` of tensor data, and sends a large block alone;
-the service packs roots into GetPreconditionersReply messages the same way
-(`encode_preconditioner_replies`).
+Message size limits: the service receives no message larger than
+`MAX_REQUEST_BYTES` (4 MiB + 64 KiB), so what gRPC buffers for a stream before the
+service sees it is small whatever the client. A client packs its blocks into push
+messages of at most `PUSH_BATCH_BYTES` (4 MiB) each (`push_messages`), and a
+statistic that does not fit travels in chunks: several BlockStatistics of the same
+key and step, each with the matrix's shape and dtype and the bytes of its data from
+`data_offset` on; the service reassembles them (`server/chunks.py`). Roots come back
+packed into GetPreconditionersReply messages of at most `PUSH_BATCH_BYTES` of roots,
+or one larger root alone (`encode_preconditioner_replies`); `max_message_bytes(n)`
+is the limit that fits one n x n float64 root, which the client's receive limit and
+the service's send limit derive from.
 
 Requests are parsed by `parse_request`, which walks the wire format first and refuses a
 message whose repeated fields (blocks, known_steps entries, shape dimensions) hold more
@@ -49,6 +52,14 @@ SERVICE_NAME = SERVICE.full_name
 # before starting the next one.
 PUSH_BATCH_BYTES = 4 * 1024 * 1024
 
+# The largest message the service receives: a push message of PUSH_BATCH_BYTES and
+# room for its headers beyond them.
+MAX_REQUEST_BYTES = PUSH_BATCH_BYTES + 64 * 1024
+
+# A statistic that does not fit whole in the room a message has left starts in
+# that message only if at least this many of its bytes do; else in the next one.
+_MIN_CHUNK_BYTES = 64 * 1024
+
 # The call metadata in which a PushStatistics stream declares the size in bytes of
 # its largest message. The service reserves room for it in its byte budget before
 # reading the stream, and refuses the stream at once if it does not fit.
@@ -73,9 +84,9 @@ _DTYPES = {
 MAX_RANK = 32
 
 # Wire elements (fields, packed values) one request may hold per block or known_steps
-# entry it is allowed: a block as the client encodes it has at most 13 (itself, key,
-# step, exponent, 3 root settings, statistics, shape with its 2 values, dtype, data),
-# an entry 3.
+# entry it is allowed: a block as the client encodes it has at most 14 (itself, key,
+# step, exponent, 3 root settings, data_offset, statistics, shape with its 2 values,
+# dtype, data), an entry 3.
 _ELEMENTS_PER_ENTRY = 16
 
 # Wire elements allowed besides the entries (run_id and the like).
@@ -166,6 +177,28 @@ def tensor_to_array(tensor: pb.Tensor) -> np.ndarray:
             f"{dtype.name} needs {expected}"
         )
     return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def tensor_nbytes(tensor: pb.Tensor) -> int:
+    """Bytes of the whole array a Tensor message describes (its data may be a chunk).
+
+    Raises:
+        ValueError: If the dtype is unknown or a dimension is negative.
+    """
+    dtype = _DTYPES.get(tensor.dtype)
+    if dtype is None:
+        raise ValueError(
+            f"unknown tensor dtype {tensor.dtype}; use FLOAT32 ({pb.FLOAT32}) or "
+            f"FLOAT64 ({pb.FLOAT64})"
+        )
+    if len(tensor.shape) > MAX_RANK or any(d < 0 for d in tensor.shape):
+        raise ValueError(f"tensor shape {list(tensor.shape)[:MAX_RANK]} is not an array's shape")
+    return math.prod(int(d) for d in tensor.shape) * dtype.itemsize
+
+
+def tensor_dtype(tensor: pb.Tensor) -> np.dtype:
+    """The NumPy dtype of a Tensor message whose dtype `tensor_nbytes` accepted."""
+    return _DTYPES[tensor.dtype]
 
 
 def parse_request(message_type: type[M], data: bytes, *, max_entries: int) -> M:
@@ -371,6 +404,59 @@ def push_request_pieces(run_id: str, blocks: Sequence[StatisticsBlock]) -> list[
     return pieces
 
 
+def push_messages(
+    run_id: str, blocks: Sequence[StatisticsBlock], *, message_bytes: int = PUSH_BATCH_BYTES
+) -> list[list[bytes | memoryview]]:
+    """A push's PushStatisticsRequest messages, each as unjoined pieces, chunking large blocks.
+
+    Blocks are packed in order into messages of at most `message_bytes`; a block
+    that does not fit in the room a message has left is split into chunks (see
+    BlockStatistics.data_offset in the .proto), its first chunk filling that room
+    (when at least 64 KiB) and the next ones whole messages. No matrix is copied.
+
+    Args:
+        run_id: The run.
+        blocks: The statistics (converted as `wire_array` says).
+        message_bytes: Most bytes of one message (the service receives at most
+            `MAX_REQUEST_BYTES`).
+
+    Returns:
+        The messages' pieces; `b"".join(pieces)` of each parses as a request.
+    """
+    head = pb.PushStatisticsRequest(run_id=run_id).SerializeToString()
+    messages: list[list[bytes | memoryview]] = []
+    current: list[bytes | memoryview] = [head]
+    size = len(head)
+    for block in blocks:
+        array = wire_array(block.statistics)
+        data = memoryview(array).cast("B")
+        header, offset = _statistics_header(block), 0
+        while True:
+            header.data_offset = offset
+            fixed = _with_tensor(header, _STATISTICS_FIELD, array, data[:0])[1] + 16
+            room = message_bytes - size - fixed
+            left = len(data) - offset
+            if left > room and room < _MIN_CHUNK_BYTES and len(current) > 1:
+                messages.append(current)
+                current, size = [head], len(head)
+                continue
+            # Whole elements per chunk; at least one, so that every chunk makes progress.
+            take = left if left <= room else max(room // 8 * 8, 8)
+            pieces, length = _with_tensor(
+                header, _STATISTICS_FIELD, array, data[offset : offset + take]
+            )
+            current += [_field_header(_BLOCKS_FIELD, length), *pieces]
+            size += len(current[-len(pieces) - 1]) + length
+            offset += take
+            if offset >= len(data):
+                break
+            messages.append(current)
+            current, size = [head], len(head)
+    if len(current) > 1:
+        messages.append(current)
+    return messages
+
+
 def pieces_size(pieces: Sequence[bytes | memoryview]) -> int:
     """Bytes of the message the pieces join into."""
     return sum(len(piece) for piece in pieces)
@@ -426,14 +512,16 @@ def encode_preconditioner_replies(
 
 
 def _with_tensor(
-    message: Message, field_number: int, array: np.ndarray
+    message: Message, field_number: int, array: np.ndarray, data: memoryview | None = None
 ) -> tuple[list[bytes | memoryview], int]:
     """Returns the pieces of `message` with a Tensor of `array` in field `field_number`.
 
     Protobuf parsers accept fields in any order, so the message's other fields go
     first and the tensor (its shape and dtype, then its data field) is appended.
+    `data`, when given, is the chunk of the array's bytes the tensor carries.
     """
-    data = memoryview(array).cast("B")
+    if data is None:
+        data = memoryview(array).cast("B")
     tensor = pb.Tensor(shape=list(array.shape), dtype=_wire_dtype(array)).SerializeToString()
     tensor += _field_header(_TENSOR_DATA_FIELD, len(data))
     tensor_length = len(tensor) + len(data)

@@ -1,16 +1,15 @@
 """The byte budget: what the service holds for clients, bounded by `--memory_budget_mb`.
 
-Counted: the push messages being received and validated, the statistics pending or
-being computed, and the published roots. A push stream that declares the size of its
-largest message (`wire.MESSAGE_BYTES_METADATA`; `PreconditionerClient` always does)
-is admitted before any of its bytes are read: room for one such message is held for
-the stream's life (its messages are then received one at a time), or the stream
-ends at once with RESOURCE_EXHAUSTED naming the flag.
-Concurrent large pushes are so admitted against the budget instead of all being
-received first. A stream without the declaration has each message counted once gRPC
-has received it whole (the `--max_streams` cap bounds those). Statistics and roots are
-charged as they are queued and published, and released as they are replaced,
-computed, or dropped with their run, so what was admitted is never refused later.
+Counted, each before it is held: every push message before it is parsed (twice its
+size; gRPC receives at most `wire.MAX_REQUEST_BYTES` of it first), or, for a push that
+declares its largest message (`wire.MESSAGE_BYTES_METADATA`), room for one such message
+for the stream's life; a statistic sent in chunks, whole, at its first chunk
+(`chunks.py`); and each statistic queued with its key's float64 root, at push time
+(`Scheduler.submit`). What does not fit is refused with RESOURCE_EXHAUSTED naming the
+flag. Statistics are released as they are replaced or computed, roots when their run
+is dropped. Beyond the budget the service holds a fixed overhead (see the README's
+"Memory" section): gRPC's one message per open stream, the interpreters, the workers'
+solver arrays.
 """
 
 from __future__ import annotations
@@ -61,11 +60,6 @@ class ByteBudget:
             "retry later, drop finished runs, or start the service with a larger "
             "--memory_budget_mb"
         )
-
-    def charge(self, nbytes: int) -> None:
-        """Counts bytes the service now holds whatever the budget (admitted earlier)."""
-        with self._lock:
-            self._held += nbytes
 
     def release(self, nbytes: int) -> None:
         """Stops counting bytes the service no longer holds."""

@@ -50,6 +50,9 @@ class _BlockState:
     pending: Job | None = None
     computing_step: int | None = None
     published_step: int | None = None
+    # Budget held for the key's float64 root, from its first statistic on (the
+    # store holds one root per key), until the run is dropped.
+    root_bytes: int = 0
 
     def newest_step(self) -> int | None:
         pending = None if self.pending is None else self.pending.step
@@ -99,8 +102,10 @@ class Scheduler:
             max_blocks_per_run: Most keys held for one run; None: max_blocks.
             max_runs: Most runs held; a statistic for a new run beyond that is
                 rejected. None: no limit besides max_blocks.
-            budget: Charged with the statistics held, pending or being computed,
-                until they are replaced, finished or dropped; None counts nothing.
+            budget: Holds the statistics, pending or being computed, until they are
+                replaced, finished or dropped, and each key's float64 root (published
+                or to come) until its run is dropped; a statistic that does not fit
+                is refused. None counts nothing.
 
         The limits are those of a `ServiceConfig`, which checks them (each >= 1).
         """
@@ -113,13 +118,18 @@ class Scheduler:
         self._block_count = 0
         self._pending: dict[tuple[str, str], _BlockState] = {}
         self._sequence = itertools.count()
-        self._budget = budget or ByteBudget(0)
+        self._budget = budget or ByteBudget(1 << 62)
 
-    def submit(self, job: Job) -> Outcome:
-        """Queues a statistic unless it is stale.
+    def submit(self, job: Job, *, paid_bytes: int = 0) -> Outcome:
+        """Queues a statistic unless it is stale or does not fit in the budget.
+
+        The budget must hold the statistic and its key's float64 root beside
+        everything else (the statistic it replaces, if any, is released).
 
         Args:
             job: The statistic; its `sequence` and `state` are set here.
+            paid_bytes: Budget already reserved for `job.matrix` (a statistic sent in
+                chunks): kept with it when it is queued, released otherwise.
 
         Returns:
             What happened to it.
@@ -129,17 +139,25 @@ class Scheduler:
                 computed or published for its key.
             CapacityError: If its key is new and the scheduler, its run, or the
                 number of runs is at its limit.
+            BudgetExceededError: If it does not fit in the budget.
         """
+        try:
+            outcome = self._submit(job, paid_bytes)
+        except Exception:
+            self._budget.release(paid_bytes)
+            raise
+        if outcome is Outcome.DUPLICATE:
+            self._budget.release(paid_bytes)
+        return outcome
+
+    def _submit(self, job: Job, paid_bytes: int) -> Outcome:
         ident = (job.run_id, job.key)
         with self._lock:
             run = self._runs.get(job.run_id)
             state = None if run is None else run.get(job.key)
             if state is None:
                 self._check_room(run)
-                if run is None:
-                    run = self._runs[job.run_id] = {}
-                state = run[job.key] = _BlockState()
-                self._block_count += 1
+                state = _BlockState()
             held = state.newest_step()
             if not is_newer(job.step, held):
                 if job.step == held:
@@ -148,10 +166,20 @@ class Scheduler:
                     f"stale: step {job.step} is older than step {held} already "
                     f"{self._describe(state, held)} for this key"
                 )
+            root_bytes = max(state.root_bytes, job.matrix.shape[0] ** 2 * 8)
+            replaced = 0 if state.pending is None else state.pending.matrix.nbytes
+            more = job.matrix.nbytes - paid_bytes + root_bytes - state.root_bytes - replaced
+            if more > 0:
+                self._budget.reserve(more, "this statistic and its float64 root")
+            else:
+                self._budget.release(-more)
+            state.root_bytes = root_bytes
+            if run is None:
+                run = self._runs[job.run_id] = {}
+            if job.key not in run:
+                run[job.key] = state
+                self._block_count += 1
             outcome = Outcome.QUEUED if state.pending is None else Outcome.COALESCED
-            if state.pending is not None:
-                self._budget.release(state.pending.matrix.nbytes)
-            self._budget.charge(job.matrix.nbytes)
             job.sequence = next(self._sequence)
             job.state = state
             state.pending = job
@@ -217,6 +245,7 @@ class Scheduler:
             run = self._runs.pop(run_id, {})
             for key, state in run.items():
                 self._pending.pop((run_id, key), None)
+                self._budget.release(state.root_bytes)
                 if state.pending is not None:
                     self._budget.release(state.pending.matrix.nbytes)
                 # A pending job and its state refer to each other: break the cycle so

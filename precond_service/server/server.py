@@ -139,13 +139,17 @@ class _LoopThread:
 
 
 def _server_options(config: ServiceConfig) -> list[tuple[str, int]]:
-    limit = wire.max_message_bytes(config.max_matrix_size)
     return [
-        # One statistic travels in one message (no chunking): room for the largest
-        # n x n float64 matrix accepted (128 MiB + 1 MiB for n = 4096).
-        ("grpc.max_receive_message_length", limit),
-        # A root is float64 and travels in one message too.
-        ("grpc.max_send_message_length", limit),
+        # What gRPC buffers of a stream before the service sees it: at most one
+        # message of 4 MiB + 64 KiB; a larger statistic is sent in chunks.
+        ("grpc.max_receive_message_length", wire.MAX_REQUEST_BYTES),
+        # No flow-control window beyond gRPC's 64 KiB lookahead per stream (the
+        # bandwidth-delay probe would grow it to many MiB): a stream's next message
+        # comes in once the service asks for it.
+        ("grpc.http2.bdp_probe", 0),
+        # A root travels in one message: room for the largest n x n float64 root
+        # (128 MiB + 1 MiB for n = 4096).
+        ("grpc.max_send_message_length", wire.max_message_bytes(config.max_matrix_size)),
         # Refuse a second server on the same port instead of sharing it silently.
         ("grpc.so_reuseport", 0),
         # Tolerate idle clients' keepalive pings every 20 s or more.
@@ -293,12 +297,7 @@ def serve(
                 service, address=f"{bind_host}:{port}", token=token, credentials=credentials
             )
         )
-        service.start()
-        try:
-            loop.call(built.server.start())
-        except Exception:
-            service.stop()
-            raise
+        _start_workers_and_server(service, loop, built)
     except Exception:
         loop.close()
         raise
@@ -307,10 +306,27 @@ def serve(
     running = RunningServer(
         service, built.server, built.health, host, built.port, loop, built.servicer
     )
+    _announce(running, "TLS" if credentials is not None else "plaintext")
+    return running
+
+
+def _start_workers_and_server(service: RootService, loop: _LoopThread, built: _Built) -> None:
+    """Starts the workers, then the server; stops the workers if the server fails."""
+    service.start()
+    try:
+        loop.call(built.server.start())
+    except Exception:
+        service.stop()
+        raise
+
+
+def _announce(running: RunningServer, transport: str) -> None:
+    """Logs that the service listens, and writes SERVICE_STARTED."""
+    service, config = running.service, running.service.config
     logger.info(
         "precond_service listening on %s (%s, workers=%d, method=%s, incarnation=%s)",
         running.address,
-        "TLS" if credentials is not None else "plaintext",
+        transport,
         config.workers,
         config.method,
         service.incarnation,
@@ -321,7 +337,6 @@ def serve(
         address=running.address,
         workers=config.workers,
     )
-    return running
 
 
 def _set_health_soon(loop: _LoopThread, health_servicer: object, serving: bool) -> None:

@@ -1,3 +1,4 @@
+# Over 400 lines: RootService is the one object joining scheduler, pool, store and figures.
 """The preconditioner service without the network: validate, queue, compute, publish.
 
 `RootService` ties together the scheduler (newest-only queue, stalest first), the
@@ -27,7 +28,8 @@ from precond_service.common.auth import run_digest
 from precond_service.common.blocks import RootFailure
 from precond_service.common.events import Event, EventLog
 from precond_service.server import validation
-from precond_service.server.budget import ByteBudget
+from precond_service.server.budget import BudgetExceededError, ByteBudget
+from precond_service.server.chunks import AssembledBlock
 from precond_service.server.pool import JobResult, WorkerPool
 from precond_service.server.scheduler import Job, Outcome, Scheduler
 from precond_service.server.service_records import (
@@ -84,7 +86,7 @@ class RootService:
             max_runs=config.max_runs,
             budget=self.budget,
         )
-        self._store = VersionedStore(self.budget)
+        self._store = VersionedStore()
         self._pool = WorkerPool(
             config.workers,
             SolverOptions(
@@ -149,17 +151,24 @@ class RootService:
         self._pool.stop(timeout_s)
 
     def push(
-        self, run_id: str, blocks: Iterable[pb.BlockStatistics]
+        self, run_id: str, blocks: Iterable[pb.BlockStatistics | AssembledBlock | Rejection]
     ) -> tuple[int, list[Rejection]]:
-        """Validates statistics and queues the good ones.
+        """Validates statistics and queues the good ones, if they fit in the byte budget.
 
         Args:
             run_id: Run they belong to.
-            blocks: The statistics as received.
+            blocks: The statistics as received, or reassembled from chunks (their
+                reserved bytes go to the scheduler, or are released), and the
+                rejections of statistics whose chunks did not all arrive, counted here.
 
         Returns:
             (number accepted, rejections with reasons). A rejection names its key
             as received, cut to `validation.MAX_KEY_LENGTH` characters.
+
+        Raises:
+            BudgetExceededError: If a statistic and its root do not fit in the byte
+                budget; the statistics before it stay accepted, those after it are
+                not looked at (the client pushes again later).
         """
         accepted, rejections, queued = 0, [], False
         try:
@@ -167,25 +176,40 @@ class RootService:
             run_error = ""
         except ValueError as e:
             run_error = str(e)
-        for message in blocks:
+        for item in blocks:
+            if isinstance(item, Rejection):  # Found before (`chunks.ChunkAssembler`).
+                rejections.append(item)
+                with self._lock:
+                    self._count(run_id, item.step, rejected=1)
+                continue
+            message, matrix, paid = (
+                (item.header, item.matrix, item.paid_bytes)
+                if isinstance(item, AssembledBlock)
+                else (item, None, 0)
+            )
             try:
                 if run_error:
                     raise ValueError(run_error)
                 block = validation.decode_block(
-                    message, max_matrix_size=self.config.max_matrix_size
+                    message, max_matrix_size=self.config.max_matrix_size, matrix=matrix
                 )
                 job = Job(
                     run_id, block.key, block.step, block.exponent, block.matrix, block.settings
                 )
                 with self._lock:  # With the count, so that a DropRun cannot come between.
-                    outcome = self._scheduler.submit(job)
+                    paid, paying = 0, paid  # `submit` keeps or releases them.
+                    outcome = self._scheduler.submit(job, paid_bytes=paying)
                     self._count(
                         run_id,
                         block.step,
                         accepted=1,
                         coalesced=int(outcome is Outcome.COALESCED),
                     )
+            except BudgetExceededError:
+                self.budget.release(paid)
+                raise
             except ValueError as e:
+                self.budget.release(paid)
                 key = message.key[: validation.MAX_KEY_LENGTH]
                 rejections.append(Rejection(key, message.step, str(e)))
                 with self._lock:

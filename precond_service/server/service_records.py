@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from precond_service.common.limits import SERVICE_DEFAULTS
 from precond_service.common.roots import METHODS, RIDGE_MODES
 
 
@@ -26,7 +27,8 @@ class ServiceConfig:
             above it, or with a non-finite error, is counted failed and dropped.
         max_iterations: Most Schur-Newton iterations per root.
         max_matrix_size: Largest matrix side n accepted; it also sets the gRPC
-            message size limit (n * n * 8 bytes + 1 MiB).
+            send limit for roots (n * n * 8 bytes + 1 MiB). Statistics arrive in
+            messages of at most 4 MiB + 64 KiB, a larger one in chunks.
         max_blocks: Most (run_id, key) pairs held over all runs; bounds memory.
         max_blocks_per_run: Most keys held for one run; a statistic for a new key
             beyond it is rejected, the run's existing keys still update.
@@ -48,8 +50,9 @@ class ServiceConfig:
         run_ttl_s: A run with no push or pull for this long is dropped (as by
             DropRun), so that runs whose trainers are gone do not hold the caps.
         memory_budget_mb: Most MiB the service holds for clients (push messages
-            being validated, statistics pending or being computed, published
-            roots); a push message beyond it is refused (`budget.ByteBudget`).
+            being parsed and validated, statistics being reassembled, pending or being
+            computed, each key's float64 root); a push beyond it is refused
+            (`budget.ByteBudget`).
     """
 
     workers: int = 1
@@ -59,11 +62,12 @@ class ServiceConfig:
     failure_threshold: float = 0.1
     max_iterations: int = 100
     max_matrix_size: int = 4096
-    max_blocks: int = 65536
-    # A big WMT Transformer has 1-3 thousand blocks.
-    max_blocks_per_run: int = 16384
+    # Two runs of the largest shipped config (wmt14_en_fr.py:big_shampoo, 21,512 keys),
+    # with room to spare.
+    max_blocks: int = SERVICE_DEFAULTS["max_blocks"]
+    max_blocks_per_run: int = SERVICE_DEFAULTS["max_blocks_per_run"]
     max_runs: int = 256
-    max_blocks_per_request: int = 32768
+    max_blocks_per_request: int = SERVICE_DEFAULTS["max_blocks_per_request"]
     # Trainers make "host-<32 hex digits>" run ids; a user-chosen one may be longer.
     max_run_id_length: int = 4096
     threads_per_worker: int = 1
@@ -74,7 +78,7 @@ class ServiceConfig:
     stream_idle_timeout_s: float = 60.0
     stream_timeout_s: float = 600.0
     run_ttl_s: float = 3600.0
-    memory_budget_mb: int = 4096
+    memory_budget_mb: int = SERVICE_DEFAULTS["memory_budget_mb"]
 
     def __post_init__(self) -> None:
         if self.workers < 1:

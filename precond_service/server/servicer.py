@@ -29,7 +29,9 @@ from google.protobuf.message import Message
 from precond_service.common import wire
 from precond_service.common.blocks import RootFailure
 from precond_service.server.budget import BudgetExceededError
+from precond_service.server.chunks import ChunkAssembler
 from precond_service.server.service import RootService
+from precond_service.server.service_records import Rejection
 from precond_service.server.store import PublishedRoot
 from precond_service.server.stream_limits import StreamLimits, StreamRefusedError
 from protos import precond_service_pb2 as pb
@@ -63,6 +65,10 @@ class PreconditionerServicer:
         """
         self._service = service
         self._limits = limits
+        # Push messages arrive as bytes: they are counted in the budget, then parsed.
+        self._parse_push = _lenient_parser(
+            pb.PushStatisticsRequest, service.config.max_blocks_per_request
+        )
         self._auth_rejected = auth_rejected
         # Parses requests, validates pushes, encodes pulls.
         self.data_executor = futures.ThreadPoolExecutor(
@@ -78,54 +84,85 @@ class PreconditionerServicer:
         self._control.shutdown(wait=False, cancel_futures=True)
 
     async def PushStatistics(  # noqa: N802  (gRPC's method name)
-        self, request_iterator: AsyncIterator[Message | _Refused], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> pb.PushStatisticsReply:
-        """Validates and queues every block of every message of the stream.
+        """Validates and queues every statistic of every message of the stream.
 
-        A stream that declares its largest message (`wire.MESSAGE_BYTES_METADATA`,
-        as `PreconditionerClient` does) is admitted against the byte budget before
-        any of it is read: room for one such message is held until the stream ends,
-        its messages are received one at a time, and a message larger than declared
-        ends it. A stream without the declaration has each message counted once it
-        has been received (the next one is received meanwhile). A stream past
-        `max_blocks_per_request` blocks fails RESOURCE_EXHAUSTED; the blocks of its
-        earlier messages stay accepted.
+        gRPC receives at most `wire.MAX_REQUEST_BYTES` of a message, one message at
+        a time per stream. Each message is counted in the byte budget (2x its size:
+        its bytes, then the parsed message and a block's data) before it is parsed, and
+        released once its blocks are queued; one that does not fit ends the stream
+        with RESOURCE_EXHAUSTED naming the flag. A stream that declares its largest
+        message (`wire.MESSAGE_BYTES_METADATA`, as `PreconditionerClient` does) is
+        instead admitted before any of it is read, room for one such message being
+        held until it ends; a message larger than declared ends it. Statistics sent
+        in chunks are reassembled (`chunks.ChunkAssembler`), each reserved whole at
+        its first chunk. A statistic that does not fit in the budget beside its
+        float64 root (`Scheduler.submit`), or a stream past `max_blocks_per_request`
+        statistics, ends the stream with RESOURCE_EXHAUSTED naming the flag; the
+        statistics before it stay accepted.
         """
         reply = pb.PushStatisticsReply(incarnation=self._service.incarnation)
         limit = self._service.config.max_blocks_per_request
         declared = wire.declared_message_bytes(context.invocation_metadata())
         if declared is not None:  # No message can be larger than gRPC's receive limit.
-            declared = min(declared, wire.max_message_bytes(self._service.config.max_matrix_size))
-        blocks = 0
-        with (
-            self._limits.admit(context.peer()) as deadline,
-            self._held(3 * (declared or 0), "this push stream (3x its declared message size)"),
-        ):
-            async for message in deadline.messages(request_iterator, prefetch=declared is None):
-                request = _checked(message)
-                blocks += len(request.blocks)
-                if blocks > limit:
-                    raise StreamRefusedError(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"this push carries more than max_blocks_per_request={limit} blocks; "
-                        "send each key at most once per push",
-                    )
-                nbytes = request.ByteSize()
-                if declared is not None and nbytes > declared:
-                    raise StreamRefusedError(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"a message of {nbytes} bytes is larger than the {declared} the stream "
-                        f"declared in {wire.MESSAGE_BYTES_METADATA}",
-                    )
-                with self._held(0 if declared is not None else nbytes, "this push message"):
-                    accepted, rejections = await _run(
-                        self.data_executor, self._service.push, request.run_id, request.blocks
-                    )
-                reply.accepted += accepted
-                reply.rejected.extend(
-                    pb.BlockError(key=r.key, step=r.step, reason=r.reason) for r in rejections
-                )
+            declared = min(declared, wire.MAX_REQUEST_BYTES)
+        assembler = ChunkAssembler(
+            self._service.budget, max_matrix_size=self._service.config.max_matrix_size
+        )
+        blocks, run_id = 0, ""
+        try:
+            with (
+                self._limits.admit(context.peer()) as deadline,
+                self._held(2 * (declared or 0), "this push stream (2x its declared message size)"),
+            ):
+                async for data in deadline.messages(request_iterator, prefetch=False):
+                    counted = 0 if declared is not None else 2 * len(data)
+                    with self._held(counted, "this push message (2x its size)"):
+                        request = _checked(await _run(self.data_executor, self._parse_push, data))
+                        # Not held while suspended: a refused stream's frames can stay in
+                        # a reference cycle (gRPC's abort) until the collector runs.
+                        del data
+                        run_id = request.run_id
+                        blocks += sum(1 for block in request.blocks if not block.data_offset)
+                        if blocks > limit:
+                            raise StreamRefusedError(
+                                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"this push carries more than max_blocks_per_request={limit} "
+                                "blocks; send each key at most once per push",
+                            )
+                        nbytes = request.ByteSize()
+                        if declared is not None and nbytes > declared:
+                            raise StreamRefusedError(
+                                grpc.StatusCode.INVALID_ARGUMENT,
+                                f"a message of {nbytes} bytes is larger than the {declared} "
+                                f"the stream declared in {wire.MESSAGE_BYTES_METADATA}",
+                            )
+                        try:
+                            accepted, rejections = await _run(
+                                self.data_executor, self._push_message, request, assembler
+                            )
+                        except BudgetExceededError as e:
+                            raise StreamRefusedError(
+                                grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+                            ) from None
+                        del request
+                    reply.accepted += accepted
+                    _add_rejections(reply, rejections)
+            unfinished = assembler.close()
+            if unfinished:
+                _add_rejections(reply, self._service.push(run_id, unfinished)[1])
+        finally:
+            assembler.close()  # A stream that failed: its statistic in progress is released.
         return reply
+
+    def _push_message(
+        self, request: pb.PushStatisticsRequest, assembler: ChunkAssembler
+    ) -> tuple[int, list[Rejection]]:
+        """Reassembles the message's chunks and pushes what is complete (a data thread)."""
+        return self._service.push(
+            request.run_id, [item for block in request.blocks for item in assembler.add(block)]
+        )
 
     @contextlib.contextmanager
     def _held(self, nbytes: int, what: str) -> Iterator[None]:
@@ -196,6 +233,12 @@ class PreconditionerServicer:
                 self._control, self._service.drop_run_by_digest, request.run_digest
             )
         return pb.DropRunReply(dropped=released > 0, blocks_released=released)
+
+
+def _add_rejections(reply: pb.PushStatisticsReply, rejections: list[Rejection]) -> None:
+    reply.rejected.extend(
+        pb.BlockError(key=r.key, step=r.step, reason=r.reason) for r in rejections
+    )
 
 
 def status_message(status: object) -> pb.ServiceStatus:
@@ -331,26 +374,19 @@ def _parsing(
     *,
     request_streaming: bool,
 ) -> Callable[[object], Awaitable[object]]:
-    """Returns what turns a call's request bytes (or stream of them) into parsed requests.
+    """Returns what turns a call's request bytes into the parsed request.
 
-    Parsing runs in `executor`, not on the event loop: a 100 MiB message takes a
-    while, and the loop must go on answering health checks and other clients.
+    Parsing runs in `executor`, not on the event loop: a large message takes a while,
+    and the loop must go on answering health checks and other clients. A request
+    stream (PushStatistics) is passed on as bytes: its handler counts each message
+    in the byte budget before parsing it.
     """
-    if request_streaming:
+    if request_streaming:  # PushStatistics counts each message, then parses it.
 
-        async def parse_stream(requests: AsyncIterator[bytes]) -> object:
-            async def parsed() -> AsyncIterator[Message | _Refused]:
-                async for data in requests:
-                    message = await _run(executor, parse, data)
-                    # Not held while suspended: a refused stream's frames can stay
-                    # in a reference cycle (gRPC's abort) until the collector runs.
-                    del data
-                    yield message
-                    del message
+        async def unparsed(requests: AsyncIterator[bytes]) -> object:
+            return requests
 
-            return parsed()
-
-        return parse_stream
+        return unparsed
 
     async def parse_one(data: bytes) -> object:
         return await _run(executor, parse, data)

@@ -16,7 +16,6 @@ import numpy as np
 
 from precond_service.common.blocks import RootFailure
 from precond_service.common.versions import is_newer
-from precond_service.server.budget import ByteBudget
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +48,12 @@ class PublishedRoot:
 class VersionedStore:
     """Thread-safe map (run_id, key) -> newest PublishedRoot."""
 
-    def __init__(self, budget: ByteBudget | None = None) -> None:
+    def __init__(self) -> None:
         """Creates an empty store.
 
-        Args:
-            budget: Charged with the roots held; None counts nothing.
+        The byte budget holds each key's root from its first statistic on
+        (`Scheduler.submit`), so publishing one never takes the service past it.
         """
-        self._budget = budget or ByteBudget(0)
         self._lock = threading.Lock()
         self._runs: dict[str, dict[str, PublishedRoot]] = {}
         self._failures: dict[str, dict[str, RootFailure]] = {}
@@ -76,7 +74,6 @@ class VersionedStore:
             if held is not None and not is_newer(root.stats_step, held.stats_step):
                 return False
             run[root.key] = root
-            self._budget.charge(root.root.nbytes - (0 if held is None else held.root.nbytes))
             failures = self._failures.get(run_id, {})
             failed = failures.get(root.key)
             if failed is not None and not is_newer(failed.stats_step, root.stats_step):
@@ -149,6 +146,4 @@ class VersionedStore:
         """
         with self._lock:
             self._failures.pop(run_id, None)
-            run = self._runs.pop(run_id, {})
-            self._budget.release(sum(root.root.nbytes for root in run.values()))
-            return len(run)
+            return len(self._runs.pop(run_id, {}))

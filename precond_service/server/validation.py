@@ -63,12 +63,16 @@ class ValidBlock:
     settings: RootSettings = RootSettings()
 
 
-def decode_block(message: pb.BlockStatistics, *, max_matrix_size: int) -> ValidBlock:
+def decode_block(
+    message: pb.BlockStatistics, *, max_matrix_size: int, matrix: np.ndarray | None = None
+) -> ValidBlock:
     """Checks one received statistic and returns it decoded.
 
     Args:
         message: The block as received.
         max_matrix_size: Largest matrix side n accepted.
+        matrix: The matrix of a statistic sent in chunks (`chunks.ChunkAssembler`),
+            of the message's shape and dtype; None: the message's own data.
 
     Returns:
         The decoded block; its matrix views the message's bytes.
@@ -102,7 +106,8 @@ def decode_block(message: pb.BlockStatistics, *, max_matrix_size: int) -> ValidB
             f"matrix side {shape[0]} exceeds the service's max_matrix_size {max_matrix_size}; "
             "use smaller blocks or start the service with a larger --max_matrix_size"
         )
-    matrix = wire.tensor_to_array(message.statistics)
+    if matrix is None:
+        matrix = wire.tensor_to_array(message.statistics)
     # max and min propagate NaN and reach infinities: one pass each, no temporary.
     largest, smallest = float(matrix.max()), float(matrix.min())
     if not (math.isfinite(largest) and math.isfinite(smallest)):

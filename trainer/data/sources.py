@@ -35,6 +35,10 @@ _TEXT_FIELDS = {"train": "train_files", "dev": "dev_files", "test": "test_files"
 _PARSE_BATCH = 1024
 
 
+class DataFileError(ValueError):
+    """A text file of `config.data` cannot be read, is empty, or is not parallel text."""
+
+
 def load_pairs(
     data_config: ml_collections.ConfigDict, split: str, *, seed: int = 0
 ) -> tf.data.Dataset:
@@ -185,9 +189,9 @@ def _text_pairs(data_config: ml_collections.ConfigDict, split: str) -> tf.data.D
         _check_tsv(paths[0], field)
         lines = tf.data.TextLineDataset(str(paths[0])).batch(_PARSE_BATCH)
         return lines.map(_split_tsv_lines, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-    counts = [_count_lines(path) for path in paths]
+    counts = [_count_lines(path, field) for path in paths]
     if counts[0] != counts[1]:
-        raise ValueError(
+        raise DataFileError(
             f"config.data.{field}: {paths[0]} has {counts[0]} lines but {paths[1]} has "
             f"{counts[1]}; the two files must be line-aligned (line i translates line i)"
         )
@@ -208,19 +212,21 @@ def _parallel_paths(spec: str, field: str, split: str = "train") -> list[Path]:
     """The one TSV file or two line-aligned files of `config.data.<field>`; they must exist."""
     spec = spec.strip()
     if not spec:
-        raise ValueError(
+        raise DataFileError(
             f'config.data.{field} is empty; with config.data.source="text" give one '
             f'tab-separated file or two line-aligned files as "{split}.en,{split}.fr"'
         )
     paths = [Path(part.strip()) for part in spec.split(",")]
     if len(paths) not in (1, 2) or not all(str(path) for path in paths):
-        raise ValueError(
+        raise DataFileError(
             f"config.data.{field} must be one tab-separated file or two comma-separated "
             f"line-aligned files, got {spec!r}"
         )
     for path in paths:
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"config.data.{field}: file {path} does not exist")
+        if not path.is_file():
+            raise DataFileError(f"config.data.{field}: {path} is not a file")
     return paths
 
 
@@ -314,10 +320,10 @@ def _split_tsv_lines(lines: tf.Tensor) -> dict[str, tf.Tensor]:
 
 
 def _check_tsv(path: Path, field: str) -> None:
-    """Raises ValueError naming the first line without a tab."""
-    count, first_bad = _scan_tsv(_file_key(path))
+    """Raises DataFileError for an unreadable or empty file, or naming a line without a tab."""
+    count, first_bad = _read_file(_scan_tsv, path, field)
     if first_bad:
-        raise ValueError(
+        raise DataFileError(
             f"config.data.{field}: line {first_bad} of {path} has no tab; each line of a "
             "tab-separated file must be source<TAB>target (or give two line-aligned "
             'files as "a.en,a.fr")'
@@ -342,9 +348,26 @@ def _scan_tsv(key: tuple[str, int, int]) -> tuple[int, int]:
     return count, 0
 
 
-def _count_lines(path: Path) -> int:
-    """Lines as TextLineDataset counts them: a last line without a newline counts too."""
-    return _count_file_lines(_file_key(path))
+def _count_lines(path: Path, field: str) -> int:
+    """Lines as TextLineDataset counts them: a last line without a newline counts too.
+
+    Raises:
+        DataFileError: The file cannot be read or is empty.
+    """
+    return _read_file(_count_file_lines, path, field)
+
+
+def _read_file(scan, path: Path, field: str):
+    """`scan(_file_key(path))`, refusing a file that cannot be read or is empty."""
+    try:
+        result = scan(_file_key(path))
+    except OSError as e:
+        raise DataFileError(
+            f"config.data.{field}: {path} cannot be read ({e.strerror}): check its permissions"
+        ) from e
+    if path.stat().st_size == 0:
+        raise DataFileError(f"config.data.{field}: {path} is empty; it needs sentence pairs")
+    return result
 
 
 @functools.lru_cache(maxsize=64)

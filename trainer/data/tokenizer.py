@@ -40,6 +40,15 @@ UNK_ID = 2
 _LOG_EVERY_SENTENCES = 200_000
 
 
+class VocabularyError(ValueError):
+    """No SentencePiece model can be trained on this text with these settings."""
+
+
+def _last_line(error: BaseException) -> str:
+    """SentencePiece's reason, without the C++ source location before it."""
+    return str(error).strip().splitlines()[-1].rsplit("]", 1)[-1].strip()
+
+
 class _ExitGate:
     """Counts the running `tf_encode` calls; at interpreter exit, refuses new ones."""
 
@@ -145,11 +154,15 @@ class Tokenizer:
             The trained tokenizer.
 
         Raises:
-            ValueError: If `vocab_size` cannot even hold the text's distinct characters.
+            VocabularyError: If there is no text, or `vocab_size` cannot even hold the
+                text's distinct characters.
         """
         sentences = list(sentences)
         if not sentences:
-            raise ValueError(f"no sentences to train the SentencePiece model {path} on")
+            raise VocabularyError(
+                f"no sentences to train the SentencePiece model {path} on: the training data "
+                "is empty (config.data)"
+            )
         path = Path(path)
         options = dict(
             vocab_size=vocab_size,
@@ -239,15 +252,16 @@ def _train_model_or_smaller(sentences: list[str], options: dict[str, Any]) -> by
     """`_train_model`, retried with a soft vocabulary limit where the text is too small.
 
     Raises:
-        ValueError: If `vocab_size` cannot even hold the text's distinct characters.
+        VocabularyError: If `vocab_size` cannot even hold the text's distinct characters.
     """
     try:
         return _train_model(sentences, options)
     except RuntimeError as error:
         if "Vocabulary size is smaller than required_chars" in str(error):
-            raise ValueError(
-                f"vocab_size {options['vocab_size']} cannot hold the distinct characters of the "
-                f"training text (SentencePiece: {error}); raise config.data.vocab_size"
+            raise VocabularyError(
+                f"config.data.vocab_size={options['vocab_size']} cannot hold the distinct "
+                f"characters of the training text (SentencePiece: {_last_line(error)}); raise "
+                "config.data.vocab_size"
             ) from error
         if "Vocabulary size too high" not in str(error):
             raise
@@ -255,7 +269,7 @@ def _train_model_or_smaller(sentences: list[str], options: dict[str, Any]) -> by
             "%d sentences are too few for %d pieces (%s); retrying with a soft limit",
             len(sentences),
             options["vocab_size"],
-            str(error).rsplit("]", 1)[-1].strip(),
+            _last_line(error),
         )
         return _train_model(sentences, dict(options, hard_vocab_limit=False))
 

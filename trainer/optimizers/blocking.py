@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import tensorflow as tf
 
@@ -159,6 +159,22 @@ def make_plan(
             )
         )
     return BlockPlan(shape, merged, preconditioned, tuple(groups))
+
+
+def statistic_sides(plans: Iterable[BlockPlan]) -> list[int]:
+    """The side n of every block statistic (one per block and preconditioned dimension).
+
+    What a run pushes to the service: `len` is its number of keys, and each key holds
+    an n x n float32 statistic and, at the service, an n x n float64 root.
+    """
+    return [
+        group.block_shape[dim]
+        for plan in plans
+        for group in plan.groups
+        for dim, preconditioned in enumerate(plan.preconditioned)
+        if preconditioned
+        for _ in range(group.num_blocks)
+    ]
 
 
 def to_blocks(merged: tf.Tensor, group: BlockGroup) -> tf.Tensor:

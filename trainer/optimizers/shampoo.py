@@ -229,6 +229,10 @@ class Shampoo(keras.optimizers.Optimizer):
         for variable, path in zip(var_list, key_paths(var_list)):
             self._registry.add(self._var_key(variable), self._build_variable(variable, path))
 
+    def statistic_sides(self) -> list[int]:
+        """The side n of every block statistic this optimizer pushes (once built)."""
+        return blocking.statistic_sides(s.plan for s in self._registry.by_variable.values())
+
     def _build_variable(self, variable: keras.Variable, path: str) -> VariableState:
         plan = blocking.make_plan(
             variable.shape, self.block_size, self.skip_preconditioning_dim_size_gt
