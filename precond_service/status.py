@@ -113,7 +113,8 @@ def format_table(status: pb.ServiceStatus) -> str:
         f"statistics       {status.received} received, {status.accepted} accepted, "
         f"{status.rejected} rejected, {status.coalesced} coalesced",
         f"roots            {status.published} published, {status.failed} failed, "
-        f"{status.mean_compute_seconds:.3f} s mean compute",
+        f"{status.mean_compute_seconds:.3f} s mean compute (last jobs: p50 "
+        f"{status.compute_seconds_p50:.3f} s, p95 {status.compute_seconds_p95:.3f} s)",
     ]
     if status.runs:
         rows = [[title for _, title in _RUN_COLUMNS]]

@@ -53,11 +53,16 @@ def test_train_summaries_write_the_services_figures(start_service, tmp_path) -> 
     assert 0 < written["service/memory_held_mb"] < 64
     assert written["service/roots_published"] == 1 and written["service/roots_failed"] == 0
     assert written["service/queue_depth"] == 0 and written["service/compute_ms_mean"] > 0
+    # One job: its time is every percentile, and the mean.
+    assert written["service/compute_ms_p50"] == written["service/compute_ms_p95"] > 0
+    assert np.isclose(written["service/compute_ms_p50"], written["service/compute_ms_mean"])
 
 
 def test_service_scalars_sum_over_shards_and_weigh_compute_time_by_roots() -> None:
     def status(published, mean_s, held):
         return types.SimpleNamespace(
+            compute_seconds_p50=mean_s,
+            compute_seconds_p95=2 * mean_s,
             queue_depth=1,
             in_flight=0,
             published=published,
@@ -73,4 +78,5 @@ def test_service_scalars_sum_over_shards_and_weigh_compute_time_by_roots() -> No
     scalars = service_scalars([status(1, 0.010, 1 << 20), status(3, 0.030, 3 << 20)])
     assert scalars["service/queue_depth"] == 2 and scalars["service/roots_failed"] == 2
     assert np.isclose(scalars["service/compute_ms_mean"], 25.0)
+    assert np.isclose(scalars["service/compute_ms_p95"], 60.0)  # the slower shard's
     assert scalars["service/memory_held_mb"] == 4 and scalars["service/memory_used_fraction"] == 0.5

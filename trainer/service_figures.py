@@ -2,13 +2,14 @@
 
 At the summary cadence the trainer writes what the service(s) last reported:
 `service/queue_depth` (jobs waiting for a worker) and `service/in_flight`,
-`service/compute_ms_mean` (mean solver time over the jobs computed so far),
+`service/compute_ms_mean` (mean solver time over the jobs computed so far) and
+`service/compute_ms_p50`, `service/compute_ms_p95` (over the last 1024 jobs),
 `service/memory_held_mb` against `service/memory_budget_mb`
 (`service/memory_used_fraction`), and the failures: `service/roots_failed`,
 `service/blocks_rejected`, `service/memory_refused`, `service/worker_restarts`.
 Over shards, counts and bytes are summed and the compute time is the mean
-weighted by roots published. GetStatus carries no per-job percentiles, so no
-p50/p95 of the compute time is written. A summary writes what the fetch started at
+weighted by roots published; the percentiles are the slowest shard's. A summary
+writes what the fetch started at
 the previous summary brought back, so the training loop never waits for it.
 """
 
@@ -81,6 +82,9 @@ def service_scalars(statuses: Sequence[Any]) -> dict[str, float | None]:
         "service/queue_depth": sum(s.queue_depth for s in statuses),
         "service/in_flight": sum(s.in_flight for s in statuses),
         "service/compute_ms_mean": None if compute_s is None else 1000 * compute_s,
+        # Percentiles do not add over shards: the slowest shard's.
+        "service/compute_ms_p50": 1000 * max((s.compute_seconds_p50 for s in statuses), default=0),
+        "service/compute_ms_p95": 1000 * max((s.compute_seconds_p95 for s in statuses), default=0),
         "service/memory_held_mb": held / MIB,
         "service/memory_budget_mb": budget / MIB,
         "service/memory_used_fraction": held / budget if budget else None,

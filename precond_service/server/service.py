@@ -17,6 +17,7 @@ most once per `_LOG_INTERVAL_S`); runs are named in the status and the logs by
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import threading
@@ -49,6 +50,8 @@ logger = logging.getLogger(__name__)
 # Rejected blocks, and roots not published, are logged in one line per this many
 # seconds at most, with a count.
 _LOG_INTERVAL_S = 10.0
+# Jobs whose solver times the status's percentiles are taken over.
+_RECENT_JOBS = 1024
 
 # Characters of a client-supplied key or reason that go into a log line.
 _LOGGED_CHARACTERS = 200
@@ -72,6 +75,9 @@ class RootService:
         self._started = time.monotonic()
         self._lock = threading.Lock()
         self._totals = Totals()
+        self._recent_compute_seconds: collections.deque[float] = collections.deque(
+            maxlen=_RECENT_JOBS
+        )
         # run_id -> its figures; a run is here once a block of it was accepted.
         self._runs: dict[str, RunStatus] = {}
         # run_id -> time.monotonic() of its last push or pull.
@@ -364,6 +370,8 @@ class RootService:
             memory_held_bytes=self.budget.held_bytes,
             memory_budget_bytes=self.budget.capacity_bytes,
             memory_refused=self.budget.refused,
+            compute_seconds_p50=_quantile(self._recent_compute_seconds, 0.5),
+            compute_seconds_p95=_quantile(self._recent_compute_seconds, 0.95),
         )
 
     def _count(
@@ -396,6 +404,7 @@ class RootService:
             if outcome.compute_seconds:
                 self._totals.computed += 1
                 self._totals.compute_seconds += outcome.compute_seconds
+                self._recent_compute_seconds.append(outcome.compute_seconds)
             if not self._scheduler.finish(job, published=outcome.ok):
                 return  # The run was dropped while its root was being computed.
             run = self._runs.get(job.run_id)
@@ -433,3 +442,11 @@ class RootService:
                 job.step,
                 outcome.reason[:_LOGGED_CHARACTERS],
             )
+
+
+def _quantile(values: Iterable[float], q: float) -> float:
+    """The q-quantile of `values` (nearest rank), 0 when there are none."""
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

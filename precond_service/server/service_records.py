@@ -171,6 +171,8 @@ class ServiceStatus:
     memory_held_bytes: int = 0
     memory_budget_bytes: int = 0
     memory_refused: int = 0
+    compute_seconds_p50: float = 0.0
+    compute_seconds_p95: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
