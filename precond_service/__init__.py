@@ -2,8 +2,8 @@
 
 Four subpackages, by audience; their import lines show who may use what:
 - `common`: TensorFlow-free records and numerics every side shares: `blocks` (the records
-  exchanged), `wire` (their messages), `versions`, `root_settings`, `roots` (the float64
-  solvers), `auth`, `events`. It imports none of the others.
+  exchanged), `wire` (their messages), `versions`, `root_settings`, `limits`, `roots` and
+  `eigenbasis` (the float64 solvers), `auth`, `events`. It imports none of the others.
 - `client`: what a trainer imports: `service_client`, `sharding`, `process` (starting a
   local service). Imports `common` only.
 - `server`: gRPC, health and shutdown (`server`) over `service` (the plain object that
