@@ -6,6 +6,7 @@ shares one vocabulary; `--verbose` adds the traceback.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -213,3 +214,56 @@ def test_a_full_disk_when_checkpointing_says_so_and_keeps_the_run(tmp_path, voca
     line = one_line_error(completed)
     assert f"no space left on the disk of {workdir / 'checkpoints'}" in line
     assert "free space there" in line
+
+
+@pytest.mark.slow
+def test_a_worker_whose_chief_dies_says_so_in_one_line(tmp_path, vocab):
+    from precond_service.client.probes import free_ports
+
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
+    command = [
+        sys.executable,
+        "-m",
+        "trainer",
+        "--config=configs/quickstart.py",
+        f"--workdir={tmp_path}",
+        *TINY,
+        vocab,
+        "--config.train.num_steps=100000",
+        "--config.train.checkpoint_every_steps=100000",
+        "--config.precond.mode=off",
+        "--config.train.distribution=multi_worker",
+    ]
+    workers = [
+        subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **os.environ,
+                "PYTHONPATH": str(ROOT),
+                "TF_CONFIG": json.dumps(
+                    {"cluster": cluster, "task": {"type": "worker", "index": index}}
+                ),
+            },
+        )
+        for index in range(2)
+    ]
+    try:
+        log = tmp_path / "worker_1" / "train.log"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and "step " not in (
+            log.read_text() if log.exists() else ""
+        ):
+            time.sleep(0.5)
+        assert "step " in log.read_text(), "worker_1 never trained"
+        workers[0].kill()  # the chief
+        stderr = workers[1].communicate(timeout=300)[1]
+    finally:
+        for worker in workers:
+            worker.kill()
+    completed = subprocess.CompletedProcess(command, workers[1].returncode, "", stderr)
+    line = one_line_error(completed)
+    assert "worker_1 lost the other processes" in line and "chief" in line

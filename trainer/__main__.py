@@ -71,10 +71,12 @@ def _refuse(message: str) -> None:
     _leave(1)
 
 
-def _what_to_fix(error: BaseException) -> str | None:
+def _what_to_fix(error: BaseException, role=None) -> str | None:
     """The message of a failure the user causes and can fix; None for any other (a bug).
 
     These are the trainer's one-line errors; every other exception keeps its traceback.
+    `role` is this process's `WorkerRole`: a worker other than the chief of a
+    multi-worker job whose collective fails has lost its chief (or a peer).
     """
     from precond_service.client.core import PermanentServiceError
     from trainer.checkpoints import ResumeRefusedError
@@ -99,7 +101,32 @@ def _what_to_fix(error: BaseException) -> str | None:
         PermissionError,
         VocabularyError,  # config.data.vocab_size and the training text
     )
-    return str(error) if isinstance(error, fixable) else None
+    if isinstance(error, fixable):
+        return str(error)
+    if role is not None and not role.is_chief:
+        return _lost_peers(error, role)
+    return None
+
+
+def _lost_peers(error: BaseException, role) -> str | None:
+    """One line for a worker whose collective failed because the chief or a peer stopped."""
+    import tensorflow as tf
+
+    lost = (
+        tf.errors.UnavailableError,
+        tf.errors.CancelledError,
+        tf.errors.AbortedError,
+        tf.errors.DeadlineExceededError,
+    )
+    collective = isinstance(error, tf.errors.OpError) and "ollective" in str(error)
+    if not isinstance(error, lost) and not collective:
+        return None
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+    return (
+        f"{role.task} lost the other processes of this multi_worker job "
+        f"({type(error).__name__}: {first}): the chief (or another worker) stopped or "
+        "failed; see the chief's train.log in the workdir, then start every worker again"
+    )
 
 
 def _unknown_field(argv: list[str]) -> str | None:
@@ -159,7 +186,7 @@ def main(argv: list[str]) -> None:
         _leave(130)
     except Exception as e:
         # The one place that turns a failure the user can fix into one line.
-        message = _what_to_fix(e)
+        message = _what_to_fix(e, worker_role(config))
         if message is None:
             raise
         # The traceback goes to train.log alone (the console's log handler would print it).
