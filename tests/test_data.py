@@ -412,7 +412,7 @@ def test_tokenizer_small_corpus(tmp_path, caplog):
     assert 3 < small.vocab_size < 500
     assert any("too few" in r.getMessage() for r in caplog.records)
     assert small.decode(small.encode(["le chat court"])[0]) == "le chat court"
-    with pytest.raises(ValueError, match="vocab_size 10 cannot hold"):
+    with pytest.raises(ValueError, match="vocab_size=10 cannot hold"):
         Tokenizer.train(sentences, tmp_path / "tiny.model", 10)
 
 
