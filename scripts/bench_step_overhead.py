@@ -54,6 +54,11 @@ def parse_args() -> argparse.Namespace:
         default="1,100",
         help="further async Shampoo trainers with these periods N (comma-separated, or '')",
     )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated labels to run (adam always runs: the ratios are to it)",
+    )
     parser.add_argument("--out", default="benchmarks/step_overhead.json")
     parser.add_argument("--plot", default="benchmarks/step_overhead.png")
     return parser.parse_args()
@@ -118,6 +123,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("trainer").setLevel(logging.WARNING)
     runs = specs(args)
+    if args.only:
+        keep = {"adam", *args.only.split(",")}
+        unknown = keep - set(runs)
+        if unknown:
+            raise SystemExit(f"--only names no run: {sorted(unknown)}; runs: {sorted(runs)}")
+        runs = {label: spec for label, spec in runs.items() if label in keep}
     times: dict[str, list[float]] = {label: [] for label in runs}
     with contextlib.ExitStack() as stack:
         trainers, bridges = _build(runs, args, stack)
