@@ -84,23 +84,79 @@ def convergence_table(report: dict, path: str) -> str:
     lines.append(f"Learning-rate sweeps (final dev loss): {rates}.")
     targets = report.get("targets", {})
     if targets:
-        lines += [
-            "",
-            "| target (async eigenbasis) | threshold | measured | met |",
-            "|---|---|---|---|",
-        ]
-        for name, target in targets.items():
-            verdict = "**yes**" if target["met"] else "**no**"
-            lines.append(
-                f"| {name} | {target['threshold']} | {_number(target['value'], 3)} | {verdict} |"
-            )
+        lines += ["", "Targets of async Adam in Shampoo's eigenbasis:", "", *_verdicts(targets)]
     lines += ["", _source(path, report)]
     return "\n".join(lines)
+
+
+def _verdicts(targets: dict) -> list[str]:
+    """Each target with its threshold, measured value and the verdict the run computed."""
+    lines = ["| target | threshold | measured | met |", "|---|---|---|---|"]
+    for name, target in targets.items():
+        verdict = "**yes**" if target["met"] else "**no**"
+        lines.append(
+            f"| {name} | {target['threshold']} | {_number(target['value'], 3)} | {verdict} |"
+        )
+    return lines
+
+
+def step_overhead_table(report: dict, path: str) -> str:
+    """Median and mean step of each optimizer, interleaved in one process, against Adam's."""
+    lines = ["| run | median step | mean step | p95 |", "|---|---|---|---|"]
+    for label, row in report["summary"].items():
+        lines.append(
+            f"| {label} | {row['median_ms']:.0f} ms ({row['median_ratio_to_adam']:.2f}×) "
+            f"| {row['mean_ms']:.0f} ms ({row['mean_ratio_to_adam']:.2f}×) "
+            f"| {row['p95_ms']:.0f} ms |"
+        )
+    return "\n".join([*lines, "", *_verdicts(report["target"]), "", _source(path, report)])
+
+
+def staleness_table(report: dict, path: str) -> str:
+    """Final dev loss, staleness and steps to Adam's best against the update period N."""
+    lines = [
+        "| N | final dev loss | staleness mean / max (updates) | steps to Adam's best |",
+        "|---|---|---|---|",
+    ]
+    for row in report["results"]:
+        staleness = f"{_number(row['staleness_mean'], 1)} / {_number(row['staleness_max'], 0)}"
+        lines.append(
+            f"| {row['period']} | {_number(row['final_dev_loss'], 3)} | {staleness} "
+            f"| {_ratio(row.get('steps_ratio_to_adam'))} |"
+        )
+    lines += ["", f"Learning rate {report['learning_rate']:g}.", "", _source(path, report)]
+    return "\n".join(lines)
+
+
+def eigenbasis_table(report: dict, path: str) -> str:
+    """Full eigh against one warm-started QR step, time and quality, per matrix side."""
+    lines = [
+        "| n | eigh | QR step | off-diagonal left: eigh / QR step / stale basis |",
+        "|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        lines.append(
+            f"| {row['n']} | {1000 * row['eigh_seconds']:.1f} ms "
+            f"| {1000 * row['qr_step_seconds']:.1f} ms "
+            f"| {row['off_diagonal_eigh']:.0e} / {row['off_diagonal_qr_step']:.2f} / "
+            f"{row['off_diagonal_stale']:.2f} |"
+        )
+    big = report.get("big_model_refresh")
+    if big:
+        lines += [
+            "",
+            f"Big's {big['statistics']:,} statistics on {big['host_cores']} workers: "
+            f"{big['refresh_seconds']:.1f} s of eigh per full refresh.",
+        ]
+    return "\n".join([*lines, "", _source(path, report)])
 
 
 # Table name -> (JSON file, function making the table's Markdown from it).
 TABLES: dict[str, tuple[str, Callable[[dict, str], str]]] = {
     "convergence": ("benchmarks/convergence.json", convergence_table),
+    "step_overhead": ("benchmarks/step_overhead.json", step_overhead_table),
+    "staleness_soap": ("benchmarks/staleness_soap.json", staleness_table),
+    "eigenbasis": ("benchmarks/eigenbasis.json", eigenbasis_table),
 }
 
 
