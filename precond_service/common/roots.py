@@ -504,14 +504,7 @@ def _coupled_newton(
                 error, iterations = bound, iterations + 1
                 break
 
-        np.multiply(m, -(c ** (1.0 + 1.0 / p)) / p, out=step)
-        step.reshape(-1)[:: n + 1] += c ** (1.0 / p) * (p + 1.0) / p
-        if h is None:
-            np.copyto(h_next, step)
-        else:
-            _symmetric_product(h, step, h_next)
-        _symmetric_product(_power(step, p, scratch), m, m_next)
-        new_error = _distance_to_identity(m_next)
+        new_error = _newton_step(m, h, c, p, step, h_next, m_next, scratch)
 
         # In the scaled phase the error need not shrink, but it stays at most 1.
         reference = max(error, 1.0) if scaled else error
@@ -528,6 +521,31 @@ def _coupled_newton(
 
     root = np.eye(n) if h is None else h
     return 0.5 * (root + root.T), float(error), iterations
+
+
+def _newton_step(
+    m: np.ndarray,
+    h: np.ndarray | None,
+    c: float,
+    p: int,
+    step: np.ndarray,
+    h_next: np.ndarray,
+    m_next: np.ndarray,
+    scratch: list[np.ndarray],
+) -> float:
+    """One step with scale c: `S` into `step`, `H·S` into `h_next`, `S^p·M` into `m_next`.
+
+    Returns:
+        The new error `max|M_next − I|`.
+    """
+    np.multiply(m, -(c ** (1.0 + 1.0 / p)) / p, out=step)
+    step.reshape(-1)[:: m.shape[0] + 1] += c ** (1.0 / p) * (p + 1.0) / p
+    if h is None:
+        np.copyto(h_next, step)
+    else:
+        _symmetric_product(h, step, h_next)
+    _symmetric_product(_power(step, p, scratch), m, m_next)
+    return _distance_to_identity(m_next)
 
 
 def _step_scale(
