@@ -1,3 +1,4 @@
+# Over 400 lines: one servicer class, whose handlers share its admission and chunk helpers.
 """The precond.v1 RPC handlers: a thin asyncio servicer over `RootService`, from the .proto.
 
 Handlers run on the server's event loop (`server.py`); the service's own work

@@ -1,3 +1,4 @@
+# Over 400 lines: the three sources (TFDS WMT, text files, generated numbers) share readers.
 """Where the sentence pairs come from: WMT'14 through TFDS, the user's text files, or numbers.
 
 `load_pairs(config.data, split)` returns a `tf.data.Dataset` of

@@ -242,36 +242,7 @@ class Shampoo(keras.optimizers.Optimizer):
                 plan, preconditioned=tuple(False for _ in plan.merged_shape), groups=()
             )
         slot = path.replace("/", "_")
-        factors = []
-        for g, group in enumerate(plan.groups):
-            group_factors = []
-            for dim, precondition in enumerate(plan.preconditioned):
-                if not precondition:
-                    continue
-                side = group.block_shape[dim]
-                shape = (group.num_blocks, side, side)
-                group_factors.append(
-                    Factor(
-                        dim=dim,
-                        statistics=self.add_variable(
-                            shape, "zeros", "float32", name=f"{slot}_stat_g{g}_d{dim}"
-                        ),
-                        # An eigenbasis starts as the identity: Adam until one comes.
-                        preconditioner=self.add_variable(
-                            shape,
-                            _identities if self.preconditioner == "eigenbasis" else "zeros",
-                            "float32",
-                            name=f"{slot}_root_g{g}_d{dim}",
-                        ),
-                        stats_step=self.add_variable(
-                            (group.num_blocks,),
-                            keras.initializers.Constant(NO_PRECONDITIONER),
-                            "int64",
-                            name=f"{slot}_root_step_g{g}_d{dim}",
-                        ),
-                    )
-                )
-            factors.append(group_factors)
+        factors = self._build_factors(plan, slot)
         graft = None
         # The eigenbasis mode keeps its blocks' second moments rotated (below).
         if self.graft_type in ("adagrad", "adam") and not (
@@ -305,6 +276,40 @@ class Shampoo(keras.optimizers.Optimizer):
             cosine,
             rotated_second_moments,
         )
+
+    def _build_factors(self, plan: blocking.BlockPlan, slot: str) -> list[list[Factor]]:
+        """Per block group and preconditioned dimension: statistic, preconditioner, step."""
+        factors = []
+        for g, group in enumerate(plan.groups):
+            group_factors = []
+            for dim, precondition in enumerate(plan.preconditioned):
+                if not precondition:
+                    continue
+                side = group.block_shape[dim]
+                shape = (group.num_blocks, side, side)
+                group_factors.append(
+                    Factor(
+                        dim=dim,
+                        statistics=self.add_variable(
+                            shape, "zeros", "float32", name=f"{slot}_stat_g{g}_d{dim}"
+                        ),
+                        # An eigenbasis starts as the identity: Adam until one comes.
+                        preconditioner=self.add_variable(
+                            shape,
+                            _identities if self.preconditioner == "eigenbasis" else "zeros",
+                            "float32",
+                            name=f"{slot}_root_g{g}_d{dim}",
+                        ),
+                        stats_step=self.add_variable(
+                            (group.num_blocks,),
+                            keras.initializers.Constant(NO_PRECONDITIONER),
+                            "int64",
+                            name=f"{slot}_root_step_g{g}_d{dim}",
+                        ),
+                    )
+                )
+            factors.append(group_factors)
+        return factors
 
     def exponent(self, plan: blocking.BlockPlan) -> int:
         """p of the inverse p-th root used for a variable with `plan`."""
