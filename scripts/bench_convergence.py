@@ -72,7 +72,9 @@ def spec_for(label: str, factor: float, args: argparse.Namespace) -> bt.RunSpec:
     if optimizer == "soap":
         if mode == "async":
             common.update(cadence="adaptive", steps_per_loop=args.soap_steps_per_loop)
-        return bt.RunSpec("soap", mode, rate, **common)
+        betas = tuple(float(b) for b in args.soap_betas.split(",")) if args.soap_betas else ()
+        shampoo = bt.parse_shampoo_fields(args.shampoo_fields)
+        return bt.RunSpec("soap", mode, rate, betas=betas, shampoo=shampoo, **common)
     if mode == "b95":
         return bt.first_order(optimizer, rate, betas=(0.95, 0.95), **common)
     return bt.first_order(optimizer, rate, **common)
@@ -97,9 +99,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--shampoo_fields",
         default="",
-        help="optimizer.shampoo fields of the Shampoo runs, e.g. momentum_type=gradient",
+        help="optimizer.shampoo fields of the Shampoo and soap runs, e.g. statistics_beta2=0.98",
     )
     parser.add_argument("--update_steps", type=int, default=10, help="Shampoo's period N")
+    parser.add_argument(
+        "--soap_betas",
+        default="",
+        help="beta1,beta2 of the eigenbasis optimizer's Adam ('': the soap configs' 0.95,0.95)",
+    )
     parser.add_argument(
         "--soap_steps_per_loop",
         type=int,
