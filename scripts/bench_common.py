@@ -29,8 +29,12 @@ def git_commit() -> str | None:
 
 
 def git_dirty() -> bool | None:
-    """Whether the work tree differs from HEAD (None outside a git checkout)."""
-    status = _git("status", "--porcelain")
+    """Whether the code differs from HEAD (None outside a git checkout).
+
+    Benchmark outputs (benchmarks/) are not code: a benchmark run after another in the
+    same checkout is not dirty for the first one's result file.
+    """
+    status = _git("status", "--porcelain", "--", ".", ":(exclude)benchmarks")
     return None if status is None else bool(status)
 
 
