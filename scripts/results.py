@@ -94,8 +94,9 @@ def _verdicts(targets: dict) -> list[str]:
     lines = ["| target | threshold | measured | met |", "|---|---|---|---|"]
     for name, target in targets.items():
         verdict = "**yes**" if target["met"] else "**no**"
+        cell = name.replace("|", "\\|")  # a bar would end the cell
         lines.append(
-            f"| {name} | {target['threshold']} | {_number(target['value'], 3)} | {verdict} |"
+            f"| {cell} | {target['threshold']} | {_number(target['value'], 3)} | {verdict} |"
         )
     return lines
 
