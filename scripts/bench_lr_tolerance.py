@@ -1,10 +1,14 @@
-"""Learning-rate tolerance on Tatoeba En-Fr: async Shampoo against AdaGrad.
+"""Learning-rate tolerance on Tatoeba En-Fr: async Shampoo, AdaGrad, Adam in the eigenbasis.
 
 Each optimizer trains at its best learning rate from the convergence sweep
 (benchmarks/convergence.json; without it, the sweep's centre rate) times each
 factor of `--lr_factors` (x0.3 ... x3) with the same budget, model and batches
 (see scripts/bench_training.py). Reported: the final dev loss at each rate and its
 spread (largest minus smallest; a diverged run counts as infinite).
+
+`--optimizers=soap-async,soap-sync,...` adds Adam in Shampoo's eigenbasis, async with the
+adaptive cadence (2-step loops) and sync with a basis every N, as bench_convergence.py
+runs them.
 
 Paper's claim: Shampoo is more tolerant of the learning rate than AdaGrad.
 Target here: Shampoo's spread smaller than AdaGrad's.
@@ -31,7 +35,7 @@ log = logging.getLogger("bench_lr_tolerance")
 
 # Shampoo grafting Adam's step size, Shampoo grafting AdaGrad's (with summed
 # statistics, as the paper's AdaGrad comparison), and AdaGrad itself.
-OPTIMIZERS = ("shampoo-async", "shampoo-async-adagrad-graft", "adagrad")
+OPTIMIZERS = ("shampoo-async", "shampoo-async-adagrad-graft", "adagrad", "soap-async", "soap-sync")
 ADAGRAD_GRAFT = (("graft_type", "adagrad"), ("statistics_beta2", 1.0))
 
 
@@ -61,7 +65,10 @@ def centre_rates() -> dict[str, float]:
     path = bt.REPO_ROOT / "benchmarks" / "convergence.json"
     summary = json.loads(path.read_text())["summary"] if path.is_file() else {}
     # Grafting AdaGrad's step size, Shampoo takes AdaGrad's scale of rates.
-    own = {label: label for label in OPTIMIZERS} | {"shampoo-async-adagrad-graft": "adagrad"}
+    own = {label: label for label in OPTIMIZERS} | {
+        "shampoo-async-adagrad-graft": "adagrad",
+        "soap-sync": "soap-async",
+    }
     return {
         label: summary[own[label]]["learning_rate"]
         if own[label] in summary
@@ -79,6 +86,10 @@ def spec_for(label: str, rate: float, args: argparse.Namespace) -> bt.RunSpec:
         fields.update(ADAGRAD_GRAFT)
     if label.startswith("shampoo"):
         return bt.shampoo("async", rate, shampoo=tuple(sorted(fields.items())), **common)
+    if label == "soap-async":
+        return bt.RunSpec("soap", "async", rate, cadence="adaptive", steps_per_loop=2, **common)
+    if label == "soap-sync":
+        return bt.RunSpec("soap", "sync", rate, **common)
     return bt.first_order(label, rate, **common)
 
 
