@@ -382,7 +382,8 @@ class Shampoo(keras.optimizers.Optimizer):
         first = self._momentum(grad, state, step) if state.momentum is not None else grad
         if not state.plan.groups:
             return self._graft_update(grad, first, state, step)  # Adam: graft_type "adam"
-        self._update_statistics(self._blocks(grad, state), state, step)
+        grad_blocks, first_blocks = self._blocks(grad, state), self._blocks(first, state)
+        self._update_statistics(grad_blocks, state, step)
         if self.precondition_mode == "sync":
             self._compute_roots(state, step)
         plan = state.plan
@@ -391,10 +392,7 @@ class Shampoo(keras.optimizers.Optimizer):
         def rotated_adam(rotate: bool) -> tf.Tensor:
             updates = []
             for group_factors, g, m, v in zip(
-                state.factors,
-                self._blocks(grad, state),
-                self._blocks(first, state),
-                state.rotated_second_moments,
+                state.factors, grad_blocks, first_blocks, state.rotated_second_moments
             ):
                 by_dim = {f.dim: f.preconditioner for f in group_factors}
                 bases = [by_dim.get(d) if rotate else None for d in range(len(plan.merged_shape))]
