@@ -52,6 +52,12 @@ def _ratio(value: object) -> str:
     return "not reached" if value is None else f"{value:.2f}×"
 
 
+def _betas(optimizer: dict) -> str:
+    """ ", β = (b1, b2), statistics b" of a run's resolved optimizer config."""
+    statistics = optimizer["shampoo"]["statistics_beta2"]
+    return f", β = ({optimizer['beta1']:g}, {optimizer['beta2']:g}), statistics {statistics:g}"
+
+
 def convergence_table(report: dict, path: str) -> str:
     """Adam, root Shampoo and eigenbasis Shampoo side by side, and the targets' verdicts."""
     summary = report["summary"]
@@ -65,6 +71,8 @@ def convergence_table(report: dict, path: str) -> str:
         row = summary.get(label)
         if row is None:
             continue
+        if label.startswith("soap"):
+            name += _betas(report["best_runs"][label]["optimizer_config"])
         step = row["mean_step_seconds"]
         lines.append(
             f"| {name} | {row['learning_rate']:g} | {_number(row['final_dev_loss'], 3)} "
@@ -155,6 +163,7 @@ def eigenbasis_table(report: dict, path: str) -> str:
 # Table name -> (JSON file, function making the table's Markdown from it).
 TABLES: dict[str, tuple[str, Callable[[dict, str], str]]] = {
     "convergence": ("benchmarks/convergence.json", convergence_table),
+    "soap_betas": ("benchmarks/soap_betas.json", convergence_table),
     "step_overhead": ("benchmarks/step_overhead.json", step_overhead_table),
     "staleness_soap": ("benchmarks/staleness_soap.json", staleness_table),
     "eigenbasis": ("benchmarks/eigenbasis.json", eigenbasis_table),

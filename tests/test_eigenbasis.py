@@ -302,7 +302,7 @@ def test_soap_variants_are_async_adaptive_eigenbasis_and_build(path, variant):
     assert (config.precond.mode, config.precond.cadence) == ("async", "adaptive")
     optimizer = make_optimizer(config)
     assert optimizer.preconditioner == "eigenbasis"
-    assert (optimizer.beta1, optimizer.beta2, optimizer.statistics_beta2) == (0.95, 0.95, 0.95)
+    assert (optimizer.beta1, optimizer.beta2, optimizer.statistics_beta2) == (0.9, 0.98, 0.98)
 
 
 def test_model_fit_in_sync_mode_installs_bases_and_lowers_the_loss():

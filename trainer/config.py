@@ -459,17 +459,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def use_eigenbasis(config: ml_collections.ConfigDict) -> None:
     """Turns a Shampoo config into Adam in Shampoo's eigenbasis (SOAP), served async.
 
-    SOAP's defaults (arXiv 2409.11321): β = (0.95, 0.95) for Adam's moments and the
-    statistics, ε = 1e-8. The bases come from the service as fast as it publishes them
-    (the adaptive cadence, looked at every 2 steps): the eigenbasis gains only while it
-    is fresh.
+    β = (0.9, 0.98) for Adam's moments and 0.98 for the statistics, ε = 1e-8. SOAP's own
+    defaults (arXiv 2409.11321), β = 0.95 for all three, were chosen for large-batch
+    language models. On the Tatoeba dev split with 2048-token batches they ended at dev
+    loss 1.777, against 1.691 for these (benchmarks/convergence.json,
+    benchmarks/soap_betas.json). The bases come from the service as fast as it publishes
+    them (the adaptive cadence, looked at every 2 steps): the eigenbasis gains only while
+    it is fresh.
     """
     config.optimizer.name = "shampoo"
-    config.optimizer.beta1 = 0.95
-    config.optimizer.beta2 = 0.95
+    config.optimizer.beta1 = 0.9
+    config.optimizer.beta2 = 0.98
     config.optimizer.epsilon = 1e-8
     config.optimizer.shampoo.preconditioner = "eigenbasis"
-    config.optimizer.shampoo.statistics_beta2 = 0.95
+    config.optimizer.shampoo.statistics_beta2 = 0.98
     config.precond.mode = "async"
     config.precond.cadence = "adaptive"
     config.train.steps_per_loop = min(config.train.steps_per_loop, 2)
