@@ -1,4 +1,4 @@
-"""The preconditioner service: Shampoo inverse roots computed on CPU, outside the trainer.
+"""The preconditioner service: Shampoo's inverse roots and eigenbases, computed on CPU.
 
 Four subpackages, by audience; their import lines show who may use what:
 - `common`: TensorFlow-free records and numerics every side shares: `blocks` (the records

@@ -102,7 +102,12 @@ def specs(args: argparse.Namespace) -> dict[str, bt.RunSpec]:
 # Time their steps without service work, once they hold a root for every block.
 IN_GRAPH = ("shampoo-in-graph", "soap-in-graph")
 # The targets' optimizers and their limits (median step over Adam's).
-LIMITS = {"shampoo-async": 1.10, "soap-async": 1.12, "shampoo-in-graph": 1.10}
+LIMITS = {
+    "shampoo-async": 1.10,
+    "shampoo-in-graph": 1.10,
+    "soap-async": 1.12,
+    "soap-in-graph": 1.12,
+}
 
 
 def _hold_every_root(trainer, bridge, timeout_s: float = 300.0) -> None:
