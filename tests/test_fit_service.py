@@ -59,12 +59,20 @@ def test_ctrl_c_during_fit_closes_client_and_service() -> None:
     optimizer = _async_shampoo()
     model.compile(optimizer=optimizer, loss="mse", jit_compile=False)
     callback = optimizer.service_callback()
-    before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
-        model.fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=[callback, _InterruptAt(3)])
-    assert callback.wait_closed(30.0)
-    assert not wait_for_serving(callback.session.address, timeout_s=0.5)
-    assert signal.getsignal(signal.SIGINT) is before
+    # Ctrl-C raises KeyboardInterrupt, also where the suite was started as a background
+    # job of a script (which starts its children with SIGINT ignored).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = signal.getsignal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            model.fit(
+                x, y, batch_size=32, epochs=2, verbose=0, callbacks=[callback, _InterruptAt(3)]
+            )
+        assert callback.wait_closed(30.0)
+        assert not wait_for_serving(callback.session.address, timeout_s=0.5)
+        assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_service_callback_needs_async_mode_and_config_keeps_no_token() -> None:
