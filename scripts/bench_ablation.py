@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_training as bt  # noqa: E402
+from scripts import bench_training as bt
+from scripts import harness
 
 log = logging.getLogger("bench_ablation")
 
@@ -85,8 +83,9 @@ def main() -> None:
             "variants": table,
             "lowest_best_dev_loss": best,
         },
+        script="scripts/bench_ablation.py",
     )
-    plot(adam, results, target, Path(bt.REPO_ROOT / args.plot))
+    plot(adam, results, target, Path(args.plot))
     for name, row in table.items():
         ratio = row["steps_ratio_to_adam"]
         print(
@@ -98,7 +97,7 @@ def main() -> None:
 
 def plot(adam: dict, results: dict[str, dict], target: float, path: Path) -> None:
     """Dev loss against steps for Adam and each variant."""
-    plt = bt.pyplot()
+    plt = harness.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, result in {"adam": adam, **results}.items():
         points = result["points"]
@@ -110,7 +109,7 @@ def plot(adam: dict, results: dict[str, dict], target: float, path: Path) -> Non
     ax.grid(alpha=0.3)
     ax.legend()
     fig.suptitle("Shampoo update choices, Tatoeba En-Fr dev")
-    bt.save_figure(fig, path)
+    harness.save_figure(fig, path)
 
 
 if __name__ == "__main__":

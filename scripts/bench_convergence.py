@@ -39,12 +39,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_training as bt  # noqa: E402
+from scripts import bench_training as bt
+from scripts import harness
 
 log = logging.getLogger("bench_convergence")
 
@@ -176,12 +174,13 @@ def main() -> None:
         {
             "adam_best_dev_loss": target,
             "summary": summary,
-            "targets": targets,
             "sweeps": sweep_table,
             "best_runs": best,
         },
+        script="scripts/bench_convergence.py",
+        targets=targets,
     )
-    plot(best, target, Path(bt.REPO_ROOT / args.plot))
+    plot(best, target, Path(args.plot))
     print(f"Adam's best dev loss {target:.4f} (step {adam_point['step']})")
     for label, row in summary.items():
         print(
@@ -225,15 +224,8 @@ def _targets(summary: dict[str, dict], sweeps: dict[str, list[dict]]) -> dict[st
             0.01,
         )
     return {
-        name: {"value": value, "threshold": f"{op} {limit}", "met": _compare(value, op, limit)}
-        for name, (value, op, limit) in rows.items()
+        name: harness.target(value, f"{op} {limit}") for name, (value, op, limit) in rows.items()
     }
-
-
-def _compare(value: float | None, op: str, limit: float) -> bool:
-    if value is None:
-        return False
-    return value <= limit if op == "<=" else value >= limit
 
 
 def _summarise(best: dict[str, dict], target: float) -> dict[str, dict]:
@@ -263,7 +255,7 @@ def _fmt(ratio: float | None) -> str:
 
 def plot(best: dict[str, dict], target: float, path: Path) -> None:
     """Dev loss against steps and against wall time, best rate per optimizer."""
-    plt = bt.pyplot()
+    plt = harness.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for label, result in best.items():
         points = result["points"]
@@ -279,7 +271,7 @@ def plot(best: dict[str, dict], target: float, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle("Tatoeba En-Fr, 2-layer d=128 Transformer, trainer on 1 core, service on 1")
-    bt.save_figure(fig, path)
+    harness.save_figure(fig, path)
 
 
 if __name__ == "__main__":

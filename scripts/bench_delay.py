@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_training as bt  # noqa: E402
-from bench_staleness import default_learning_rate  # noqa: E402
+from scripts import bench_training as bt
+from scripts import harness
+from scripts.bench_staleness import default_learning_rate
 
 log = logging.getLogger("bench_delay")
 
@@ -85,9 +83,10 @@ def main() -> None:
         args.out,
         args,
         specs,
-        {"learning_rate": rate, "update_steps": args.update_steps, "results": rows},
+        {"learning_rate": rate, "update_steps": args.update_steps, "delays": rows},
+        script="scripts/bench_delay.py",
     )
-    plot(rows, Path(bt.REPO_ROOT / args.plot))
+    plot(rows, Path(args.plot))
     for row in rows:
         ratio = row["step_time_vs_free"]
         print(
@@ -101,7 +100,7 @@ def main() -> None:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Step time split into training and waiting, and dev-loss curves, per D."""
-    plt = bt.pyplot()
+    plt = harness.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     labels = [f"D={row['delay_steps']}" if row["delay_steps"] else "free" for row in rows]
     steps = rows[0]["curve"][-1]["step"] - 1
@@ -121,7 +120,7 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[1].grid(alpha=0.3)
     axes[1].legend()
     fig.suptitle("Repeatable async Shampoo: roots installed D steps after their statistics")
-    bt.save_figure(fig, path)
+    harness.save_figure(fig, path)
 
 
 if __name__ == "__main__":

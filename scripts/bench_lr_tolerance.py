@@ -21,15 +21,12 @@ Runs of scripts/bench_convergence.py at the same rates are reused.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_training as bt  # noqa: E402
+from scripts import bench_training as bt
+from scripts import harness
 
 log = logging.getLogger("bench_lr_tolerance")
 
@@ -62,8 +59,7 @@ def parse_args() -> argparse.Namespace:
 
 def centre_rates() -> dict[str, float]:
     """Each optimizer's best rate in benchmarks/convergence.json, else the sweep's centre."""
-    path = bt.REPO_ROOT / "benchmarks" / "convergence.json"
-    summary = json.loads(path.read_text())["summary"] if path.is_file() else {}
+    summary = bt.convergence_results().get("summary", {})
     # Grafting AdaGrad's step size, Shampoo takes AdaGrad's scale of rates.
     own = {label: label for label in OPTIMIZERS} | {
         "shampoo-async-adagrad-graft": "adagrad",
@@ -123,31 +119,33 @@ def main() -> None:
             "best": min(losses),
             "worst": max(losses),
         }
-    met = (
-        table["shampoo-async"]["spread"] < table["adagrad"]["spread"]
-        if {"shampoo-async", "adagrad"} <= table.keys()
-        else None
-    )
+    targets = {}
+    if {"shampoo-async", "adagrad"} <= table.keys():
+        targets["Shampoo's spread minus AdaGrad's (nats)"] = harness.target(
+            table["shampoo-async"]["spread"] - table["adagrad"]["spread"], "< 0"
+        )
     bt.write_report(
         args.out,
         args,
         specs,
         {
-            "results": table,
-            "target": {"shampoo spread < adagrad spread": met},
+            "optimizers": table,
             "curves": {name: result["points"] for name, result in results.items()},
         },
+        script="scripts/bench_lr_tolerance.py",
+        targets=targets,
     )
-    plot(table, Path(bt.REPO_ROOT / args.plot))
+    plot(table, Path(args.plot))
     for label, row in table.items():
         losses = ", ".join(f"x{r['factor']:g}: {r['final_dev_loss']:.3f}" for r in row["runs"])
         print(f"{label:14s} spread {row['spread']:.3f}  ({losses})")
-    print("target met (Shampoo's spread smaller):", met)
+    for name, row in targets.items():
+        print(f"target {name}: {row}")
 
 
 def plot(table: dict[str, dict], path: Path) -> None:
     """Final dev loss against the learning-rate factor, one line per optimizer."""
-    plt = bt.pyplot()
+    plt = harness.pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for label, row in table.items():
         runs = [r for r in row["runs"] if math.isfinite(r["final_dev_loss"])]
@@ -163,7 +161,7 @@ def plot(table: dict[str, dict], path: Path) -> None:
     ax.set_title("Learning-rate tolerance, Tatoeba En-Fr")
     ax.grid(alpha=0.3)
     ax.legend()
-    bt.save_figure(fig, path)
+    harness.save_figure(fig, path)
 
 
 if __name__ == "__main__":

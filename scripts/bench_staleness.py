@@ -24,15 +24,12 @@ The learning rate defaults to async Shampoo's best in benchmarks/convergence.jso
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_training as bt  # noqa: E402
+from scripts import bench_training as bt
+from scripts import harness
 
 log = logging.getLogger("bench_staleness")
 
@@ -65,15 +62,9 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def convergence() -> dict:
-    """benchmarks/convergence.json, or {} before it exists."""
-    path = bt.REPO_ROOT / "benchmarks" / "convergence.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def default_learning_rate(optimizer: str) -> float:
     """The optimizer's best async rate from the convergence benchmark, else its centre rate."""
-    summary = convergence().get("summary", {}).get(f"{optimizer}-async")
+    summary = bt.convergence_results().get("summary", {}).get(f"{optimizer}-async")
     return summary["learning_rate"] if summary else bt.BASE_LEARNING_RATES[optimizer]
 
 
@@ -93,7 +84,7 @@ def spec_for(period: str, rate: float, args: argparse.Namespace, common: dict) -
 
 def steps_ratio_to_adam(result: dict) -> float | None:
     """Steps to Adam's best dev loss in benchmarks/convergence.json over Adam's, or None."""
-    report = convergence()
+    report = bt.convergence_results()
     if "adam_best_dev_loss" not in report:
         return None
     target = report["adam_best_dev_loss"]
@@ -133,16 +124,21 @@ def main() -> None:
     for row in rows:
         row["relative_to_first"] = row["final_dev_loss"] / reference - 1
     by_period = {row["period"]: row for row in rows}
-    target = None
+    targets = {}
     if 1 in by_period and 100 in by_period:
-        target = abs(by_period[100]["final_dev_loss"] / by_period[1]["final_dev_loss"] - 1) <= 0.01
+        gap = abs(by_period[100]["final_dev_loss"] / by_period[1]["final_dev_loss"] - 1)
+        targets["final dev loss with N = 100, relative to N = 1 (|ratio - 1|)"] = harness.target(
+            gap, "<= 0.01"
+        )
     bt.write_report(
         args.out,
         args,
         specs,
-        {"learning_rate": rate, "results": rows, "target": {"N=100 within 1% of N=1": target}},
+        {"learning_rate": rate, "periods": rows},
+        script="scripts/bench_staleness.py",
+        targets=targets,
     )
-    plot(rows, Path(bt.REPO_ROOT / args.plot), args.optimizer)
+    plot(rows, Path(args.plot), args.optimizer)
     for row in rows:
         print(
             f"N={row['period']!s:<8s} final dev {row['final_dev_loss']:.4f} "
@@ -150,7 +146,8 @@ def main() -> None:
             f"{_fmt(row['staleness_mean'])} max {_fmt(row['staleness_max'])} steps to Adam's "
             f"best x{row['steps_ratio_to_adam'] or float('nan'):.2f}"
         )
-    print("target met (N=100 within 1% of N=1):", target)
+    for name, row in targets.items():
+        print(f"target {name}: {row}")
 
 
 def _fmt(value: float | None) -> str:
@@ -159,7 +156,7 @@ def _fmt(value: float | None) -> str:
 
 def plot(rows: list[dict], path: Path, optimizer: str) -> None:
     """Dev loss against steps for each N, and final dev loss and staleness against N."""
-    plt = bt.pyplot()
+    plt = harness.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for row in rows:
         curve = row["curve"]
@@ -190,7 +187,7 @@ def plot(rows: list[dict], path: Path, optimizer: str) -> None:
     axes[1].grid(alpha=0.3)
     name = "Async Shampoo" if optimizer == "shampoo" else "Adam in Shampoo's eigenbasis"
     fig.suptitle(f"{name} with preconditioner period N, Tatoeba En-Fr")
-    bt.save_figure(fig, path)
+    harness.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -29,15 +29,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_training as bt  # noqa: E402
+from scripts import bench_training as bt
+from scripts import harness
 
 log = logging.getLogger("bench_step_overhead")
 
@@ -161,11 +158,9 @@ def main() -> None:
 
     summary = _summarise(times)
     met = {
-        f"{label} median <= {LIMITS.get(label, 1.10):.2f}x Adam": {
-            "value": summary[label]["median_ratio_to_adam"],
-            "threshold": f"<= {LIMITS.get(label, 1.10)}",
-            "met": summary[label]["median_ratio_to_adam"] <= LIMITS.get(label, 1.10),
-        }
+        f"{label}: median step, ratio to Adam's": harness.target(
+            summary[label]["median_ratio_to_adam"], f"<= {LIMITS.get(label, 1.10)}"
+        )
         for label in summary
         if label.startswith(("shampoo-async", "soap")) or label in IN_GRAPH
     }
@@ -175,12 +170,13 @@ def main() -> None:
         list(runs.values()),
         {
             "summary": summary,
-            "target": met,
             "async_staleness_at_end": final_staleness,
             "step_seconds": times,
         },
+        script="scripts/bench_step_overhead.py",
+        targets=met,
     )
-    plot(times, Path(bt.REPO_ROOT / args.plot), args.round_steps)
+    plot(times, Path(args.plot), args.round_steps)
     for label, row in summary.items():
         print(
             f"{label:14s} mean {row['mean_ms']:6.1f} ms (x{row['mean_ratio_to_adam']:.2f})  "
@@ -242,10 +238,7 @@ def _staleness(trainer) -> dict:
 
 def _standalone_step_times() -> dict[str, float]:
     """Mean ms/step of each optimizer's best run in benchmarks/convergence.json, if any."""
-    path = bt.REPO_ROOT / "benchmarks" / "convergence.json"
-    if not path.is_file():
-        return {}
-    summary = json.loads(path.read_text())["summary"]
+    summary = bt.convergence_results().get("summary", {})
     return {
         label: 1000 * row["mean_step_seconds"]
         for label, row in summary.items()
@@ -259,7 +252,7 @@ def _fmt(value: float | None) -> str:
 
 def plot(times: dict[str, list[float]], path: Path, round_steps: int) -> None:
     """Each optimizer's step times in the order it ran them."""
-    plt = bt.pyplot()
+    plt = harness.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 1]})
     for label, values in times.items():
         axes[0].plot([1000 * v for v in values], linewidth=0.8, label=label)
@@ -274,7 +267,7 @@ def plot(times: dict[str, list[float]], path: Path, round_steps: int) -> None:
     axes[1].set_ylabel("step time (ms), no outliers")
     axes[1].grid(alpha=0.3)
     fig.suptitle("Step time, same model and batches, Tatoeba En-Fr, 2-core CPU")
-    bt.save_figure(fig, path)
+    harness.save_figure(fig, path)
 
 
 if __name__ == "__main__":

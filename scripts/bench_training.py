@@ -11,10 +11,11 @@ the weights, so that evaluation never pauses training (an asynchronous service
 would otherwise get free time to catch up while the trainer evaluates). At the
 end the test split is translated (greedy) for sacreBLEU.
 
-Every run is its own process (`python scripts/bench_training.py --spec=JSON
---out=FILE`): the optimizers share no TensorFlow state, and a sweep can be
-interrupted and resumed, since finished runs are kept under `--work_dir` and
-reused by every benchmark that asks for the same spec.
+Every run is its own process (`python -m scripts.bench_training --task=train
+--spec=JSON --run_dir=DIR`): the optimizers share no TensorFlow state, and a sweep
+can be interrupted and resumed, since finished runs are kept under `--work_dir` and
+reused by every benchmark that asks for the same spec, with the same resolved
+optimizer config, on the same code (`TRAINING_SOURCES`' hash).
 
 Data: `<data_dir>/tatoeba_en_fr/fra.txt` (read in place), split by distinct
 English sentence with a fixed seed into train/dev/test TSV files under the work
@@ -25,10 +26,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
@@ -38,8 +39,11 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from scripts import harness
+
+REPO_ROOT = harness.REPO_ROOT
+# What a training run exercises: a cached run is reused only while these are unchanged.
+TRAINING_SOURCES = (*harness.PRODUCT, "scripts/bench_training.py")
 
 log = logging.getLogger("bench_training")
 
@@ -343,7 +347,8 @@ def cached_run(spec: RunSpec, args: argparse.Namespace, test: bool = False) -> d
     if stored is not None:  # JSON keeps tuples as lists
         stored = dataclasses.asdict(spec_from_dict(stored))
     same_optimizer = result.get("optimizer_config") == resolved_optimizer(spec)
-    if stored != dataclasses.asdict(spec) or not same_optimizer:
+    same_code = result.get("code_hash") == training_code_hash()
+    if stored != dataclasses.asdict(spec) or not same_optimizer or not same_code:
         _child(spec, args, "train", run_dir)
         result = json.loads(out.read_text())
     else:
@@ -354,11 +359,18 @@ def cached_run(spec: RunSpec, args: argparse.Namespace, test: bool = False) -> d
     return result
 
 
+@functools.cache
+def training_code_hash() -> str:
+    """The hash of the code a training run exercises (`TRAINING_SOURCES`), now."""
+    return harness.code_hash(TRAINING_SOURCES)
+
+
 def _child(spec: RunSpec, args: argparse.Namespace, task: str, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable,
-        str(Path(__file__).resolve()),
+        "-m",
+        "scripts.bench_training",
         f"--task={task}",
         f"--spec={json.dumps(dataclasses.asdict(spec))}",
         f"--run_dir={run_dir}",
@@ -369,7 +381,9 @@ def _child(spec: RunSpec, args: argparse.Namespace, task: str, run_dir: Path) ->
     began = time.monotonic()
     log_path = run_dir / f"{task}.log"
     with open(log_path, "w") as log_file:
-        status = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT).returncode
+        status = subprocess.run(
+            command, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT
+        ).returncode
     if status != 0:
         tail = log_path.read_text().splitlines()[-20:]
         raise RuntimeError(f"{task} of {spec.name} failed (exit {status}):\n" + "\n".join(tail))
@@ -422,6 +436,12 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------- reports
 
 
+def convergence_results() -> dict:
+    """The results of benchmarks/convergence.json (best rates, Adam's best run), or {}."""
+    path = REPO_ROOT / "benchmarks" / "convergence.json"
+    return json.loads(path.read_text()).get("results", {}) if path.is_file() else {}
+
+
 def final_dev_loss(result: dict) -> float:
     """Dev loss at the last step; inf for a run that diverged."""
     if result["diverged"] is not None or not result["points"]:
@@ -444,72 +464,51 @@ def first_reaching(result: dict, target: float) -> dict | None:
     return None
 
 
-def write_report(path: str, args: argparse.Namespace, specs: list[RunSpec], body: dict) -> None:
-    """Writes a benchmark's JSON: command, commit, machine, configuration, results."""
-    from bench_common import git_commit, git_dirty, machine_info
+def write_report(
+    path: str,
+    args: argparse.Namespace,
+    specs: list[RunSpec],
+    body: dict,
+    script: str,
+    targets: dict[str, dict] | None = None,
+) -> dict:
+    """Writes a training benchmark's JSON through the harness: config, runs, results.
 
+    Args:
+        path: Output JSON (its stem names the benchmark).
+        args: The benchmark's flags (data, work dir, split).
+        specs: Every run it made.
+        body: Its own figures.
+        script: The benchmark's module file, relative to the repository root.
+        targets: Description -> `harness.target(...)` row.
+    """
     files, vocab_path = shared_paths(args)
     example = bench_config(specs[0], files, vocab_path)
-    report = {
-        "metadata": {
-            "command": [sys.executable, *sys.argv],
-            "git_commit": git_commit(),
-            "git_dirty": git_dirty(),
-            **machine_info(),
+    config = {
+        "data": {
+            "source": str((Path(args.data_dir) / "tatoeba_en_fr" / "fra.txt").resolve()),
+            "split": "by distinct English sentence, seed 0: 2000 dev, 2000 test, rest train",
+            "pairs": {split: _count_lines(name) for split, name in files.items()},
         },
-        "config": {
-            "data": {
-                "source": str((Path(args.data_dir) / "tatoeba_en_fr" / "fra.txt").resolve()),
-                "split": "by distinct English sentence, seed 0: 2000 dev, 2000 test, rest train",
-                "pairs": {split: _count_lines(name) for split, name in files.items()},
-            },
-            "model": example.model.to_dict(),
-            "data_config": {
-                key: example.data[key]
-                for key in ("vocab_size", "max_length", "tokens_per_batch", "shuffle_buffer")
-            },
-            "optimizer": {
-                key: example.optimizer[key]
-                for key in ("schedule", "warmup_steps", "beta1", "beta2")
-            },
-            "shampoo": example.optimizer.shampoo.to_dict(),
-            "runs": [dataclasses.asdict(spec) for spec in specs],
+        "model": example.model.to_dict(),
+        "data_config": {
+            key: example.data[key]
+            for key in ("vocab_size", "max_length", "tokens_per_batch", "shuffle_buffer")
         },
-        **json_safe(body),
+        "optimizer": {
+            key: example.optimizer[key] for key in ("schedule", "warmup_steps", "beta1", "beta2")
+        },
+        "shampoo": example.optimizer.shampoo.to_dict(),
+        "runs": [dataclasses.asdict(spec) for spec in specs],
     }
-    out = REPO_ROOT / path
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    log.info("wrote %s", out)
-
-
-def json_safe(value: Any) -> Any:
-    """`value` with infinities (diverged runs) as the string "inf", which JSON can hold."""
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(item) for item in value]
-    return value
-
-
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: Path) -> None:
-    """Lays out `fig` and writes it to `path` as PNG."""
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    log.info("wrote %s", path)
+    return harness.write(
+        path,
+        benchmark=Path(path).stem,
+        sources=(*TRAINING_SOURCES, script),
+        results={"config": config, **body},
+        targets=targets,
+        split={"device_cpus": args.device_cpus, "host_cpus": args.host_cpus},
+    )
 
 
 def _count_lines(path: str) -> int:
@@ -532,6 +531,7 @@ def main() -> None:
     workdir = str(Path(args.run_dir) / "workdir")
     if args.task == "train":
         result = run(spec, files, vocab_path, workdir)
+        result["code_hash"] = training_code_hash()
     else:
         result = json.loads(out.read_text())
         result.update(test_scores(spec, files, vocab_path, workdir))

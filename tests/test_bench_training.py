@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-
-import bench_training as bt  # noqa: E402
+from scripts import bench_training as bt
 
 
 def _write_corpus(data_dir: Path, english: int, translations: int) -> list[tuple[str, str]]:
@@ -99,11 +97,31 @@ def test_curve_arithmetic():
     assert bt.final_dev_loss(diverged) == math.inf == bt.best_dev_loss(diverged)
 
 
-def test_json_safe_turns_infinities_into_strings():
-    value = {"a": [1.0, math.inf, (2, -math.inf)], "b": {"c": math.inf}, "d": "x"}
-    safe = bt.json_safe(value)
-    assert safe == {"a": [1.0, "inf", [2, "inf"]], "b": {"c": "inf"}, "d": "x"}
-    json.dumps(safe, allow_nan=False)
+def test_a_cached_run_is_reused_only_on_the_same_code(tmp_path, monkeypatch):
+    spec = bt.first_order("adam", 4e-3, num_steps=4)
+    args = argparse.Namespace(data_dir=str(tmp_path), work_dir=str(tmp_path))
+    run_dir = tmp_path / "runs" / spec.name
+    run_dir.mkdir(parents=True)
+    stored = {
+        "spec": dataclasses.asdict(spec),
+        "optimizer_config": bt.resolved_optimizer(spec),
+        "code_hash": bt.training_code_hash(),
+        "points": [],
+        "diverged": None,
+    }
+    (run_dir / "result.json").write_text(json.dumps(stored))
+    children = []
+
+    def child(spec, args, task, run_dir):
+        children.append(task)
+        fresh = {**stored, "code_hash": bt.training_code_hash(), "rerun": True}
+        (run_dir / "result.json").write_text(json.dumps(fresh))
+
+    monkeypatch.setattr(bt, "_child", child)
+    assert bt.cached_run(spec, args) == json.loads(json.dumps(stored)) and children == []
+
+    (run_dir / "result.json").write_text(json.dumps({**stored, "code_hash": "older code"}))
+    assert bt.cached_run(spec, args)["rerun"] and children == ["train"]
 
 
 def test_run_names_distinguish_every_field_of_a_spec():
