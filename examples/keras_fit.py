@@ -1,4 +1,4 @@
-"""Async Shampoo in `model.fit`: the README's "Using Shampoo in Keras" example, runnable.
+"""Async Shampoo in `model.fit`: the README's Keras example (docs/OPTIMIZER.md), runnable.
 
     python examples/keras_fit.py                          # starts a local service child
     python examples/keras_fit.py --service_address=HOST:PORT --epochs=5

@@ -45,7 +45,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    rate = args.learning_rate or default_learning_rate()
+    rate = args.learning_rate or default_learning_rate("shampoo")
     specs = [
         bt.shampoo(
             "async",
@@ -54,6 +54,7 @@ def main() -> None:
             num_steps=args.num_steps,
             eval_every=args.eval_every,
             delay_steps=int(d),
+            **bt.regime(args),
         )
         for d in args.delays.split(",")
     ]

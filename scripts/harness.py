@@ -17,6 +17,7 @@ current while the hash of its sources at HEAD equals the one it records
 
 from __future__ import annotations
 
+import ast
 import datetime
 import hashlib
 import importlib.metadata
@@ -105,12 +106,38 @@ def source_files(sources: Iterable[str], root: pathlib.Path = REPO_ROOT) -> list
 
 
 def code_hash(sources: Iterable[str], root: pathlib.Path = REPO_ROOT) -> str:
-    """SHA-256 over the paths and bytes of the code files under `sources`."""
+    """SHA-256 over the paths and code of the files under `sources`.
+
+    A Python file counts by its syntax tree without docstrings, so comments, docstrings
+    and layout (what documentation edits touch) leave the hash alone; any change to
+    what the code does changes it. Other files count by their bytes.
+    """
     digest = hashlib.sha256()
     for name in source_files(sources, root):
         digest.update(name.encode() + b"\0")
-        digest.update((root / name).read_bytes() + b"\0")
+        digest.update(_code_bytes(root / name) + b"\0")
     return digest.hexdigest()
+
+
+def _code_bytes(path: pathlib.Path) -> bytes:
+    data = path.read_bytes()
+    if path.suffix != ".py":
+        return data
+    try:
+        tree = ast.parse(data)
+    except SyntaxError:
+        return data
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree).encode()
 
 
 def _cpu_model() -> str | None:

@@ -31,6 +31,19 @@ def test_the_code_hash_follows_the_code_and_only_the_code(tmp_path):
     assert harness.code_hash(["pkg"], root) not in (first, changed)
 
 
+def test_comments_docstrings_and_layout_leave_the_code_hash_alone(tmp_path):
+    root = _tree(tmp_path)
+    (root / "pkg" / "a.py").write_text('def f(x):\n    """Doc."""\n    return x + 1\n')
+    first = harness.code_hash(["pkg"], root)
+    (root / "pkg" / "a.py").write_text(
+        '"""Module doc."""\n\n\ndef f(x):  # a comment\n'
+        '    """Other doc."""\n\n    return (x + 1)\n'
+    )
+    assert harness.code_hash(["pkg"], root) == first
+    (root / "pkg" / "a.py").write_text('def f(x):\n    """Doc."""\n    return x + 2\n')
+    assert harness.code_hash(["pkg"], root) != first
+
+
 def test_the_code_hash_skips_ignored_files_in_a_checkout(tmp_path):
     root = _tree(tmp_path)
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)

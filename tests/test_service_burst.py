@@ -6,7 +6,7 @@ Checked: every push is accepted or refused with RESOURCE_EXHAUSTED naming
 `--memory_budget_mb`; what the service counts against the budget never exceeds it;
 health answers throughout (deadline 10 s: the machine may be loaded); after DropRun
 the budget is empty and the server process is back near its resident memory at the
-start; the peak of the process tree is within the budget and the overhead the README
+start; the peak of the process tree is within the budget and the overhead docs/SERVICE.md
 states.
 """
 
@@ -44,7 +44,7 @@ PUSHES = 64
 # after a 64 MiB start, 2 runs; it was 87-89 MiB when these pushes were refused
 # unread). malloc_trim cannot return a page that still holds a live object.
 AFTER_DROP_RATIO = 1.10
-# The process tree's bound beyond the budget (see the README's "Memory" section).
+# The process tree's bound beyond the budget (see docs/SERVICE.md, section "Memory").
 OVERHEAD_MB = 400
 AFTER_DROP_SLACK = 160 * MIB
 

@@ -7,8 +7,8 @@ for the stream's life; a statistic sent in chunks, whole, at its first chunk
 (`chunks.py`); and each statistic queued with its key's float64 root, at push time
 (`Scheduler.submit`). What does not fit is refused with RESOURCE_EXHAUSTED naming the
 flag. Statistics are released as they are replaced or computed, roots when their run
-is dropped. Beyond the budget the service holds a fixed overhead (see the README's
-"Memory" section): gRPC's one message per open stream, the interpreters, the workers'
+is dropped. Beyond the budget the service holds a fixed overhead (see docs/SERVICE.md,
+section "Memory"): gRPC's one message per open stream, the interpreters, the workers'
 solver arrays.
 """
 
