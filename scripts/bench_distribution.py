@@ -1,9 +1,9 @@
 """Step time of data-parallel training on a CPU: `none` vs `mirrored` vs `multi_worker`.
 
-    python scripts/bench_distribution.py [--num_steps=100] [--tokens_per_batch=2048]
+    python -m scripts.bench_distribution [--num_steps=100] [--tokens_per_batch=2048]
         [--output_json=benchmarks/distribution.json] [--output_png=benchmarks/distribution.png]
 
-A correctness run, not a speed claim (issue 16): on a CPU the replicas share the
+A correctness run, not a speed claim: on a CPU the replicas share the
 same cores, so data parallelism can only add the cost of its all-reduces. Each
 configuration is `python -m trainer --config=configs/quickstart.py` with async
 Shampoo and the same global batch (`data.tokens_per_batch`, split over the
@@ -30,13 +30,10 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from precond_service.client.probes import free_ports
+from scripts import harness
 
-from bench_common import git_commit, git_dirty, machine_info  # noqa: E402
-
-from precond_service.client.probes import free_ports  # noqa: E402
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+SOURCES = (*harness.PRODUCT, "scripts/bench_distribution.py")
 CONFIGURATIONS = ("none", "mirrored", "multi_worker")
 
 
@@ -81,7 +78,9 @@ def run(configuration: str, scratch: pathlib.Path, args: argparse.Namespace) -> 
     for index, (command, env) in enumerate(commands):
         log = open(scratch / f"{configuration}-{index}.log", "wb")  # noqa: SIM115
         processes.append(
-            subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, **env), stdout=log, stderr=log)
+            subprocess.Popen(
+                command, cwd=harness.REPO_ROOT, env=dict(os.environ, **env), stdout=log, stderr=log
+            )
         )
     for process in processes:
         if process.wait(timeout=args.timeout_s) != 0:
@@ -103,20 +102,15 @@ def run(configuration: str, scratch: pathlib.Path, args: argparse.Namespace) -> 
 
 def plot(rows: list[dict], path: str) -> None:
     """Bars of the median step time per configuration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     names = [row["configuration"] for row in rows]
     ax.bar(names, [row["step_ms_median"] for row in rows], color=["#555", "#37a", "#a73"])
     for i, row in enumerate(rows):
         ax.text(i, row["step_ms_median"], f"{row['ratio_to_none']:.2f}x", ha="center", va="bottom")
     ax.set_ylabel("median step time (ms)")
-    ax.set_title("Same global batch, async Shampoo, 2-core CPU")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.set_title(f"Same global batch, async Shampoo, {os.cpu_count()}-core CPU")
+    harness.save_figure(fig, path)
 
 
 def main() -> None:
@@ -125,8 +119,8 @@ def main() -> None:
     parser.add_argument("--tokens_per_batch", type=int, default=2048, help="the global batch")
     parser.add_argument("--configurations", default=",".join(CONFIGURATIONS))
     parser.add_argument("--timeout_s", type=float, default=1800.0)
-    parser.add_argument("--output_json", default=str(ROOT / "benchmarks" / "distribution.json"))
-    parser.add_argument("--output_png", default=str(ROOT / "benchmarks" / "distribution.png"))
+    parser.add_argument("--output_json", default="benchmarks/distribution.json")
+    parser.add_argument("--output_png", default="benchmarks/distribution.png")
     args = parser.parse_args()
     configurations = args.configurations.split(",")
     if not set(configurations) <= set(CONFIGURATIONS) or "none" not in configurations:
@@ -140,25 +134,25 @@ def main() -> None:
     base = next(row for row in rows if row["configuration"] == "none")
     for row in rows:
         row["ratio_to_none"] = row["step_ms_median"] / base["step_ms_median"]
-    report = {
-        "metadata": {
-            "command": sys.argv,
-            "git_commit": git_commit(),
-            "git_dirty": git_dirty(),
-            **machine_info(),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    harness.write(
+        args.output_json,
+        benchmark="distribution",
+        sources=SOURCES,
+        results={
+            "config": {
+                "base": "configs/quickstart.py",
+                "optimizer": "shampoo, precond.mode=async (trainer-started service)",
+                "num_steps": args.num_steps,
+                "global_tokens_per_batch": args.tokens_per_batch,
+            },
+            "configurations": rows,
+            "note": "a correctness run on one CPU, not a speed claim: replicas share the cores",
         },
-        "config": {
-            "base": "configs/quickstart.py",
-            "optimizer": "shampoo, precond.mode=async (trainer-started service)",
-            "num_steps": args.num_steps,
-            "global_tokens_per_batch": args.tokens_per_batch,
-            "pinning": "none",
-        },
-        "results": rows,
-        "note": "a correctness run on one CPU, not a speed claim: replicas share the cores",
-    }
-    pathlib.Path(args.output_json).write_text(json.dumps(report, indent=2) + "\n")
+        targets={},
+        # train.device_cpus and precond.host_cpus empty: no pinning, each configuration's
+        # trainers and their service share the whole machine, one configuration at a time.
+        split={"train.device_cpus": "", "precond.host_cpus": "", "pinning": None},
+    )
     plot(rows, args.output_png)
     print(f"wrote {args.output_json} and {args.output_png}")
 

@@ -16,28 +16,22 @@ updated. The per-block eigh time also gives how long one full refresh of the pap
 Big model (21,512 statistics of 128 × 128 at block size 128, docs/REPRODUCING.md) takes on a host
 with `--host_cores` workers.
 
-    .venv/bin/python scripts/bench_eigenbasis.py   # about a minute: benchmarks/eigenbasis.json
+    python -m scripts.bench_eigenbasis   # about a minute: benchmarks/eigenbasis.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
+import numpy as np
 import threadpoolctl
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from precond_service.common import eigenbasis
+from scripts import harness
 
-import numpy as np  # noqa: E402
-from bench_common import git_commit, git_dirty, machine_info  # noqa: E402
-
-from precond_service.common import eigenbasis  # noqa: E402
-
+SOURCES = (*harness.COMMON, "scripts/bench_eigenbasis.py")
 BIG_STATISTICS = 21_512  # wmt14_en_fr.py:big, block size 128 (docs/REPRODUCING.md)
 
 
@@ -124,22 +118,21 @@ def main() -> None:
             f"Big ({BIG_STATISTICS} statistics) on {args.host_cores} cores: one full "
             f"refresh every {big['refresh_seconds']:.1f} s"
         )
-    report = {
-        "metadata": {
-            "command": [sys.executable, *sys.argv],
-            "git_commit": git_commit(),
-            "git_dirty": git_dirty(),
+    harness.write(
+        args.out,
+        benchmark="eigenbasis",
+        sources=SOURCES,
+        results={
             "blas_threads": 1,
-            **machine_info(),
+            "drift_steps": args.drift_steps,
+            "repeats": args.repeats,
+            "rows": rows,
+            "big_model_refresh": big,
         },
-        "drift_steps": args.drift_steps,
-        "rows": rows,
-        "big_model_refresh": big,
-    }
-    out = REPO_ROOT / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out}")
+        targets={},
+        split=None,
+    )
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -5,18 +5,17 @@ SentencePiece vocabulary into a temporary folder, builds `trainer.data.train_dat
 with the default config's batching (or the flags' values), and pulls batches the way the
 trainer does: `steps_per_call` of them per call of a `tf.function`, which also counts the
 non-padding tokens (source plus target). Reports batches/s, examples/s and tokens/s, and
-writes them to benchmarks/input_pipeline.json with the commit and the machine.
+writes them to benchmarks/input_pipeline.json (`--out`).
 
 Tatoeba's sentences are short (about 8 tokens), so its batches are large (hundreds of
 examples): per example, this is the hardest case for the pipeline.
 
-    .venv/bin/python scripts/bench_input.py --data_dir=../shared/data
+    python -m scripts.bench_input --data_dir=../shared/data
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -27,15 +26,13 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-import sentencepiece  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from bench_common import git_commit, git_dirty, machine_info  # noqa: E402
 
+from scripts import harness  # noqa: E402
 from trainer.config import default_config  # noqa: E402
 from trainer.data import load_or_train, load_pairs, train_dataset  # noqa: E402
+
+SOURCES = (*harness.PRODUCT, "scripts/bench_input.py")
 
 logger = logging.getLogger("bench_input")
 
@@ -109,34 +106,33 @@ def main(argv: list[str] | None = None) -> None:
         )
         results = measure(dataset, args)
     results["vocab_training_seconds"] = vocab_seconds
-    report = {
-        "metadata": {
-            "command": [sys.executable, *sys.argv] if argv is None else ["bench_input.py", *argv],
-            "git_commit": git_commit(),
-            "git_dirty": git_dirty(),
-            "tensorflow": tf.__version__,
-            "sentencepiece": sentencepiece.__version__,
+    harness.write(
+        args.out,
+        benchmark="input_pipeline",
+        sources=SOURCES,
+        results={
+            "config": {
+                "data": str(tatoeba.resolve()),
+                "vocab_size": tokenizer.vocab_size,
+                **{k: v for k, v in vars(args).items() if k not in ("out", "data_dir")},
+            },
             # Other processes on the machine slow the pipeline; the load average shows it.
-            "load_average": {"1/5/15 min before": load_before, "1/5/15 min after": os.getloadavg()},
-            **machine_info(),
+            "load_average": {
+                "1/5/15 min before": load_before,
+                "1/5/15 min after": os.getloadavg(),
+            },
+            **results,
         },
-        "config": {
-            "data": str(tatoeba.resolve()),
-            "vocab_size": tokenizer.vocab_size,
-            **{key: value for key, value in vars(args).items() if key not in ("out", "data_dir")},
-        },
-        "results": results,
-    }
-    out = REPO_ROOT / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+        targets={},
+        split=None,
+    )
     print(
         f"batches/s {results['batches_per_s']:.1f}  examples/s {results['examples_per_s']:.0f}  "
         f"tokens/s {results['tokens_per_s']:.0f} (source+target, no padding)  "
         f"padding {100 * results['padding_fraction']:.1f}%  first batch "
         f"{results['first_batch_seconds']:.2f} s"
     )
-    print(f"wrote {out}")
+    print(f"wrote {args.out}")
 
 
 def measure(dataset: tf.data.Dataset, args: argparse.Namespace) -> dict:

@@ -13,8 +13,11 @@ The two `inverse_pth_root` methods include validation and the power iteration fo
 the bare baselines use the ridge it produced. Each BLAS thread setting runs in its own
 subprocess, with OPENBLAS/OMP/MKL_NUM_THREADS set before NumPy is imported.
 
-    .venv/bin/python scripts/bench_roots.py                 # full run (several minutes)
-    .venv/bin/python scripts/bench_roots.py --quick         # smoke run (seconds), to /tmp
+The targets: Schur–Newton within 5x of `eigh_bare` at n = 1024 on one BLAS thread, and
+its root within a relative Frobenius distance of 1e-6 of the reference at every size.
+
+    python -m scripts.bench_roots              # full run (several minutes)
+    python -m scripts.bench_roots --quick      # smoke run (seconds), to /tmp
 """
 
 from __future__ import annotations
@@ -33,13 +36,13 @@ from pathlib import Path
 # when NumPy loads; the parent itself does no BLAS work.
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from precond_service.common import roots
+from scripts import harness
 
-from bench_common import git_commit, git_dirty, machine_info  # noqa: E402
-
-from precond_service.common import roots  # noqa: E402
-
+SOURCES = (*harness.COMMON, "scripts/bench_roots.py")
+# Schur–Newton's time over eigh_bare's at this size, on one BLAS thread, at most RATIO_LIMIT;
+# its root's relative distance to eigh_bare's at most DISTANCE_LIMIT at every size.
+RATIO_SIZE, RATIO_LIMIT, DISTANCE_LIMIT = 1024, 5.0, 1e-6
 METHOD_NAMES = ("schur_newton", "schur_newton_plain", "eigh", "eigh_bare", "svd")
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -102,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
         env = dict(os.environ, **{name: str(threads) for name in THREAD_VARIABLES})
         command = [
             sys.executable,
-            str(Path(__file__).resolve()),
+            "-m",
+            "scripts.bench_roots",
             "--worker",
             "--sizes",
             args.sizes,
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
         print(f"running {threads} BLAS thread(s) ...", file=sys.stderr, flush=True)
         output = subprocess.run(
-            command, env=env, check=True, capture_output=True, text=True, cwd=REPO_ROOT
+            command, env=env, check=True, capture_output=True, text=True, cwd=harness.REPO_ROOT
         ).stdout
         worker = json.loads(output)
         rows.extend({"threads": threads, **row} for row in worker["rows"])
@@ -124,13 +128,47 @@ def main(argv: list[str] | None = None) -> None:
             "1/5/15 min before": worker["load_before"],
             "1/5/15 min after": worker["load_after"],
         }
-    report = {"metadata": {**metadata(argv, cores), "load_average": load}, "results": rows}
-    out = REPO_ROOT / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    verdicts = targets(rows)
+    harness.write(
+        args.out,
+        benchmark="roots",
+        sources=SOURCES,
+        results={
+            "p": args.p,
+            "repeats": args.repeats,
+            "cores": cores,
+            "load_average": load,
+            "cases": rows,
+        },
+        targets=verdicts,
+        split=None,
+    )
     print_table(rows)
-    plot(rows, REPO_ROOT / args.plot, args.p)
-    print(f"wrote {out} and {REPO_ROOT / args.plot}")
+    plot(rows, args.plot, args.p)
+    for name, row in verdicts.items():
+        print(f"target {name}: {row}")
+    print(f"wrote {args.out} and {args.plot}")
+
+
+def targets(rows: list[dict]) -> dict[str, dict]:
+    """Schur–Newton's speed against eigh_bare at n = 1024 (one thread) and its accuracy.
+
+    The speed target is left out where the run has no n = 1024 on one thread (`--quick`).
+    """
+    newton = [r for r in rows if r["method"] == "schur_newton"]
+    found = {}
+    timed = [r["ratio_to_eigh_bare"] for r in newton if (r["n"], r["threads"]) == (RATIO_SIZE, 1)]
+    if timed:
+        found[
+            f"Schur–Newton's time over eigh_bare's at n = {RATIO_SIZE}, one BLAS thread, "
+            "largest over the condition numbers"
+        ] = harness.target(max(timed), f"<= {RATIO_LIMIT:g}")
+    found["Schur–Newton's root: relative Frobenius distance to eigh_bare's, largest"] = (
+        harness.target(
+            max(r["relative_distance_to_eigh"] for r in newton), f"<= {DISTANCE_LIMIT:g}"
+        )
+    )
+    return found
 
 
 def run_cases(args: argparse.Namespace) -> list[dict]:
@@ -213,17 +251,6 @@ def residual(root: np.ndarray, damped: np.ndarray, p: int) -> float:
     return float(np.max(np.abs(np.linalg.matrix_power(root, p) @ damped - np.eye(len(root)))))
 
 
-def metadata(argv: list[str] | None, cores: int) -> dict:
-    """Where and how the benchmark ran."""
-    return {
-        "command": [sys.executable, *sys.argv] if argv is None else ["bench_roots.py", *argv],
-        "git_commit": git_commit(),
-        "git_dirty": git_dirty(),
-        "cores": cores,
-        **machine_info(),
-    }
-
-
 def print_table(rows: list[dict]) -> None:
     """Prints one line per (threads, n, condition): times and the schur_newton figures."""
     cases = sorted({(r["threads"], r["n"], r["condition"]) for r in rows})
@@ -250,13 +277,9 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
-def plot(rows: list[dict], path: Path, p: int) -> None:
+def plot(rows: list[dict], path: str, p: int) -> None:
     """Time vs n per method, log-log, one panel per thread setting (largest condition)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     thread_counts = sorted({r["threads"] for r in rows})
     condition = max(r["condition"] for r in rows)
     figure, axes = plt.subplots(
@@ -278,9 +301,7 @@ def plot(rows: list[dict], path: Path, p: int) -> None:
         axis.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("median seconds")
     axes[0][0].legend()
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    harness.save_figure(figure, path)
 
 
 if __name__ == "__main__":

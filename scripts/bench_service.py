@@ -3,7 +3,7 @@
 
 (Over 400 lines: four measurements, their targets and their plot make one report.)
 
-    python scripts/bench_service.py [--quick] [--output_json=benchmarks/service.json]
+    python -m scripts.bench_service [--quick] [--output_json=benchmarks/service.json]
                                     [--output_png=benchmarks/service.png]
 
 Measures, with real servers on loopback and real worker processes:
@@ -14,11 +14,12 @@ Measures, with real servers on loopback and real worker processes:
 2. Throughput in blocks per second at n = 512 with W = 1 .. cpu_count workers, as
    speedup over W = 1 (scaling efficiency = speedup / W).
 3. Wire throughput of pushing 1 GiB of float32 statistics on loopback, as blocks of
-   1024 x 1024 (4 MiB messages) and of 2048 x 2048 (16 MiB messages), through
-   `PreconditionerClient` and through a raw channel with messages
-   encoded beforehand. Compute is kept out: each key is first published from a tiny
-   matrix at step 1, and the big blocks repeat key and step, so each is received,
-   parsed and validated in full and accepted as a repeat without being computed.
+   1024 x 1024 (4 MiB) and of 2048 x 2048 (16 MiB), in messages of at most 4 MiB
+   (larger blocks in chunks), through `PreconditionerClient` and through a raw
+   channel with the same messages encoded beforehand. Compute is kept out: each key
+   is first published from a tiny matrix at step 1, and the big blocks repeat key and
+   step, so each is received, parsed and validated in full and accepted as a repeat
+   without being computed.
 4. Handing a float64 matrix to a worker and back through shared memory (what the
    pool does) versus through the worker's socket.
 
@@ -38,10 +39,8 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
 import mmap  # noqa: E402
-import pathlib  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
@@ -50,11 +49,6 @@ from multiprocessing import connection  # noqa: E402
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-
-from bench_common import git_commit, git_dirty, machine_info  # noqa: E402
-from google.protobuf import __version__ as protobuf_version  # noqa: E402
-
 from precond_service.client.process import start_service  # noqa: E402
 from precond_service.client.service_client import PreconditionerClient  # noqa: E402
 from precond_service.common import roots, wire  # noqa: E402
@@ -62,6 +56,9 @@ from precond_service.common.blocks import StatisticsBlock  # noqa: E402
 from precond_service.status import fetch_status  # noqa: E402
 from protos import precond_service_pb2 as pb  # noqa: E402
 from protos import precond_service_pb2_grpc as pb_grpc  # noqa: E402
+from scripts import harness  # noqa: E402
+
+SOURCES = (*harness.SERVICE, "scripts/bench_service.py")
 
 EXPONENT = 4
 # Interval at which the latency benchmark pulls for its root.
@@ -97,9 +94,15 @@ def stub_for(address: str) -> tuple[grpc.Channel, pb_grpc.PreconditionerServiceS
 
 
 def push(channel: grpc.Channel, run_id: str, blocks: list[StatisticsBlock]) -> None:
-    """Pushes blocks in one message of one RPC, serialized as the client does."""
-    reply = push_call(channel)(iter([wire.encode_push_request(run_id, blocks)]))
+    """Pushes blocks in one RPC, in messages of at most 4 MiB serialized as the client does."""
+    reply = push_call(channel)(iter(push_requests(run_id, blocks)))
     assert reply.accepted == len(blocks), reply
+
+
+def push_requests(run_id: str, blocks: list[StatisticsBlock]) -> list[bytes]:
+    """The serialized messages of a push, as `PreconditionerClient` sends them: blocks packed
+    into messages of at most 4 MiB, larger ones in chunks (`wire.push_messages`)."""
+    return [b"".join(message) for message in wire.push_messages(run_id, blocks)]
 
 
 def push_call(channel: grpc.Channel) -> grpc.StreamUnaryMultiCallable:
@@ -221,7 +224,7 @@ def bench_wire(total_bytes: int, n: int, repeats: int) -> dict:
             assert status.blocks_sent == count * repeats and status.blocks_rejected == 0, status
 
         # Raw channel with messages serialized beforehand: gRPC, parse and validation.
-        requests = [wire.encode_push_request("wire", [block]) for block in blocks]
+        requests = push_requests("wire", blocks)
         for _ in range(repeats):
             start = time.perf_counter()
             reply = push_call(channel)(iter(requests))
@@ -284,12 +287,8 @@ def bench_handoff(n: int, repeats: int) -> dict:
     return row
 
 
-def plot(result: dict, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(result: dict, path: str) -> None:
+    plt = harness.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     latency = result["latency"]
     x = np.arange(len(latency))
@@ -314,9 +313,7 @@ def plot(result: dict, path: pathlib.Path) -> None:
     axes[1].set_xticks(workers)
     axes[1].set_xlabel("worker processes W")
     axes[1].set_ylabel("blocks / s")
-    axes[1].set_title(
-        f"Throughput at n={result['throughput_n']} ({result['machine']['cpu_count']} cores)"
-    )
+    axes[1].set_title(f"Throughput at n={result['throughput_n']} ({result['cores']} cores)")
     axes[1].legend()
 
     labels, values = [], []
@@ -329,31 +326,23 @@ def plot(result: dict, path: pathlib.Path) -> None:
     gib = result["wire"][0]["bytes"] / GIB
     axes[2].set_title(f"Pushing {gib:.2f} GiB of float32 statistics on loopback")
     axes[2].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    harness.save_figure(fig, path)
 
 
 def targets(latency: list[dict], throughput: list[dict], wire_rows: list[dict]) -> dict:
-    """Each target of TARGETS with what was measured and whether it was met."""
+    """Each target of TARGETS: description -> `harness.target` row (value, threshold, met)."""
     n512 = next(r for r in latency if r["n"] == 512)
-    efficiency = min(r["efficiency"] for r in throughput)
+    workers = max(r["workers"] for r in throughput)
     return {
-        "scaling_efficiency": {
-            "target": f">= {TARGETS['scaling_efficiency']}",
-            "measured": efficiency,
-            "met": efficiency >= TARGETS["scaling_efficiency"],
-        },
-        "grpc_overhead_n512": {
-            "target": f"<= {TARGETS['grpc_overhead_n512']}",
-            "measured": n512["grpc_overhead"],
-            "met": n512["grpc_overhead"] <= TARGETS["grpc_overhead_n512"],
-        },
+        f"worker scaling efficiency at n = 512, lowest over W = 1 ... {workers}": harness.target(
+            min(r["efficiency"] for r in throughput), f">= {TARGETS['scaling_efficiency']}"
+        ),
+        "gRPC path over the bare solver at n = 512 (push to publish / bare - 1)": harness.target(
+            n512["grpc_overhead"], f"<= {TARGETS['grpc_overhead_n512']}"
+        ),
         **{
-            f"wire_mb_per_s_n{row['n']}": {
-                "target": f">= {TARGETS['wire_mb_per_s']}",
-                "measured": row["client_mb_per_s"],
-                "met": row["client_mb_per_s"] >= TARGETS["wire_mb_per_s"],
-            }
+            f"loopback push through PreconditionerClient, {row['n']} x {row['n']} blocks "
+            "(MB/s)": harness.target(row["client_mb_per_s"], f">= {TARGETS['wire_mb_per_s']}")
             for row in wire_rows
         },
     }
@@ -381,17 +370,10 @@ def main() -> None:
         handoff = bench_handoff(1024, repeats=20)
 
     result = {
-        "command": " ".join([sys.executable, *sys.argv]),
-        "git_commit": git_commit(),
-        "git_dirty": git_dirty(),
-        "machine": {
-            **machine_info(),
-            "grpcio": grpc.__version__,
-            "protobuf": protobuf_version,
-        },
         # 1-, 5- and 15-minute load averages: other work on the machine skews every figure.
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
+        "cores": cores,
         "notes": [
             f"Measured on this {cores}-core machine only: the lent 16-core machine was not "
             "available to this task, so scaling is shown up to W = "
@@ -412,14 +394,21 @@ def main() -> None:
         "throughput": throughput,
         "wire": wire_rows,
         "handoff": handoff,
-        "targets": targets(latency, throughput, wire_rows),
     }
-    json_path, png_path = pathlib.Path(args.output_json), pathlib.Path(args.output_png)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, png_path)
-    print(json.dumps(result["targets"], indent=2))
-    print(f"wrote {json_path} and {png_path}")
+    verdicts = targets(latency, throughput, wire_rows)
+    harness.write(
+        args.output_json,
+        benchmark="service",
+        sources=SOURCES,
+        results=result,
+        targets=verdicts,
+        # No pinning: the service, its workers and this client share every core.
+        split={"cores": cores, "service_workers": worker_counts, "pinning": None},
+    )
+    plot(result, args.output_png)
+    for name, row in verdicts.items():
+        print(f"target {name}: {row}")
+    print(f"wrote {args.output_json} and {args.output_png}")
 
 
 if __name__ == "__main__":

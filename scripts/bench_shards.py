@@ -1,6 +1,6 @@
 """Root throughput of a sharded service: S shards x W workers, as speedup over one worker.
 
-    python scripts/bench_shards.py [--n=512] [--blocks=64] [--configs=1x1,1x2,2x1]
+    python -m scripts.bench_shards [--n=512] [--blocks=64] [--configs=1x1,1x2,2x1]
         [--output_json=benchmarks/shards.json] [--output_png=benchmarks/shards.png]
 
 Each configuration starts S ordinary services (`python -m precond_service
@@ -9,29 +9,27 @@ Each configuration starts S ordinary services (`python -m precond_service
 `--blocks` statistics of side `--n` (distinct keys, a new step each round) and ends
 when every root of that step is back; throughput is blocks per second, the median
 over `--rounds` rounds after one warm-up round. Reported: throughput, speedup over
-1 x 1, and scaling efficiency (speedup / (S x W)). Target (issue 16): >= 80% up to
-the core count. Cores are not pinned; the client shares them.
+1 x 1, and scaling efficiency (speedup / (S x W)). Target: >= 80% up to the core
+count. Cores are not pinned; the client shares them.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import pathlib
+import os
 import statistics
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from precond_service.client.process import local_service
+from precond_service.client.sharding import ShardedClient
+from precond_service.common.blocks import StatisticsBlock
+from scripts import harness
 
-from bench_common import git_commit, git_dirty, machine_info  # noqa: E402
-
-from precond_service.client.process import local_service  # noqa: E402
-from precond_service.client.sharding import ShardedClient  # noqa: E402
-from precond_service.common.blocks import StatisticsBlock  # noqa: E402
+SOURCES = (*harness.SERVICE, "scripts/bench_shards.py")
+EFFICIENCY_TARGET = 0.8
 
 
 def statistics_of(n: int, count: int, seed: int) -> list[np.ndarray]:
@@ -112,42 +110,43 @@ def main() -> None:
     for row in results:
         row["speedup"] = row["blocks_per_second"] / base
         row["efficiency"] = row["speedup"] / row["processes"]
-    machine = machine_info()
-    cores = machine["cpu_count"]
-    report = {
-        "metadata": {
-            "command": sys.argv,
-            "git_commit": git_commit(),
-            "git_dirty": git_dirty(),
-            **machine,
-        },
-        "config": {"n": args.n, "blocks": args.blocks, "rounds": args.rounds},
-        "results": results,
-        "target": {
-            "efficiency >= 0.8 up to the core count": all(
-                r["efficiency"] >= 0.8 for r in results if r["processes"] <= cores
-            )
-        },
+    cores = os.cpu_count() or 1
+    within = [r["efficiency"] for r in results if r["processes"] <= cores]
+    verdicts = {
+        f"scaling efficiency (speedup / (S x W)), lowest up to the core count ({cores})": (
+            harness.target(min(within, default=None), f">= {EFFICIENCY_TARGET}")
+        )
     }
-    out = pathlib.Path(args.output_json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    plot(results, pathlib.Path(args.output_png))
+    harness.write(
+        args.output_json,
+        benchmark="shards",
+        sources=SOURCES,
+        results={
+            "config": {"n": args.n, "blocks": args.blocks, "rounds": args.rounds},
+            "configurations": results,
+        },
+        targets=verdicts,
+        # Not pinned: the shards' servers, their workers and the client share every core.
+        split={
+            "cores": cores,
+            "shards_x_workers": [f"{s}x{w}" for s, w in configs],
+            "pinning": None,
+        },
+    )
+    plot(results, args.output_png)
     for row in results:
         print(
             f"{row['shards']} shard(s) x {row['workers_per_shard']} worker(s): "
             f"{row['blocks_per_second']:.1f} blocks/s, speedup {row['speedup']:.2f}, "
             f"efficiency {row['efficiency']:.0%}"
         )
+    for name, row in verdicts.items():
+        print(f"target {name}: {row}")
 
 
-def plot(results: list[dict], path: pathlib.Path) -> None:
+def plot(results: list[dict], path: str) -> None:
     """Speedup against processes, one marker style per shard count."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for shards in sorted({r["shards"] for r in results}):
         rows = [r for r in results if r["shards"] == shards]
@@ -163,9 +162,7 @@ def plot(results: list[dict], path: pathlib.Path) -> None:
     ax.set_ylabel("speedup over 1 x 1")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    harness.save_figure(fig, path)
 
 
 if __name__ == "__main__":

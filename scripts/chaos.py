@@ -1,7 +1,7 @@
 # Over 400 lines for a reason: one chaos job, its kill schedule and its checks, top to bottom.
 """Chaos test: a short training job whose service and trainer are killed at random moments.
 
-    python scripts/chaos.py --steps=300 --seed=0 --out=/tmp/chaos.json
+    python -m scripts.chaos --steps=300 --seed=0 --out=/tmp/chaos.json
 
 Runs `python -m trainer` (a small Transformer on the numbers task, async Shampoo) against
 a `python -m precond_service` it starts itself. At moments drawn from `--seed` it SIGKILLs
@@ -9,9 +9,10 @@ the service (started again on the same port after a random downtime, once fresh 
 came back after the previous kill) and the trainer (started again with the same command:
 it resumes from its newest checkpoint). Then it runs the same job undisturbed. What both
 runs did is read from the events the trainer writes to `workdir/events.jsonl` and
-reported by `chaos_report.py` (see scripts/README.md), to stdout and as JSON to `--out`.
+reported by `chaos_report.py` (see scripts/README.md), to stdout and as JSON to `--out`
+(default benchmarks/chaos.json), with the verdict's criteria as targets.
 
-Exit status 0 when the chaotic run finished and its dev loss is at most
+Exit status 0 when both runs finished and the chaotic run's dev loss is at most
 `(1 + --tolerance)` times the undisturbed run's; 1 otherwise (the report says why).
 """
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import random
 import signal
@@ -28,13 +28,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-# Runs from a checkout without installation too.
-sys.path.insert(0, str(REPO_ROOT))
-
-from chaos_report import (  # noqa: E402
+from precond_service.client.process import ServiceProcess, start_service
+from scripts import harness
+from scripts.chaos_report import (
     JobReport,
     ServiceOutage,
     TrainerEvents,
@@ -45,7 +43,7 @@ from chaos_report import (  # noqa: E402
     print_report,
 )
 
-from precond_service.client.process import ServiceProcess, start_service  # noqa: E402
+SOURCES = (*harness.PRODUCT, "scripts/chaos.py", "scripts/chaos_report.py")
 
 # configs/quickstart.py made smaller: 300 steps train in well under a minute on 2 cores.
 TRAINER_OVERRIDES = {
@@ -80,9 +78,8 @@ def log(message: str) -> None:
 
 
 def subprocess_env() -> dict[str, str]:
-    """The environment of the children: the repository importable, TensorFlow quieter."""
-    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    """The environment of the trainer (started from the repository root): TensorFlow quieter."""
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
 @dataclasses.dataclass
@@ -211,7 +208,7 @@ class Job:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                cwd=REPO_ROOT,
+                cwd=harness.REPO_ROOT,
                 env=subprocess_env(),
             )
 
@@ -348,7 +345,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300, help="training steps of each run")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
-    parser.add_argument("--out", required=True, help="write the JSON report here")
+    parser.add_argument("--out", default="benchmarks/chaos.json", help="write the JSON report here")
     parser.add_argument("--workdir", help="directory of both runs (default: a new temporary one)")
     parser.add_argument("--config", default="configs/quickstart.py", help="trainer config file")
     parser.add_argument(
@@ -398,10 +395,41 @@ def main(argv: list[str] | None = None) -> int:
     undisturbed = Job("undisturbed", root, args, None).run()
     settings = {name: getattr(args, name) for name in SETTINGS_REPORTED}
     report = both_runs_report(chaotic, undisturbed, settings, args.tolerance)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    verdicts = targets(chaotic, undisturbed, args.tolerance)
+    harness.write(
+        args.out,
+        benchmark="chaos",
+        sources=SOURCES,
+        results=report,
+        targets=verdicts,
+        # No pinning: each run's trainer and service share every core.
+        split={"service_workers": args.workers, "pinning": None},
+    )
     print_report(report)
+    for name, row in verdicts.items():
+        print(f"target {name}: {row}")
     log(f"report written to {args.out}")
     return 0 if report["passed"] else 1
+
+
+def targets(
+    chaotic: JobReport, undisturbed: JobReport, tolerance: float
+) -> dict[str, dict[str, Any]]:
+    """The criteria of `chaos_report.verdict` as targets.
+
+    Both runs finished, and the chaotic run's final dev loss is at most `tolerance` above
+    the undisturbed run's, relative (None, not met, where either run has none).
+    """
+    excess = None
+    if chaotic.dev_loss is not None and undisturbed.dev_loss:
+        excess = chaotic.dev_loss / undisturbed.dev_loss - 1
+    return {
+        "chaotic run finished": harness.target(int(chaotic.finished), ">= 1"),
+        "undisturbed run finished": harness.target(int(undisturbed.finished), ">= 1"),
+        "chaotic run's final dev loss over the undisturbed run's, relative": harness.target(
+            excess, f"<= {tolerance:g}"
+        ),
+    }
 
 
 if __name__ == "__main__":

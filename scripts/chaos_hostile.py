@@ -1,6 +1,6 @@
 """Hostile clients next to a training run: what they cost the trainer and the service.
 
-    python scripts/chaos_hostile.py --steps=200 --out=/tmp/hostile.json
+    python -m scripts.chaos_hostile --steps=200 --out=/tmp/hostile.json
 
 Starts a `python -m precond_service` and a trainer (the small async-Shampoo job of
 `chaos.py`) that uses it, and while the trainer runs, hostile clients in this process
@@ -13,11 +13,12 @@ Starts a `python -m precond_service` and a trainer (the small async-Shampoo job 
 - a run flood: a new run id in every push, against --max_runs.
 A sampler checks health every `--sample_s` (deadline 5 s) and the resident memory of
 the service's process tree (service and workers). Reported, to stdout and as JSON to
-`--out`: steps lost (steps the trainer did not finish), its stall time (longest gap
-between its progress events, and their median), peak RSS, health latencies and
-failures, and what the service refused. Exit status 0 (and "passed") when the trainer
-finished every step, every health check answered, and the service's process tree
-stayed within --memory_budget_mb plus the 400 MiB overhead the README states.
+`--out` (default benchmarks/chaos_hostile.json): steps lost (steps the trainer did not
+finish), its stall time (longest gap between its progress events, and their median),
+peak RSS, health latencies and failures, and what the service refused. Its targets: the
+trainer finished every step, every health check answered, and the service's process
+tree stayed within --memory_budget_mb plus the 400 MiB overhead the README states.
+Exit status 0 (and "passed") when all are met.
 """
 
 from __future__ import annotations
@@ -36,25 +37,29 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
-from chaos import log, subprocess_env, trainer_command  # noqa: E402
-from chaos_report import TrainerEvents  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+from precond_service.client.probes import own_channel, rss_bytes, tree_rss_bytes
+from precond_service.client.process import start_service
+from precond_service.common import wire
+from precond_service.common.blocks import StatisticsBlock
+from protos import precond_service_pb2 as pb
+from protos import precond_service_pb2_grpc as pb_grpc
+from scripts import harness
+from scripts.chaos import log, subprocess_env, trainer_command
+from scripts.chaos_report import TrainerEvents
 
-from precond_service.client.probes import own_channel, rss_bytes, tree_rss_bytes  # noqa: E402
-from precond_service.client.process import start_service  # noqa: E402
-from precond_service.common import wire  # noqa: E402
-from precond_service.common.blocks import StatisticsBlock  # noqa: E402
-from protos import precond_service_pb2 as pb  # noqa: E402
-from protos import precond_service_pb2_grpc as pb_grpc  # noqa: E402
-
+SOURCES = (
+    *harness.PRODUCT,
+    "scripts/chaos_hostile.py",
+    "scripts/chaos.py",
+    "scripts/chaos_report.py",
+)
 MIB = 1 << 20
 
-# What the service's process tree may hold beyond --memory_budget_mb (the README's
+# What the service's process tree may hold beyond --memory_budget_mb (docs/SERVICE.md's
 # "Memory" section): interpreters, gRPC's per-stream receive buffers, the workers.
 MEMORY_OVERHEAD_MB = 400
 
@@ -258,8 +263,8 @@ def service_figures(address: str) -> dict[str, int]:
     return {name: getattr(status, name) for name in names}
 
 
-def run(args: argparse.Namespace, root: Path) -> dict:
-    """Runs the trainer beside the hostile clients; returns the report."""
+def run(args: argparse.Namespace, root: Path) -> tuple[dict, dict[str, dict]]:
+    """Runs the trainer beside the hostile clients; returns the report and its targets."""
     flags = [
         f"--workers={args.workers}",
         f"--memory_budget_mb={args.memory_budget_mb}",
@@ -282,7 +287,11 @@ def run(args: argparse.Namespace, root: Path) -> dict:
         command = trainer_command(args, workdir, service.address, root / "spm.model")
         with open(root / "trainer.log", "w") as trainer_log:
             trainer = subprocess.Popen(
-                command, cwd=REPO_ROOT, env=subprocess_env(), stdout=trainer_log, stderr=trainer_log
+                command,
+                cwd=harness.REPO_ROOT,
+                env=subprocess_env(),
+                stdout=trainer_log,
+                stderr=trainer_log,
             )
             try:
                 returncode = trainer.wait(args.timeout_s)
@@ -300,11 +309,24 @@ def run(args: argparse.Namespace, root: Path) -> dict:
     finished = events.finished_step()
     gaps = progress_gaps(events)
     latencies = sorted(sampler.latencies)
-    return {
+    steps_lost = args.steps - (finished if finished is not None else events.step)
+    memory_bound_mb = args.memory_budget_mb + MEMORY_OVERHEAD_MB
+    verdicts = {
+        "trainer finished every step (a FINISHED event at --steps)": harness.target(
+            int(finished == args.steps), ">= 1"
+        ),
+        "steps lost (steps the trainer did not finish)": harness.target(steps_lost, "<= 0"),
+        "health checks not answered (deadline 5 s)": harness.target(len(sampler.failures), "<= 0"),
+        "peak resident memory of the service's process tree (MiB), "
+        f"at most --memory_budget_mb + {MEMORY_OVERHEAD_MB}": harness.target(
+            max(sampler.rss, default=0) / MIB, f"<= {memory_bound_mb}"
+        ),
+    }
+    report = {
         "steps": args.steps,
         "trainer_exit_status": returncode,
         "finished_step": finished,
-        "steps_lost": args.steps - (finished if finished is not None else events.step),
+        "steps_lost": steps_lost,
         "longest_progress_gap_s": round(max(gaps), 3) if gaps else None,
         "median_progress_gap_s": round(statistics.median(gaps), 3) if gaps else None,
         "service_rss_mb": {
@@ -323,17 +345,18 @@ def run(args: argparse.Namespace, root: Path) -> dict:
         },
         "hostile": dict(sorted(counts.items())),
         "service": figures,
-        "memory_bound_mb": args.memory_budget_mb + MEMORY_OVERHEAD_MB,
-        "passed": finished == args.steps
-        and not sampler.failures
-        and max(sampler.rss, default=0) <= (args.memory_budget_mb + MEMORY_OVERHEAD_MB) * MIB,
+        "memory_bound_mb": memory_bound_mb,
+        "passed": all(row["met"] for row in verdicts.values()),
     }
+    return report, verdicts
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200, help="training steps")
-    parser.add_argument("--out", required=True, help="write the JSON report here")
+    parser.add_argument(
+        "--out", default="benchmarks/chaos_hostile.json", help="write the JSON report here"
+    )
     parser.add_argument("--workdir", help="directory of the run (default: a new temporary one)")
     parser.add_argument("--config", default="configs/quickstart.py", help="trainer config file")
     parser.add_argument("--trainer_flag", action="append", default=[], help="further flag")
@@ -361,9 +384,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="chaos_hostile_")).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    report = run(args, root)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    report, verdicts = run(args, root)
+    harness.write(
+        args.out,
+        benchmark="chaos_hostile",
+        sources=SOURCES,
+        results=report,
+        targets=verdicts,
+        # No pinning: the trainer, the service, its workers and the hostile clients share
+        # every core.
+        split={"service_workers": args.workers, "pinning": None},
+    )
     print(json.dumps(report, indent=2))
+    for name, row in verdicts.items():
+        print(f"target {name}: {row}")
     log(f"report written to {args.out}")
     return 0 if report["passed"] else 1
 

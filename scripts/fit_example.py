@@ -1,8 +1,8 @@
 """Trains a small Keras model with Shampoo and compares it with Adam and AdaGrad.
 
-    python scripts/fit_example.py                      # async: roots from a service child
-    python scripts/fit_example.py --precond=sync       # roots computed inside the step
-    python scripts/fit_example.py --optimizers=shampoo --epochs=40
+    python -m scripts.fit_example                      # async: roots from a service child
+    python -m scripts.fit_example --precond=sync       # roots computed inside the step
+    python -m scripts.fit_example --optimizers=shampoo --epochs=40
 
 The task is synthetic and ill-conditioned on purpose (input features whose scales
 span two orders of magnitude, correlated by a random rotation), the regime where a

@@ -4,12 +4,12 @@ By default `python -m trainer` starts its preconditioner service itself. For a
 service on another (CPU) host, start each half on its host:
 
     # on the CPU host (a non-loopback address needs TLS, or --insecure for plaintext):
-    python scripts/launch_job.py service --host=0.0.0.0 --port=50051 --workers=16 \\
+    python -m scripts.launch_job service --host=0.0.0.0 --port=50051 --workers=16 \\
         --tls_cert=server.pem --tls_key=server.key --token_file=secret \\
         --address_file=/shared/job1.address
 
     # on the accelerator host:
-    python scripts/launch_job.py trainer --address_file=/shared/job1.address \\
+    python -m scripts.launch_job trainer --address_file=/shared/job1.address \\
         --tls_ca=ca.pem --token_file=secret \\
         -- --config=configs/wmt14_en_fr.py:big_shampoo --workdir=runs/big
 
@@ -22,7 +22,7 @@ certificate must name the host written to the address file (`--advertise_host`, 
 this host's fully qualified name when binding all interfaces). `local` does both on
 this host as two processes, which is what the default does, made explicit:
 
-    python scripts/launch_job.py local --workers=2 -- --config=configs/quickstart.py \\
+    python -m scripts.launch_job local --workers=2 -- --config=configs/quickstart.py \\
         --workdir=/tmp/quickstart
 """
 
@@ -37,12 +37,9 @@ import sys
 import time
 from pathlib import Path
 
-# Runs from a checkout without installation too.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from precond_service.client.process import local_service, parse_cpus, start_service  # noqa: E402
-from precond_service.client.service_client import wait_for_serving  # noqa: E402
-from precond_service.common.auth import TlsConfig  # noqa: E402
+from precond_service.client.process import local_service, parse_cpus, start_service
+from precond_service.client.service_client import wait_for_serving
+from precond_service.common.auth import TlsConfig
 
 
 def _service(args: argparse.Namespace) -> int:

@@ -370,7 +370,7 @@ def section_of(name: str) -> Section:
 
 
 def load(root: Path) -> dict[str, tuple[str, dict]]:
-    """Benchmark name -> (path, report) of every benchmarks/*.json, in the documents' order."""
+    """File stem -> (path, report) of every benchmarks/*.json, in the documents' order."""
     reports: dict[str, tuple[str, dict]] = {}
     for path in sorted((root / "benchmarks").glob("*.json")):
         relative = path.relative_to(root).as_posix()
@@ -380,7 +380,7 @@ def load(root: Path) -> dict[str, tuple[str, dict]]:
                 f"{relative} is not a harness result (schema {harness.SCHEMA}); re-run its "
                 "benchmark, or move it to docs/history/ with its commit"
             )
-        reports[report["benchmark"]] = (relative, report)
+        reports[path.stem] = (relative, report)
     order = [name for name in SECTIONS if name in reports]
     order += sorted(name for name in reports if name not in SECTIONS)
     return {name: reports[name] for name in order}

@@ -1,4 +1,4 @@
-"""scripts/chaos.py: its report from a trainer's event log, and a short run end to end (slow)."""
+"""scripts.chaos: its report from a trainer's event log, and a short run end to end (slow)."""
 
 import json
 import subprocess
@@ -8,17 +8,16 @@ from pathlib import Path
 import pytest
 
 from precond_service.common.events import Event, EventLog
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from chaos_report import (  # noqa: E402
+from scripts.chaos import targets
+from scripts.chaos_report import (
     ServiceOutage,
     TrainerEvents,
     TrainerKill,
     both_runs_report,
     job_report,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_run(path: Path, *, dev_loss: float, killed: bool) -> None:
@@ -72,6 +71,12 @@ def test_report_is_read_from_the_trainer_events(tmp_path, chaotic_dev_loss, pass
 
     report = both_runs_report(chaotic, undisturbed, {"seed": 3}, tolerance=0.1)
     assert report["seed"] == 3 and report["passed"] is passed
+    # The same criteria as targets: each met where the verdict passes.
+    rows = targets(chaotic, undisturbed, tolerance=0.1)
+    excess = rows["chaotic run's final dev loss over the undisturbed run's, relative"]
+    assert excess["threshold"] == "<= 0.1" and excess["met"] is passed
+    assert excess["value"] == pytest.approx(chaotic_dev_loss - 1.0)
+    assert rows["chaotic run finished"]["met"] and rows["undisturbed run finished"]["met"]
     # An outage whose roots never came back is a warning, not a failure.
     assert any(
         "no fresh root came after the service restart at step 24" in w for w in report["warnings"]
@@ -95,6 +100,8 @@ def test_run_without_a_finished_event_fails(tmp_path):
     assert not broken.finished and "no FINISHED event at step 40" in broken.failure
     report = both_runs_report(broken, broken, {}, tolerance=0.1)
     assert not report["passed"]
+    rows = targets(broken, broken, tolerance=0.1)
+    assert rows["chaotic run finished"] == {"value": 0, "threshold": ">= 1", "met": False}
     assert report["problems"][0].startswith("the chaotic run did not finish")
 
 
@@ -104,7 +111,8 @@ def test_chaos_script_kills_and_restarts_and_the_run_still_converges(tmp_path):
     completed = subprocess.run(
         [
             sys.executable,
-            "scripts/chaos.py",
+            "-m",
+            "scripts.chaos",
             "--steps=150",
             "--seed=1",
             "--trainer_kills=1",
@@ -122,7 +130,15 @@ def test_chaos_script_kills_and_restarts_and_the_run_still_converges(tmp_path):
         timeout=1500,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    report = json.loads(out.read_text())
+    written = json.loads(out.read_text())
+    assert written["benchmark"] == "chaos" and written["metadata"]["split"]["service_workers"] == 1
+    # The verdict's criteria, each a target the run met.
+    targets = written["targets"]
+    assert targets["chaotic run finished"] == {"value": 1, "threshold": ">= 1", "met": True}
+    excess = targets["chaotic run's final dev loss over the undisturbed run's, relative"]
+    assert excess["threshold"] == "<= 0.5" and excess["met"]
+    assert all(row["met"] for row in targets.values())
+    report = written["results"]
     chaotic, undisturbed = report["chaotic"], report["undisturbed"]
     assert report["passed"] and chaotic["finished"] and undisturbed["finished"]
     assert chaotic["step"] == undisturbed["step"] == 150

@@ -1,4 +1,4 @@
-"""scripts/launch_job.py: the two halves of a job started explicitly, as on two hosts."""
+"""scripts.launch_job: the two halves of a job started explicitly, as on two hosts."""
 
 import json
 import os
@@ -27,7 +27,8 @@ def test_service_half_and_trainer_half_meet_through_the_address_file(tmp_path):
     service = subprocess.Popen(
         [
             sys.executable,
-            "scripts/launch_job.py",
+            "-m",
+            "scripts.launch_job",
             "service",
             "--port=0",
             f"--address_file={address_file}",
@@ -42,7 +43,8 @@ def test_service_half_and_trainer_half_meet_through_the_address_file(tmp_path):
         trainer = subprocess.run(
             [
                 sys.executable,
-                "scripts/launch_job.py",
+                "-m",
+                "scripts.launch_job",
                 "trainer",
                 f"--address_file={address_file}",
                 "--",
@@ -80,7 +82,8 @@ def test_service_half_is_pinned_and_ends_with_its_launcher(tmp_path):
     launcher = subprocess.Popen(
         [
             sys.executable,
-            "scripts/launch_job.py",
+            "-m",
+            "scripts.launch_job",
             "service",
             "--port=0",
             f"--cpus={cpu}",

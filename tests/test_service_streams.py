@@ -26,9 +26,9 @@ from protos import precond_service_pb2_grpc as pb_grpc
 from tests.conftest import random_statistic, wait_until
 
 # Deadline of each RPC of the honest client while the hostile streams are open. The
-# issue asks for answers within 0.5 s; on a loaded 2-core machine a test cannot
-# assert that, so it asserts an answer at all and prints the latencies it saw
-# (scripts/chaos.py reports them on a quiet machine).
+# target is an answer within 0.5 s; on a loaded 2-core machine a test cannot assert
+# that, so it asserts an answer at all and prints the latencies it saw
+# (`python -m scripts.chaos_hostile` reports them on a quiet machine).
 HONEST_DEADLINE_S = 10.0
 # Hostile streams of each kind (pushes, pulls) on the one hostile channel.
 HOSTILE_STREAMS = 64
