@@ -15,6 +15,7 @@ an ancestor of HEAD.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import subprocess
@@ -79,13 +80,18 @@ def machine(report: dict) -> str:
 
 
 def source_line(path: str, report: dict) -> str:
-    """The line under a table: its JSON, commit, machine and date."""
+    """The line under a table: its JSON (and the digest of its bytes), commit, machine, date.
+
+    The digest makes any change to the file, even to a figure no table shows, a change
+    to the documents, so `--check` catches it.
+    """
     meta = report["metadata"]
     commit = (meta.get("git_commit") or "unknown")[:10]
     dirty = " (uncommitted changes)" if meta.get("git_dirty") else ""
     date = (meta.get("date") or "")[:10]
     return (
-        f"From [{path}](../{path}), commit `{commit}`{dirty}, code hash "
+        f"From [{path}](../{path}) (sha256 `{report['digest'][:12]}`), commit `{commit}`{dirty}, "
+        "code hash "
         f"`{(meta.get('code_hash') or '')[:12]}`, {machine(report)}, {date}: "
         f"`{meta.get('command', '')}`."
     )
@@ -100,7 +106,7 @@ def verdicts(targets: dict) -> list[str]:
         verdict = "**yes**" if target["met"] else "**no**"
         cell = name.replace("|", "\\|")  # a bar would end the cell
         value = target["value"]
-        shown = _number(value, 3) if isinstance(value, float) else str(value)
+        shown = f"{value:.3g}" if isinstance(value, float) else str(value)
         lines.append(f"| {cell} | {target['threshold']} | {shown} | {verdict} |")
     return lines
 
@@ -281,6 +287,209 @@ def eigenbasis_headline(results: dict) -> str:
     )
 
 
+def roots_table(results: dict) -> list[str]:
+    lines = [
+        "| threads | n | condition | method | time (median) | iterations | distance to eigh |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in results["cases"]:
+        lines.append(
+            f"| {row['threads']} | {row['n']} | {row['condition']:.0e} | {row['method']} "
+            f"| {1000 * row['seconds']:.1f} ms | {row.get('iterations') or '—'} "
+            f"| {_sci(row.get('relative_distance_to_eigh'))} |"
+        )
+    return lines
+
+
+def _sci(value: object) -> str:
+    return "—" if not isinstance(value, float) else f"{value:.1e}"
+
+
+def roots_headline(results: dict) -> str:
+    cases = [r for r in results["cases"] if r["method"] == "schur_newton" and r["threads"] == 1]
+    if not cases:
+        return "see docs/RESULTS.md"
+    big = max(r["n"] for r in cases)
+    slowest = max((r for r in cases if r["n"] == big), key=lambda r: r["seconds"])
+    return f"Schur–Newton at n = {big}, one thread: {1000 * slowest['seconds']:.0f} ms at most"
+
+
+def service_table(results: dict) -> list[str]:
+    lines = [
+        "| n | bare solver | in a worker | push to publish | push to client "
+        "| gRPC path over bare |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in results["latency"]:
+        lines.append(
+            f"| {row['n']} | {1000 * row['bare_solver_s']:.1f} ms "
+            f"| {1000 * row['worker_solver_s']:.1f} ms | {1000 * row['push_to_publish_s']:.1f} ms "
+            f"| {1000 * row['push_to_client_s']:.1f} ms | {row['grpc_overhead']:.2f}× |"
+        )
+    lines += ["", "| workers | blocks | blocks/s | speedup | efficiency |", "|---|---|---|---|---|"]
+    for row in results["throughput"]:
+        lines.append(
+            f"| {row['workers']} | {row['blocks']} | {row['blocks_per_s']:.1f} "
+            f"| {row['speedup']:.2f} | {row['efficiency']:.2f} |"
+        )
+    lines += ["", "| block side | client push | raw stub push |", "|---|---|---|"]
+    for row in results["wire"]:
+        lines.append(
+            f"| {row['n']} | {row['client_mb_per_s']:.0f} MB/s "
+            f"| {row['raw_stub_mb_per_s']:.0f} MB/s |"
+        )
+    return lines
+
+
+def service_headline(results: dict) -> str:
+    top = results["throughput"][-1]
+    return (
+        f"{top['workers']} workers at n = {results['throughput_n']}: "
+        f"{top['blocks_per_s']:.1f} blocks/s, efficiency {top['efficiency']:.2f}"
+    )
+
+
+def shards_table(results: dict) -> list[str]:
+    lines = [
+        "| shards × workers | processes | blocks/s | speedup | efficiency |",
+        "|---|---|---|---|---|",
+    ]
+    for row in results["configurations"]:
+        lines.append(
+            f"| {row['shards']} × {row['workers_per_shard']} | {row['processes']} "
+            f"| {row['blocks_per_second']:.1f} | {row['speedup']:.2f} | {row['efficiency']:.2f} |"
+        )
+    config = results.get("config", {})
+    return [
+        *lines,
+        "",
+        f"Statistics of {config.get('n')} × {config.get('n')}, "
+        f"{config.get('blocks')} per round, {config.get('rounds')} rounds.",
+    ]
+
+
+def shards_headline(results: dict) -> str:
+    return "scaling efficiency: " + ", ".join(
+        f"{r['shards']}×{r['workers_per_shard']}: {r['efficiency']:.2f}"
+        for r in results["configurations"]
+    )
+
+
+def push_burst_table(results: dict) -> list[str]:
+    lines = [
+        "| pushes | accepted / refused | tree memory start → peak | slowest health answer |",
+        "|---|---|---|---|",
+    ]
+    for kind in ("chunked", "whole"):
+        row = results.get(kind)
+        if not row:
+            continue
+        outcomes = ", ".join(f"{key} {value}" for key, value in row["outcomes"].items())
+        lines.append(
+            f"| {kind} | {outcomes} | {row['tree_rss_start_mb']} → {row['tree_rss_peak_mb']} MiB "
+            f"| {row['health_latency_max_s']:.2f} s |"
+        )
+    return [
+        *lines,
+        "",
+        f"{results['pushes']} concurrent pushes of {results['push_mib']} MiB each "
+        f"(service flags {' '.join(results['service_flags'])}).",
+    ]
+
+
+def push_burst_headline(results: dict) -> str:
+    row = results["chunked"]
+    return (
+        f"{results['pushes']} × {results['push_mib']} MiB chunked pushes: service tree peak "
+        f"{row['tree_rss_peak_mb']} MiB"
+    )
+
+
+def chaos_table(results: dict) -> list[str]:
+    lines = [
+        "| run | finished at step | final dev loss | dev BLEU | trainer kills | service kills "
+        "| steps trained again | wall |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for kind in ("undisturbed", "chaotic"):
+        row = results[kind]
+        lines.append(
+            f"| {kind} | {row['step']} | {_number(row['dev_loss'], 3)} "
+            f"| {_number(row['dev_bleu'], 1)} | {len(row['trainer_kills'])} "
+            f"| {len(row['service_outages'])} | {row['steps_trained_again']} "
+            f"| {row['wall_s']:.0f} s |"
+        )
+    return [*lines, "", f"{results['steps']} steps, seed {results['seed']}."]
+
+
+def chaos_headline(results: dict) -> str:
+    row, calm = results["chaotic"], results["undisturbed"]
+    return (
+        f"{len(row['trainer_kills'])} trainer and {len(row['service_outages'])} service kills: "
+        f"dev loss {_number(row['dev_loss'], 3)} against {_number(calm['dev_loss'], 3)} undisturbed"
+    )
+
+
+def chaos_hostile_table(results: dict) -> list[str]:
+    memory = results["service_rss_mb"]
+    lines = [
+        "| figure | value |",
+        "|---|---|",
+        f"| steps finished / lost | {results['finished_step']} / {results['steps_lost']} |",
+        f"| longest gap between progress lines | {results['longest_progress_gap_s']:.2f} s |",
+        f"| service tree memory start / peak / end | {memory['start']} / {memory['peak']} / "
+        f"{memory['end']} MiB (budget {results['memory_budget_mb']}) |",
+        f"| health checks / unanswered | {results['health_checks']} / "
+        f"{len(results['health_failures'])} |",
+        f"| slowest health answer | {results['health_latency_s']['max']:.2f} s |",
+        f"| large pushes declared | {results['large_pushes_declared']} |",
+    ]
+    for key, value in results.get("hostile", {}).items():
+        lines.append(f"| hostile: {key} | {value} |")
+    return lines
+
+
+def chaos_hostile_headline(results: dict) -> str:
+    return (
+        f"{results['steps_lost']} steps lost under hostile clients; service tree peak "
+        f"{results['service_rss_mb']['peak']} MiB against a budget of "
+        f"{results['memory_budget_mb']} MiB"
+    )
+
+
+def distribution_table(results: dict) -> list[str]:
+    lines = [
+        "| configuration | processes | replicas | median step | train loss | dev loss |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in results["configurations"]:
+        lines.append(
+            f"| {row['configuration']} | {row['processes']} | {row['replicas']} "
+            f"| {row['step_ms_median']:.0f} ms | {row['train_loss']:.3f} | {row['dev_loss']:.3f} |"
+        )
+    return [*lines, "", results.get("note", "")]
+
+
+def distribution_headline(results: dict) -> str:
+    return "dev loss: " + ", ".join(
+        f"{r['configuration']} {r['dev_loss']:.3f}" for r in results["configurations"]
+    )
+
+
+def input_table(results: dict) -> list[str]:
+    return [
+        "| batches/s | examples/s | tokens/s | padding | first batch |",
+        "|---|---|---|---|---|",
+        f"| {results['batches_per_s']:.0f} | {results['examples_per_s']:,.0f} "
+        f"| {results['tokens_per_s']:,.0f} | {100 * results['padding_fraction']:.1f}% "
+        f"| {results['first_batch_seconds']:.2f} s |",
+    ]
+
+
+def input_headline(results: dict) -> str:
+    return f"{results['tokens_per_s']:,.0f} tokens/s from one core's pipeline"
+
+
 def scalars(results: dict, prefix: str = "", depth: int = 0) -> list[tuple[str, object]]:
     """The scalar figures of a result, flattened to dotted names (lists left out)."""
     rows: list[tuple[str, object]] = []
@@ -359,6 +568,63 @@ SECTIONS: dict[str, Section] = {
         eigenbasis_table,
         eigenbasis_headline,
     ),
+    "roots": (
+        "Inverse p-th roots in float64",
+        "Coupled Schur–Newton against eigh-based roots, by size, condition and BLAS threads.",
+        roots_table,
+        roots_headline,
+    ),
+    "service": (
+        "The preconditioner service",
+        "Latency of one root through the service, worker scaling, and push throughput.",
+        service_table,
+        service_headline,
+    ),
+    "shards": (
+        "Sharded service",
+        "Roots per second with the statistics spread over S services of W workers.",
+        shards_table,
+        shards_headline,
+    ),
+    "push_burst": (
+        "A burst of large pushes",
+        "Concurrent 32 MiB pushes against a 512 MiB budget: memory and health.",
+        push_burst_table,
+        push_burst_headline,
+    ),
+    "chaos": (
+        "Killing the trainer and the service",
+        "A short async job whose processes are SIGKILLed at random, against the same job "
+        "undisturbed.",
+        chaos_table,
+        chaos_headline,
+    ),
+    "chaos_hostile": (
+        "Hostile clients",
+        "Training against a service that floods, idle streams, unread pulls and large "
+        "pushes hit at once.",
+        chaos_hostile_table,
+        chaos_hostile_headline,
+    ),
+    "chaos_hostile_declared": (
+        "Hostile clients declaring their large pushes",
+        "The same, with the large pushes declaring their size as the client does.",
+        chaos_hostile_table,
+        chaos_hostile_headline,
+    ),
+    "distribution": (
+        "Data parallelism on a CPU",
+        "The quickstart job with no strategy, MirroredStrategy and MultiWorkerMirroredStrategy: "
+        "a correctness run, not a speed-up.",
+        distribution_table,
+        distribution_headline,
+    ),
+    "input_pipeline": (
+        "Input pipeline",
+        "Tokenize, filter and bucket Tatoeba En–Fr, one core.",
+        input_table,
+        input_headline,
+    ),
 }
 
 
@@ -374,12 +640,14 @@ def load(root: Path) -> dict[str, tuple[str, dict]]:
     reports: dict[str, tuple[str, dict]] = {}
     for path in sorted((root / "benchmarks").glob("*.json")):
         relative = path.relative_to(root).as_posix()
-        report = json.loads(path.read_text())
+        data = path.read_bytes()
+        report = json.loads(data)
         if report.get("schema") != harness.SCHEMA or "metadata" not in report:
             raise ResultsError(
                 f"{relative} is not a harness result (schema {harness.SCHEMA}); re-run its "
                 "benchmark, or move it to docs/history/ with its commit"
             )
+        report["digest"] = hashlib.sha256(data).hexdigest()
         reports[path.stem] = (relative, report)
     order = [name for name in SECTIONS if name in reports]
     order += sorted(name for name in reports if name not in SECTIONS)

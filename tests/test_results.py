@@ -49,6 +49,16 @@ def test_a_changed_number_in_the_json_fails_the_check_until_regenerated(tmp_path
     assert shown in (tmp_path / "docs" / "RESULTS.md").read_text()
 
 
+def test_a_changed_figure_that_no_table_shows_fails_the_check_too(tmp_path):
+    _copy_documents(tmp_path)
+    path = tmp_path / "benchmarks" / "convergence.json"
+    report = json.loads(path.read_text())
+    report["results"]["best_runs"]["adam"]["points"][0]["train_loss"] += 1.0
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    result = run("--check", f"--root={tmp_path}")
+    assert result.returncode == 1 and "docs/RESULTS.md line" in result.stderr
+
+
 def test_verdicts_are_quoted_as_the_run_computed_them(tmp_path):
     _copy_documents(tmp_path)
     path = tmp_path / "benchmarks" / "convergence.json"
@@ -57,7 +67,7 @@ def test_verdicts_are_quoted_as_the_run_computed_them(tmp_path):
     path.write_text(json.dumps(report))
     assert run(f"--root={tmp_path}").returncode == 0
     text = (tmp_path / "docs" / "RESULTS.md").read_text()
-    assert "| a target | <= 1 | 5.000 | **yes** |" in text
+    assert "| a target | <= 1 | 5 | **yes** |" in text
 
 
 def test_a_result_outside_the_schema_is_refused_by_name(tmp_path):
