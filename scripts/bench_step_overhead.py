@@ -31,6 +31,8 @@ import argparse
 import contextlib
 import logging
 import statistics
+import tempfile
+import time
 from pathlib import Path
 
 from scripts import bench_training as bt
@@ -109,8 +111,6 @@ LIMITS = {
 
 def _hold_every_root(trainer, bridge, timeout_s: float = 300.0) -> None:
     """Steps `trainer` with its service until every block holds a root."""
-    import time
-
     from trainer.optimizers.service_bridge import staleness
 
     deadline = time.monotonic() + timeout_s
@@ -192,14 +192,17 @@ def _build(runs: dict[str, bt.RunSpec], args: argparse.Namespace, stack: context
     from trainer.train import Trainer
 
     files, vocab_path = bt.shared_paths(args)
+    # Every invocation times afresh, in workdirs of its own (earlier ones are left alone).
+    parent = Path(args.work_dir) / "step_overhead"
+    parent.mkdir(parents=True, exist_ok=True)
+    session = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%dT%H%M%S_"), dir=parent))
+    log.info("workdirs under %s", session)
     trainers, bridges = {}, {}
     for label, spec in runs.items():
-        workdir = str(Path(args.work_dir) / "step_overhead" / label)
+        workdir = str(session / label)
         config = bt.bench_config(spec, files, vocab_path)
         setup_process(config)
         trainer = Trainer(config, workdir)
-        if trainer.restored_step:
-            raise RuntimeError(f"{workdir} holds a checkpoint: delete it first")
         trainers[label] = trainer
         bridges[label] = stack.enter_context(trainer.preconditioning())
     return trainers, bridges
