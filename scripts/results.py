@@ -343,9 +343,10 @@ def service_table(results: dict) -> list[str]:
 
 def service_headline(results: dict) -> str:
     top = results["throughput"][-1]
+    wire = ", ".join(f"{r['client_mb_per_s']:.0f} MB/s at n = {r['n']}" for r in results["wire"])
     return (
         f"{top['workers']} workers at n = {results['throughput_n']}: "
-        f"{top['blocks_per_s']:.1f} blocks/s, efficiency {top['efficiency']:.2f}"
+        f"{top['blocks_per_s']:.1f} blocks/s, efficiency {top['efficiency']:.2f}; pushes {wire}"
     )
 
 
@@ -452,8 +453,8 @@ def chaos_hostile_table(results: dict) -> list[str]:
 def chaos_hostile_headline(results: dict) -> str:
     return (
         f"{results['steps_lost']} steps lost under hostile clients; service tree peak "
-        f"{results['service_rss_mb']['peak']} MiB against a budget of "
-        f"{results['memory_budget_mb']} MiB"
+        f"{results['service_rss_mb']['peak']:.0f} MiB (budget {results['memory_budget_mb']} MiB "
+        "+ 400 allowed)"
     )
 
 
@@ -487,7 +488,7 @@ def input_table(results: dict) -> list[str]:
 
 
 def input_headline(results: dict) -> str:
-    return f"{results['tokens_per_s']:,.0f} tokens/s from one core's pipeline"
+    return f"{results['tokens_per_s']:,.0f} non-pad tokens/s out of the input pipeline"
 
 
 def scalars(results: dict, prefix: str = "", depth: int = 0) -> list[tuple[str, object]]:
